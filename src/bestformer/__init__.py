@@ -1,0 +1,17 @@
+"""bestformer: compact spiking transformers (BESTformer, A2OS2A, QSD-Transformer, CSDformer) in PyTorch."""
+
+from .errors import BestformerError, ConfigError, FileFormatError, InputError
+from .models import create_model, get_input_config, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BestformerError",
+    "ConfigError",
+    "FileFormatError",
+    "InputError",
+    "__version__",
+    "create_model",
+    "get_input_config",
+    "list_models",
+]

@@ -1,0 +1,95 @@
+"""Model registry (timm style): ``register_model`` entry points, ``create_model``, ``list_models``.
+
+Each registered name is a small function that merges its architecture defaults with the user's overrides
+and calls :func:`build_model`, which checks every override against the model class before building it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, close_matches
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Data metadata of a registered model, apart from its architecture (timm's pretrained_cfg).
+
+    Attributes: img_size (square side), in_channels, num_classes, time_steps, and the dataset the
+    reference configuration is for (used as the default of ``bestformer train --model NAME``).
+    """
+
+    img_size: int
+    in_channels: int
+    num_classes: int
+    time_steps: int
+    dataset: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_INPUT_CONFIGS: dict[str, InputConfig] = {}
+_DEPRECATED: dict[str, str] = {}
+
+
+def register_model(fn: Callable[..., nn.Module], input_config: InputConfig) -> Callable[..., nn.Module]:
+    """Register the entry point ``fn`` under its function name, with its data metadata."""
+    _MODELS[fn.__name__] = fn
+    _INPUT_CONFIGS[fn.__name__] = input_config
+    return fn
+
+
+def get_input_config(name: str) -> InputConfig:
+    """Input metadata (img_size, in_channels, num_classes, time_steps, dataset) of a registered model."""
+    name = _DEPRECATED.get(name, name)
+    if name not in _INPUT_CONFIGS:
+        raise ConfigError(f"unknown model {name!r}{close_matches(name, _MODELS)}; see bestformer.list_models()")
+    return _INPUT_CONFIGS[name]
+
+
+def register_alias(old: str, new: str) -> None:
+    """Keep a renamed model loadable under its old name."""
+    _DEPRECATED[old] = new
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style wildcard, sorted."""
+    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def is_model(name: str) -> bool:
+    return name in _MODELS or name in _DEPRECATED
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model. ``overrides`` replace any architecture or input option, e.g.
+    ``create_model("bestformer_4_384", num_classes=100, time_steps=2)``."""
+    name = _DEPRECATED.get(name, name)
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}{close_matches(name, _MODELS)}; see bestformer.list_models()")
+    return _MODELS[name](**overrides)
+
+
+def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overrides: dict[str, Any]
+                ) -> nn.Module:
+    """Instantiate ``cls(**defaults | overrides)`` after checking every override name; the model records
+    ``model_name`` and ``model_args`` (the overrides) so that a checkpoint can rebuild it."""
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    for key in overrides:
+        if key not in accepted:
+            raise ConfigError(
+                f"model {name!r} has no option {key!r}{close_matches(key, accepted)}; "
+                f"options: {', '.join(sorted(accepted))}"
+            )
+    model = cls(**{**defaults, **overrides})
+    model.model_name = name
+    model.model_args = dict(overrides)
+    return model

@@ -1,0 +1,183 @@
+"""The BESTformer family and its counterparts, one topology (Fig. 3 of the BESTformer paper):
+
+- ``bestformer_*``: 1-bit weights (Eq. 5-6), binary attention maps (Eq. 8-9), the reversible encoder
+  (Eq. 12) and two heads, classification on ``X^{S,0}`` and distillation on ``X^{S,1}`` (Eq. 15).
+- ``spikformer_*``: the full-precision counterpart: same spiking stem and blocks, Spikformer's attention
+  (integer map), standard residuals, one head.
+- ``ann_*``: the same topology as an ANN (ReLU instead of LIF, full precision, one time step), used as a
+  distillation teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InputError
+from ..layers import PatchSplitting, ResidualBlock, ReversibleBlock, SpikingMLP, auto_pool_stages, get_attention
+from ..layers.basic import bits_to_quantizer
+from ..neurons import get_neuron
+from ..quant import QuantLinear
+from ._registry import InputConfig, build_model, register_model
+
+
+class SpikingTransformer(nn.Module):
+    """Spiking transformer with switchable binarization, attention form, coupling and heads.
+
+    Args:
+        num_classes, in_channels, img_size, time_steps: data options (``time_steps`` is ``T``; a static image
+            is repeated ``T`` times, an event tensor ``[T, B, C, H, W]`` must have ``T`` frames).
+        embed_dim, depth, num_heads, mlp_ratio: width ``D``, number of encoder blocks, heads, MLP ratio.
+        weight_bits: bits of every weight in the stem stages and encoder (1: Eq. 5-6, 2-8: LSQ, 32: float).
+        first_bits, head_bits: bits of the first convolution and of the heads (full precision in the paper).
+        attention: ``"token"`` / ``"channel"`` (binary attention maps, Eq. 8-9), ``"ssa"`` (Spikformer), or a
+            registered form such as ``"a2os2a"``.
+        neuron: ``"lif"`` or ``"relu"`` (ANN counterpart) or a registered neuron; ``neuron_kwargs`` go to it.
+        reversible: Eq. 12 coupling (True) or standard residuals (False).
+        distill_head: a second (distillation) head. With two heads the model returns both logits in training
+            mode and their mean in eval mode. With ``reversible=True`` and one head, the head reads the mean of
+            the two streams (our choice: reading only ``X^{S,0}`` would leave the last MLP without gradient).
+        pool_stages: which of the four stem stages max-pool; ``None`` chooses from ``img_size``.
+        attn_scale: the attention's constant factor (0.125 in the reference).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32, time_steps: int = 4,
+                 embed_dim: int = 384, depth: int = 4, num_heads: int = 8, mlp_ratio: float = 4.0,
+                 weight_bits: int = 1, first_bits: int = 32, head_bits: int = 32, attention: str = "token",
+                 neuron: str = "lif", neuron_kwargs: dict[str, Any] | None = None, reversible: bool = True,
+                 distill_head: bool = True, pool_stages: Sequence[bool] | None = None,
+                 attn_scale: float = 0.125) -> None:
+        super().__init__()
+        for key, val in (("num_classes", num_classes), ("in_channels", in_channels), ("img_size", img_size),
+                         ("time_steps", time_steps), ("embed_dim", embed_dim), ("depth", depth),
+                         ("num_heads", num_heads)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
+        self.num_classes, self.in_channels, self.img_size = num_classes, in_channels, img_size
+        self.time_steps, self.num_features, self.embed_dim = time_steps, embed_dim, embed_dim
+        self.weight_bits, self.reversible, self.distill_head = weight_bits, reversible, distill_head
+        self.attention = attention
+        neuron_layer = get_neuron(neuron, **(neuron_kwargs or {}))
+        pools = tuple(pool_stages) if pool_stages is not None else auto_pool_stages(img_size)
+        self.patch_embed = PatchSplitting(in_channels, embed_dim, time_steps, neuron_layer, weight_bits,
+                                          first_bits, pools)
+        if img_size % self.patch_embed.reduction:
+            raise ConfigError(f"img_size {img_size} is not divisible by the stem's reduction "
+                              f"{self.patch_embed.reduction} (pool_stages={pools})")
+        attn_factory = get_attention(attention)
+        block_cls = ReversibleBlock if reversible else ResidualBlock
+        self.blocks = nn.ModuleList(
+            block_cls(
+                attn_factory(dim=embed_dim, heads=num_heads, mode=attention, time_steps=time_steps,
+                             neuron_layer=neuron_layer, weight_bits=weight_bits, attn_scale=attn_scale),
+                SpikingMLP(embed_dim, int(embed_dim * mlp_ratio), neuron_layer, weight_bits),
+            )
+            for _ in range(depth)
+        )
+        self.head_bits = head_bits
+        self.head = self._make_head(num_classes)
+        self.head_dist = self._make_head(num_classes) if distill_head else None
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        return QuantLinear(self.embed_dim, num_classes, weight_quantizer=bits_to_quantizer(self.head_bits))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head(s) for ``num_classes`` outputs (0: no head, ``forward`` returns features)."""
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+        if self.head_dist is not None:
+            self.head_dist = self._make_head(num_classes)
+
+    def check_input(self, x: Tensor) -> None:
+        """Clear errors for inputs that do not fit the model (rank, channels, size, time steps)."""
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (4, 5):
+            raise InputError(f"expected images [B, C, H, W] or event frames [T, B, C, H, W], "
+                             f"got a tensor of shape {tuple(x.shape)}")
+        if x.dim() == 5 and x.shape[0] != self.time_steps:
+            raise InputError(f"event input has T={x.shape[0]} frames but the model has time_steps="
+                             f"{self.time_steps}; rebuild with time_steps={x.shape[0]} or re-bin the events")
+        c, h, w = x.shape[-3:]
+        if c != self.in_channels:
+            raise InputError(f"input has {c} channels, the model expects in_channels={self.in_channels}")
+        if (h, w) != (self.img_size, self.img_size):
+            raise InputError(f"input is {h}x{w}, the model expects img_size={self.img_size} "
+                             f"({self.img_size}x{self.img_size})")
+        if not x.is_floating_point():
+            raise InputError(f"input must be a floating-point tensor, got {x.dtype}")
+
+    def forward_streams(self, x: Tensor) -> list[Tensor]:
+        """Stem and encoder; the final stream(s) as tokens ``[T, B, N, D]`` (two when reversible)."""
+        self.check_input(x)
+        h = self.patch_embed(x)
+        if self.reversible:
+            x0 = x1 = h  # Eq. 12: both streams start from the stem output
+            for blk in self.blocks:
+                x0, x1 = blk(x0, x1)
+            return [x0, x1]
+        for blk in self.blocks:
+            h = blk(h)
+        return [h]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Pooled features ``[B, S, D]``: each stream averaged over tokens then time (S = 2 when reversible)."""
+        return torch.stack([s.mean(dim=(0, 2)) for s in self.forward_streams(x)], dim=1)
+
+    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        if pre_logits:
+            return feats.mean(dim=1)
+        if self.head_dist is None:
+            return self.head(feats.mean(dim=1))
+        logits, logits_dist = self.head(feats[:, 0]), self.head_dist(feats[:, -1])
+        if self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------- registry
+_SIZES: dict[str, tuple[dict[str, Any], InputConfig]] = {
+    "tiny": (dict(embed_dim=64, depth=1, num_heads=4), InputConfig(28, 1, 10, 4, "mnist")),
+    "2_256": (dict(embed_dim=256, depth=2, num_heads=16), InputConfig(128, 2, 10, 16, "cifar10dvs")),
+    "2_384": (dict(embed_dim=384, depth=2, num_heads=8), InputConfig(32, 3, 10, 4, "cifar10")),
+    "4_384": (dict(embed_dim=384, depth=4, num_heads=8), InputConfig(32, 3, 10, 4, "cifar10")),
+    "6_384": (dict(embed_dim=384, depth=6, num_heads=8), InputConfig(32, 3, 10, 4, "cifar10")),
+    "8_512": (dict(embed_dim=512, depth=8, num_heads=8, attention="channel"),
+              InputConfig(224, 3, 1000, 4, "imagenet")),
+}
+
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "bestformer": dict(weight_bits=1, attention="token", reversible=True, distill_head=True),
+    "spikformer": dict(weight_bits=32, attention="ssa", reversible=False, distill_head=False),
+    "ann": dict(weight_bits=32, attention="ssa", reversible=False, distill_head=False, neuron="relu"),
+}
+
+def _register(family: str, size: str) -> None:
+    arch, inp = _SIZES[size]
+    name = f"{family}_{size}"
+    fam = dict(_FAMILIES[family])
+    if family != "bestformer":
+        arch = {k: v for k, v in arch.items() if k != "attention"}
+    time_steps = 1 if family == "ann" else inp.time_steps
+    defaults = {**arch, **fam, "img_size": inp.img_size, "in_channels": inp.in_channels,
+                "num_classes": inp.num_classes, "time_steps": time_steps}
+
+    def entry(**overrides: Any) -> SpikingTransformer:
+        return build_model(SpikingTransformer, name, defaults, overrides)  # type: ignore[return-value]
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"{family} {size.replace('_', '-')}: {defaults}"
+    register_model(entry, InputConfig(inp.img_size, inp.in_channels, inp.num_classes, time_steps, inp.dataset))
+
+
+for _family in _FAMILIES:
+    for _size in _SIZES:
+        _register(_family, _size)

@@ -1,0 +1,160 @@
+"""Weight quantizers as objects (larq's pattern): each owns its forward, its pseudo-gradient and its
+``precision`` (bits per weight), has a serializable ``config()`` and a string alias.
+
+- :class:`SignBinarizer` (alias ``"binary"``): BESTformer's 1-bit weights, Eq. 5-6 (IR-Net's
+  balanced, standardized sign).
+- :class:`LSQQuantizer` (aliases ``"lsq2"`` ... ``"lsq8"``): b-bit learned-step-size quantization
+  (Esser et al., ICLR 2020), as in the QSD-Transformer code.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+
+def _per_channel_dims(w: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, w.dim()))
+
+
+def ste_round(x: Tensor) -> Tensor:
+    """``round(x)`` forward, identity gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def scale_grad(x: Tensor, g: float) -> Tensor:
+    """Identity forward, gradient multiplied by ``g`` (LSQ's step-size gradient scale)."""
+    return x * g + (x - x * g).detach()
+
+
+class Quantizer(nn.Module):
+    """Base class. ``forward(w)`` returns the quantized weight (in the float dtype of ``w``) with the
+    quantizer's pseudo-gradient; :meth:`codes` returns the integers a deployment file stores."""
+
+    alias: ClassVar[str] = ""
+    precision: int = 32
+
+    def codes(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Integer codes and the per-channel scale such that ``forward(w) == codes * scale``
+        (scale ``None`` means 1)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.alias, "precision": self.precision}
+
+    def extra_repr(self) -> str:
+        return f"precision={self.precision}"
+
+
+class SignBinarizer(Quantizer):
+    """1-bit weights of BESTformer, Eq. 5-6 (from IR-Net, Qin et al. 2020).
+
+    Per output channel: ``W^ = W - mean(W)``, ``W^std = W^ / std(W^)`` (unbiased std, as the reference),
+    ``B = +1 if W^std >= 0 else -1`` (the paper's Eq. 6: exactly 0 maps to +1, unlike ``torch.sign``).
+    No scaling factor: the BatchNorm that follows restores the magnitude. Backward: identity
+    straight-through estimator to ``W^std``, and through the mean and std to ``W``.
+    """
+
+    alias = "binary"
+    precision = 1
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def standardize(self, w: Tensor) -> Tensor:
+        """Eq. 5: zero mean and unit (unbiased) standard deviation per output channel."""
+        dims = _per_channel_dims(w)
+        w_hat = w - w.mean(dim=dims, keepdim=True)
+        return w_hat / (w_hat.std(dim=dims, keepdim=True) + self.eps)
+
+    def forward(self, w: Tensor) -> Tensor:
+        w_std = self.standardize(w)
+        b = torch.where(w_std >= 0, 1.0, -1.0).to(w.dtype)
+        return w_std + (b - w_std).detach()
+
+    def codes(self, w: Tensor) -> tuple[Tensor, None]:
+        with torch.no_grad():
+            return torch.where(self.standardize(w) >= 0, 1, -1).to(torch.int8), None
+
+
+class LSQQuantizer(Quantizer):
+    """b-bit learned step size quantization, one step per output channel.
+
+    ``w_q = s * round(clamp(w / s, -2^(b-1), 2^(b-1) - 1))`` with a straight-through round; ``s`` is
+    learned, initialised to ``2 mean|W| / sqrt(Qp)`` and its gradient scaled by ``1 / sqrt(numel * Qp)``
+    (the QSD-Transformer code's settings).
+    """
+
+    def __init__(self, bits: int = 4, out_channels: int | None = None, weight: Tensor | None = None) -> None:
+        super().__init__()
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ConfigError(f"LSQ weight bits must be an integer from 2 to 8, got {bits!r}")
+        self.precision = bits
+        self.qn = -(2 ** (bits - 1))
+        self.qp = 2 ** (bits - 1) - 1
+        if weight is not None:
+            out_channels = weight.shape[0]
+        if out_channels is None:
+            raise ConfigError("LSQQuantizer needs out_channels or the weight to initialise its step size")
+        self.step = nn.Parameter(torch.ones(out_channels))
+        if weight is not None:
+            self.init_step(weight)
+
+    @property
+    def alias(self) -> str:  # type: ignore[override]
+        return f"lsq{self.precision}"
+
+    @torch.no_grad()
+    def init_step(self, w: Tensor) -> None:
+        s = 2 * w.abs().mean(dim=_per_channel_dims(w)) / math.sqrt(self.qp)
+        self.step.copy_(s.clamp_min(1e-8))
+
+    def _step(self, w: Tensor) -> Tensor:
+        g = 1.0 / math.sqrt(w.numel() * self.qp)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        return scale_grad(self.step, g).abs().clamp_min(1e-8).view(shape)
+
+    def forward(self, w: Tensor) -> Tensor:
+        s = self._step(w)
+        return ste_round(torch.clamp(w / s, self.qn, self.qp)) * s
+
+    def codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            s = self._step(w)
+            q = torch.round(torch.clamp(w / s, self.qn, self.qp)).to(torch.int8)
+            return q, s.flatten()
+
+
+_LSQ = re.compile(r"^lsq([2-8])$")
+
+
+def get_weight_quantizer(spec: str | int | Quantizer | None, weight: Tensor | None = None) -> Quantizer | None:
+    """Resolve a weight quantizer: ``None`` / ``32`` / ``16`` (full precision), ``1`` / ``"binary"``,
+    ``2..8`` / ``"lsq2".."lsq8"``, or an instance. ``weight`` initialises data-dependent quantizers."""
+    if spec is None or isinstance(spec, Quantizer):
+        return spec
+    if isinstance(spec, bool):
+        raise ConfigError(f"weight quantizer must be a bit-width or a name, got {spec!r}")
+    if isinstance(spec, int):
+        if spec in (16, 32):
+            return None
+        if spec == 1:
+            return SignBinarizer()
+        if 2 <= spec <= 8:
+            return LSQQuantizer(spec, weight=weight)
+        raise ConfigError(f"weight bits must be 1, 2-8, 16 or 32, got {spec}")
+    if spec == "binary":
+        return SignBinarizer()
+    m = _LSQ.match(str(spec))
+    if m:
+        return get_weight_quantizer(int(m.group(1)), weight)
+    raise ConfigError(
+        f"unknown weight quantizer {spec!r}; expected 'binary', 'lsq2'..'lsq8', a bit-width or None"
+    )
