@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, close_matches
 
+
 @dataclass(frozen=True)
 class InputConfig:
     """Data metadata of a registered model, apart from its architecture (timm's pretrained_cfg).
