@@ -64,9 +64,6 @@ class SpikingTransformer(nn.Module):
         pools = tuple(pool_stages) if pool_stages is not None else auto_pool_stages(img_size)
         self.patch_embed = PatchSplitting(in_channels, embed_dim, time_steps, neuron_layer, weight_bits,
                                           first_bits, pools)
-        if img_size % self.patch_embed.reduction:
-            raise ConfigError(f"img_size {img_size} is not divisible by the stem's reduction "
-                              f"{self.patch_embed.reduction} (pool_stages={pools})")
         attn_factory = get_attention(attention)
         block_cls = ReversibleBlock if reversible else ResidualBlock
         self.blocks = nn.ModuleList(
