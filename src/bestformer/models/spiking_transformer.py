@@ -160,11 +160,11 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 def _register(family: str, size: str) -> None:
     arch, inp = _SIZES[size]
     name = f"{family}_{size}"
-    fam = dict(_FAMILIES[family])
-    if family != "bestformer":
+    fam = _FAMILIES[family]
+    if family != "bestformer":  # the channel attention of 8_512 is BESTformer's; the others keep "ssa"
         arch = {k: v for k, v in arch.items() if k != "attention"}
     time_steps = 1 if family == "ann" else inp.time_steps
-    defaults = {**arch, **fam, "img_size": inp.img_size, "in_channels": inp.in_channels,
+    defaults = {**fam, **arch, "img_size": inp.img_size, "in_channels": inp.in_channels,
                 "num_classes": inp.num_classes, "time_steps": time_steps}
 
     def entry(**overrides: Any) -> SpikingTransformer:

@@ -1,0 +1,111 @@
+"""1-bit weights (Eq. 5-6) and quantized layers against hand computation and float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bestformer.errors import ConfigError
+from bestformer.quant import (
+    BinaryConv1d,
+    BinaryConv2d,
+    BinaryLinear,
+    LSQQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    SignBinarizer,
+    get_weight_quantizer,
+    weight_bits_of,
+)
+
+
+def test_binary_weights_are_exactly_pm1_and_zero_maps_to_plus_one() -> None:
+    w = torch.tensor([[-1.0, 0.0, 1.0], [3.0, 5.0, 7.0]])  # standardized rows: [-1, 0, 1] and [-1, 0, 1]
+    b = SignBinarizer()(w)
+    assert b.tolist() == [[-1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]]
+    layer = BinaryConv2d(4, 6, 3)
+    assert set(layer.quantized_weight().unique().tolist()) == {-1.0, 1.0}
+
+
+def test_latent_standardization_per_output_channel() -> None:
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float64) * 3 + 1.5
+    std = SignBinarizer(eps=0).standardize(w)
+    flat = std.flatten(1)
+    assert torch.allclose(flat.mean(1), torch.zeros(8, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(flat.std(1), torch.ones(8, dtype=torch.float64), atol=1e-12)  # unbiased, as the reference
+
+
+def test_straight_through_gradient_reaches_latent_weights() -> None:
+    w = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 7, dtype=torch.float64)
+    (SignBinarizer(eps=0)(w) * g).sum().backward()
+    # independent path: identity STE means d/dW of <standardize(W), g>
+    w2 = w.detach().clone().requires_grad_(True)
+    flat = w2 - w2.mean(1, keepdim=True)
+    (flat / flat.std(1, keepdim=True) * g).sum().backward()
+    assert torch.allclose(w.grad, w2.grad, atol=1e-12)
+    assert bool((w.grad != 0).all())
+
+
+def test_layers_report_their_bit_width() -> None:
+    assert BinaryLinear(4, 3).weight_bits == 1
+    assert BinaryConv1d(4, 3, 1).weight_bits == 1
+    assert BinaryConv2d(4, 3, 3).weight_bits == 1
+    assert QuantLinear(4, 3).weight_bits == 32
+    assert QuantConv2d(4, 3, 3, weight_quantizer="lsq4").weight_bits == 4
+    assert weight_bits_of(nn.Linear(2, 2)) == 32
+    assert weight_bits_of(nn.BatchNorm1d(2)) is None
+
+
+def test_unquantized_layers_equal_torch_layers() -> None:
+    x = torch.randn(3, 5, 6, 6)
+    conv, ref = QuantConv2d(5, 4, 3, padding=1), nn.Conv2d(5, 4, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    assert torch.equal(conv(x), ref(x))
+    lin, ref_lin = QuantLinear(5, 2), nn.Linear(5, 2)
+    ref_lin.load_state_dict(lin.state_dict())
+    assert torch.equal(lin(x[:, :, 0, 0]), ref_lin(x[:, :, 0, 0]))
+
+
+def test_binary_linear_equals_matmul_with_signs() -> None:
+    lin = BinaryLinear(16, 4)
+    x = (torch.rand(10, 16) > 0.5).float()
+    signs = torch.where(SignBinarizer().standardize(lin.weight) >= 0, 1.0, -1.0)
+    assert torch.equal(lin(x), x @ signs.T)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lsq_levels_codes_and_init(bits: int) -> None:
+    w = torch.randn(6, 32)
+    q = LSQQuantizer(bits, weight=w)
+    qp = 2 ** (bits - 1) - 1
+    assert torch.allclose(q.step, 2 * w.abs().mean(1) / qp**0.5)
+    wq = q(w)
+    for row in wq:
+        assert row.unique().numel() <= 2**bits
+    codes, scale = q.codes(w)
+    assert int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) <= qp
+    assert torch.allclose(codes.float() * scale[:, None], wq)
+
+
+def test_lsq_step_gradient_scale() -> None:
+    w = torch.randn(3, 10)
+    q = LSQQuantizer(4, weight=w)
+    q(w).sum().backward()
+    g_scaled = q.step.grad.clone()
+    # the same gradient without LSQ's scale factor 1 / sqrt(numel * Qp)
+    s = q.step.detach().clone().requires_grad_(True)
+    x = torch.clamp(w / s[:, None], -8, 7)
+    (((torch.round(x) - x).detach() + x) * s[:, None]).sum().backward()
+    assert torch.allclose(g_scaled, s.grad / (w.numel() * 7) ** 0.5, atol=1e-6)
+
+
+def test_bad_quantizer_specs() -> None:
+    with pytest.raises(ConfigError, match="2 to 8"):
+        LSQQuantizer(9, out_channels=3)
+    with pytest.raises(ConfigError, match="unknown weight quantizer"):
+        get_weight_quantizer("ternary")
+    with pytest.raises(ConfigError, match="weight bits"):
+        get_weight_quantizer(12)
+    assert get_weight_quantizer(32) is None
