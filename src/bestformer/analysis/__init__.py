@@ -1,0 +1,29 @@
+"""Efficiency accounting of any registered model: model size (BESTformer Table 2 convention and the deployment
+file), MACs and SOPs per layer, energy, NS-ACE (Table 3), firing rates, and the representation capability of
+encoder blocks (Fig. 2 / 5b). ``profile_model`` runs them all; ``bestformer profile`` is its command line."""
+
+from .energy import ENERGY_PRESETS, EnergyModel, get_energy_model
+from .ops import NeuronStats, OpCounter, OpStats
+from .profile import Profile, profile_model
+from .representation import BlockRepresentation, RepresentationProbe, value_entropy, value_set_size
+from .size import ModelSize, model_size
+from .values import ValueKind, classify_values
+
+__all__ = [
+    "ENERGY_PRESETS",
+    "BlockRepresentation",
+    "EnergyModel",
+    "ModelSize",
+    "NeuronStats",
+    "OpCounter",
+    "OpStats",
+    "Profile",
+    "RepresentationProbe",
+    "ValueKind",
+    "classify_values",
+    "get_energy_model",
+    "model_size",
+    "profile_model",
+    "value_entropy",
+    "value_set_size",
+]

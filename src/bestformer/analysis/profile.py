@@ -1,0 +1,269 @@
+"""``profile_model``: size, MACs, SOPs, energy, NS-ACE, firing rates and representation of one model, measured
+on real batches (or synthetic input, labelled so), as one :class:`Profile`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..errors import ConfigError, FileFormatError, InputError
+from ..fileio import atomic_write_json
+from ..models import get_input_config
+from .energy import EnergyModel, get_energy_model
+from .ops import FULL_PRECISION, NeuronStats, OpCounter, OpStats, batch_size_of
+from .representation import BlockRepresentation, RepresentationProbe
+from .size import ModelSize, model_size
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class Profile:
+    """Everything :func:`profile_model` measured. Counts are per sample (one input, all ``T`` steps).
+
+    Totals: ``model_size_mb`` (the paper's convention, :mod:`~bestformer.analysis.size`), ``params``,
+    ``binary_params``, ``macs`` (every product, dense), ``real_macs`` (products without a spike operand, charged
+    at E_MAC), ``sops``, ``energy_pj`` (``E_MAC * real_macs + E_AC * sops``), ``ns_ace``, ``mean_firing_rate``.
+    """
+
+    model_name: str
+    size: ModelSize
+    layers: list[OpStats]
+    neurons: list[NeuronStats]
+    energy_model: EnergyModel
+    fp_bits: int
+    firing_rates_measured_on: str
+    samples: int
+    time_steps: int | None
+    representation: list[BlockRepresentation] | None = None
+
+    @property
+    def model_size_mb(self) -> float:
+        return self.size.paper_mb
+
+    @property
+    def params(self) -> int:
+        return self.size.params
+
+    @property
+    def binary_params(self) -> int:
+        return self.size.binary_params
+
+    @property
+    def macs(self) -> float:
+        return sum(layer.macs for layer in self.layers)
+
+    @property
+    def real_macs(self) -> float:
+        return sum(layer.real_macs for layer in self.layers)
+
+    @property
+    def sops(self) -> float:
+        return sum(layer.sops for layer in self.layers)
+
+    @property
+    def ns_ace(self) -> float:
+        return sum(layer.ns_ace for layer in self.layers)
+
+    def layer_energy_pj(self, layer: OpStats) -> float:
+        return self.energy_model.energy_pj(layer.real_macs, layer.sops)
+
+    @property
+    def energy_pj(self) -> float:
+        return self.energy_model.energy_pj(self.real_macs, self.sops)
+
+    @property
+    def mean_firing_rate(self) -> float | None:
+        """Spikes over neuron outputs of every spiking layer together (``None`` for a model without any)."""
+        elements = sum(n.elements for n in self.neurons)
+        return sum(n.spikes for n in self.neurons) / elements if elements else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "model_size_mb": self.model_size_mb,
+            "params": self.params,
+            "binary_params": self.binary_params,
+            "macs": self.macs,
+            "real_macs": self.real_macs,
+            "sops": self.sops,
+            "energy_pj": self.energy_pj,
+            "ns_ace": self.ns_ace,
+            "firing_rates_measured_on": self.firing_rates_measured_on,
+            "mean_firing_rate": self.mean_firing_rate,
+            "samples": self.samples,
+            "time_steps": self.time_steps,
+            "energy_model": self.energy_model.as_dict(),
+            "ns_ace_fp_bits": self.fp_bits,
+            "size": self.size.as_dict(),
+            "deploy_size_bytes": self.size.deploy_bytes,
+            "layers": [{**layer.as_dict(), "energy_pj": self.layer_energy_pj(layer)} for layer in self.layers],
+            "spiking_layers": [n.as_dict() for n in self.neurons],
+            "representation": None if self.representation is None else [r.as_dict() for r in self.representation],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The :meth:`to_dict` data as JSON text; also written (atomically) to ``path`` when given."""
+        data = self.to_dict()
+        if path is not None:
+            atomic_write_json(path, data)
+        return json.dumps(data, indent=2)
+
+    def summary(self) -> str:
+        """One line of totals (what ``bestformer train`` prints at the end of a run)."""
+        from .report import format_summary
+
+        return format_summary(self)
+
+    def table(self, layers: bool = True) -> Any:
+        """A rich renderable: per-layer table, spiking layers, representation and totals."""
+        from .report import profile_tables
+
+        return profile_tables(self, layers=layers)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a PNG with per-layer firing-rate and energy bars; returns the path."""
+        from .report import plot_profile
+
+        return plot_profile(self, path)
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def _input_shape(model: nn.Module) -> tuple[int, int]:
+    """``(in_channels, img_size)`` from the model, or from its registered input config."""
+    channels, size = getattr(model, "in_channels", None), getattr(model, "img_size", None)
+    if channels is None or size is None:
+        name = getattr(model, "model_name", None)
+        if name is None:
+            raise ConfigError("synthetic input needs a model with in_channels and img_size (or a registered model)")
+        cfg = get_input_config(name)
+        channels, size = cfg.in_channels, cfg.img_size
+    return int(channels), int(size)
+
+
+def _synthetic_batches(model: nn.Module, batches: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Uniform random images in ``[0, 1)`` of the model's input shape (repeated over ``T`` by the model)."""
+    channels, size = _input_shape(model)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        yield torch.rand(batch_size, channels, size, size, generator=gen)
+
+
+def _dataset_batches(model: nn.Module, dataset: str | None, data_dir: str | Path | None, batches: int,
+                     batch_size: int) -> tuple[Iterator[Tensor], str]:
+    """Batches of the held-out split of ``dataset`` (default: the registered model's dataset)."""
+    if dataset is None:
+        name = getattr(model, "model_name", None)
+        if name is None:
+            raise ConfigError("profiling on real data needs dataset=... for a model that is not a registered one")
+        dataset = get_input_config(name).dataset
+    from ..data import build_datasets, time_first  # only when real data is asked for
+    time_steps = getattr(model, "time_steps", None)
+    options: dict[str, Any] = {"limit": batches * batch_size}
+    if time_steps is not None:
+        options["time_steps"] = int(time_steps)  # event datasets are binned into the model's T frames
+    try:
+        data = build_datasets(dataset, data_dir, **options)
+    except FileFormatError as err:
+        raise FileFormatError(f"{err} (or profile on synthetic input: synthetic=True, --synthetic)") from None
+    split_name, split = next(((n, getattr(data, n)) for n in ("val", "test", "train")
+                              if getattr(data, n, None) is not None), (None, None))
+    if split is None:
+        raise InputError(f"dataset {dataset!r} has no split to profile on")
+    loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False)
+
+    def gen() -> Iterator[Tensor]:
+        for x, _ in loader:
+            yield time_first(x)  # event frames [B, T, ...] -> [T, B, ...]; images unchanged
+
+    return gen(), f"{dataset} ({split_name})"
+
+
+def _given_batches(inputs: Tensor | Iterable[Any]) -> Iterator[Tensor]:
+    if isinstance(inputs, Tensor):
+        yield inputs
+        return
+    for item in inputs:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, Tensor):
+            raise InputError(f"profile inputs must yield tensors or (tensor, label) pairs, got {type(x).__name__}")
+        yield x
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------- profile
+def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None, batches: int = 4,
+                  energy: str | EnergyModel = "45nm", synthetic: bool = False, *, dataset: str | None = None,
+                  data_dir: str | Path | None = None, batch_size: int = 16, fp_bits: int = FULL_PRECISION,
+                  representation: bool = False, blocks: list[str] | None = None, deploy: bool = True,
+                  measured_on: str | None = None, seed: int = 0, progress: bool = True) -> Profile:
+    """Profile ``model`` on up to ``batches`` batches.
+
+    Args:
+        inputs: a tensor (one batch), or an iterable / DataLoader of tensors or ``(tensor, label)`` pairs.
+            ``None``: the held-out split of ``dataset`` (default: the registered model's own dataset) read by
+            ``bestformer.data.build_datasets`` from ``data_dir``; or random input with ``synthetic=True``.
+        energy: ``"45nm"`` (E_MAC 4.6 pJ, E_AC 0.9 pJ), ``"fp16"``, ``"int8"`` or an :class:`EnergyModel`.
+        batch_size: batch size of synthetic and dataset input.
+        fp_bits: bits NS-ACE charges a full-precision weight (32; BESTformer's Table 3 counts 16).
+        representation: also measure the encoder blocks' value-set size and entropy (Fig. 2 / 5b).
+        blocks: module names of the encoder blocks (default: those of ``model.blocks`` or ``model.stages``).
+        deploy: also measure the deployment file (``bestformer.deploy``) when available.
+        measured_on: label of ``inputs`` in the output (default ``"inputs"``).
+
+    The model runs in eval mode without gradients; its training flag is restored afterwards.
+    """
+    _positive("batches", batches)
+    _positive("batch_size", batch_size)
+    _positive("fp_bits", fp_bits)
+    energy_model = get_energy_model(energy)
+    if synthetic and inputs is not None:
+        raise ConfigError("pass either inputs or synthetic=True, not both")
+    if synthetic:
+        stream, label = _synthetic_batches(model, batches, batch_size, seed), SYNTHETIC
+    elif inputs is not None:
+        stream, label = _given_batches(inputs), measured_on or "inputs"
+    else:
+        stream, label = _dataset_batches(model, dataset, data_dir, batches, batch_size)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    probe = RepresentationProbe(model, blocks) if representation else None
+    was_training = model.training
+    model.eval()
+    try:
+        with OpCounter(model, fp_bits=fp_bits) as counter, probe or contextlib.nullcontext():
+            for x in tqdm(islice(stream, batches), total=batches, desc="profile", unit="batch",
+                          disable=None if progress else True):
+                x = x.to(device)
+                if probe is not None:
+                    probe.set_batch(batch_size_of(x))
+                counter.run(x)
+    finally:
+        model.train(was_training)
+    if counter.samples == 0:
+        raise InputError("no input batches to profile (the inputs or the dataset split are empty)")
+    return Profile(
+        model_name=getattr(model, "model_name", type(model).__name__),
+        size=model_size(model, deploy=deploy),
+        layers=counter.op_stats(),
+        neurons=counter.neuron_stats(),
+        energy_model=energy_model,
+        fp_bits=fp_bits,
+        firing_rates_measured_on=label,
+        samples=counter.samples,
+        time_steps=getattr(model, "time_steps", None),
+        representation=probe.results() if probe is not None else None,
+    )

@@ -1,0 +1,99 @@
+"""``bestformer profile MODEL_OR_CKPT``: model size, MACs, firing rates, SOPs, energy and NS-ACE of a registered
+model or a checkpoint, measured on batches of its dataset (or on synthetic input with ``--synthetic``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+HELP = "model size, MACs, firing rates, SOPs, energy and NS-ACE of a model or checkpoint"
+
+_MODEL_OPTIONS = ("num_classes", "in_channels", "img_size", "time_steps")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_OR_CKPT",
+                        help="a registered model name (see bestformer.list_models()) or a checkpoint path")
+    opts = parser.add_argument_group("model options (with a model name)")
+    opts.add_argument("--num-classes", type=int)
+    opts.add_argument("--in-channels", type=int)
+    opts.add_argument("--img-size", type=int)
+    opts.add_argument("--time-steps", type=int)
+    data = parser.add_argument_group("input")
+    data.add_argument("--dataset", help="dataset to measure firing rates on (default: the model's own)")
+    data.add_argument("--data-dir", help="folder of the dataset files")
+    data.add_argument("--batches", type=int, default=4, help="batches to run (default 4)")
+    data.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")
+    data.add_argument("--synthetic", action="store_true",
+                      help="random input instead of data (the output says firing rates were measured on it)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the synthetic input")
+    data.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    acct = parser.add_argument_group("accounting")
+    acct.add_argument("--energy", default="45nm", choices=("45nm", "fp16", "int8"),
+                      help="energy per MAC / AC: 45nm 4.6 / 0.9 pJ (default), fp16 1.5 / 0.4, int8 0.23 / 0.03")
+    acct.add_argument("--fp-bits", type=int, default=32,
+                      help="bits NS-ACE charges a full-precision weight (default 32; BESTformer's Table 3 uses 16)")
+    acct.add_argument("--representation", action="store_true",
+                      help="also measure each encoder block's value-set size and entropy (paper Fig. 2 / 5b)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                     help="the profile as JSON: to stdout instead of the table, or written to PATH")
+    out.add_argument("--plot", metavar="PNG", help="write per-layer firing rate and energy bars to this PNG")
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
+    """The model to profile and the dataset its checkpoint was trained on (if recorded)."""
+    from .. import create_model, load_checkpoint
+    from ..errors import ConfigError, FileFormatError
+    from ..models import is_model
+
+    options = {k: getattr(args, k) for k in _MODEL_OPTIONS if getattr(args, k) is not None}
+    path = Path(args.model)
+    if is_model(args.model):
+        return create_model(args.model, **options), None
+    if path.is_file() or path.suffix == ".safetensors":
+        if options:
+            flags = ", ".join("--" + k.replace("_", "-") for k in options)
+            raise ConfigError(f"{flags} apply to a model name; the checkpoint {path} fixes its own architecture")
+        model, meta = load_checkpoint(path)
+        return model, meta.get("dataset")
+    if path.suffix or len(path.parts) > 1:
+        raise FileFormatError(f"checkpoint not found: {path}")
+    return create_model(args.model, **options), None  # an unknown name: the registry's error names close ones
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from ..analysis import profile_model
+    from ..errors import ConfigError
+
+    model, trained_on = _load(args)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise ConfigError(f"invalid --device {args.device!r} ({err})") from None
+    model.to(device)
+    kwargs: dict[str, Any] = dict(batches=args.batches, energy=args.energy, synthetic=args.synthetic,
+                                  batch_size=args.batch_size, fp_bits=args.fp_bits,
+                                  representation=args.representation, seed=args.seed)
+    if not args.synthetic:
+        kwargs.update(dataset=args.dataset or trained_on, data_dir=args.data_dir)
+    profile = profile_model(model, **kwargs)
+    if args.json == "-":
+        sys.stdout.write(profile.to_json() + "\n")
+    else:
+        # a log file or pipe gets wide lines rather than rich's 80-column default
+        Console(width=None if sys.stdout.isatty() else 160).print(profile.table())
+        if args.json:
+            profile.to_json(args.json)
+            print(f"wrote {args.json}")
+    if args.plot:
+        profile.plot(args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0
