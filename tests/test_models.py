@@ -36,8 +36,11 @@ def test_registry_lists_every_family_and_size() -> None:
     assert (cfg.in_channels, cfg.img_size, cfg.time_steps) == (2, 128, 16)
 
 
-@pytest.mark.parametrize("name", bestformer.list_models("bestformer_*") + bestformer.list_models("spikformer_*")
-                         + bestformer.list_models("ann_*"))
+FAMILY = [f"{fam}_{size}" for fam in ("bestformer", "spikformer", "ann")
+          for size in ("tiny", "2_256", "2_384", "4_384", "6_384", "8_512")]
+
+
+@pytest.mark.parametrize("name", FAMILY)
 def test_model_contract(name: str) -> None:
     model = bestformer.create_model(name, **{**SMALL, "in_channels": 2})
     x = torch.randn(3, 2, 16, 16)

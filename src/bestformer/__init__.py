@@ -1,10 +1,42 @@
 """bestformer: compact spiking transformers (BESTformer, A2OS2A, QSD-Transformer, CSDformer) in PyTorch."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
 from .errors import BestformerError, ConfigError, FileFormatError, InputError
-from .models import create_model, get_input_config, list_models
-from .training import load_checkpoint, save_checkpoint
+
+# The torch-dependent API loads on first use (PEP 562), so that the packed runtime
+# (bestformer.deploy.runtime, numpy + numba) imports without torch.
+_LAZY = {
+    "create_model": "models",
+    "get_input_config": "models",
+    "list_models": "models",
+    "load_checkpoint": "training",
+    "save_checkpoint": "training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):  # ``bestformer.models`` etc. keep working after a bare ``import bestformer``
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BestformerError",

@@ -1,0 +1,71 @@
+"""``bestformer export CKPT --format packed|nir -o OUT``: write a deployment file from a checkpoint.
+
+``packed``: the folded 1-bit model as one ``.bst`` file for the bit-packed runtime (``bestformer predict``);
+``nir``: the Neuromorphic Intermediate Representation of the parts NIR can express (see docs/deploy.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "write a deployment file (packed 1-bit model or NIR graph) from a checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="a .safetensors checkpoint written by bestformer")
+    parser.add_argument("--format", choices=("packed", "nir"), default="packed",
+                        help="packed: .bst file for `bestformer predict`; nir: NIR graph (HDF5)")
+    parser.add_argument("-o", "--output", required=True, help="file to write (e.g. model.bst or model.nir)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="packed: storage of the full-precision tensors (float32 reproduces PyTorch exactly; "
+                             "float16 is smaller and approximate)")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="packed: run N random inputs through the file and PyTorch and report the difference")
+    parser.add_argument("--subgraphs", action="store_true",
+                        help="nir: export the NIR-expressible sub-graphs (stem, MLPs, heads) of a model with "
+                             "spiking self-attention instead of failing")
+    parser.add_argument("--dt", type=float, default=1e-4,
+                        help="nir: the time step one model step stands for (snnTorch's importer assumes 1e-4 s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..fileio import check_writable
+    from ..training import load_checkpoint
+
+    out = Path(args.output)
+    check_writable(out.parent if str(out.parent) else Path("."))
+    model, meta = load_checkpoint(args.checkpoint)
+    name = meta["model_name"]
+    if args.format == "nir":
+        if args.verify:
+            raise ConfigError("--verify applies to --format packed")
+        from ..deploy.nir_export import export_nir
+
+        export_nir(model, out, subgraphs=args.subgraphs, dt=args.dt)
+        print(f"wrote {out} (NIR, {out.stat().st_size / 1e6:.2f} MB) from {name}")
+        return 0
+    if args.subgraphs:
+        raise ConfigError("--subgraphs applies to --format nir")
+    from ..deploy.fold import export_packed
+
+    export_packed(model, out, dtype=args.dtype)
+    size = out.stat().st_size
+    fp32 = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+    print(f"wrote {out} ({size / 1e6:.3f} MB, {fp32 / size:.1f}x smaller than float32 weights) from {name}")
+    if args.verify:
+        import numpy as np
+        import torch
+
+        from ..deploy.runtime import PackedModel
+
+        packed = PackedModel.load(out)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((args.verify, *packed.input_shape)).astype(np.float32)
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = packed.predict(x)
+        print(f"verify on {args.verify} random inputs: max |logit difference| {np.abs(got - ref).max():.2e}, "
+              f"argmax identical on {(got.argmax(1) == ref.argmax(1)).mean():.0%}")
+    return 0

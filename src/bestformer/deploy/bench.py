@@ -1,0 +1,257 @@
+"""Side-by-side benchmark of the packed runtime against the same model in PyTorch float32 eval mode
+(``bestformer bench``, ``benchmarks/deploy.py``).
+
+Everything runs in one process, interleaved (PyTorch, packed, PyTorch, ...), so both see the same machine load;
+each latency is the median of its repeats. Peak memory is the model's bytes plus the rise of the process's peak
+resident set during one inference (Linux ``/proc/self/status`` ``VmHWM``, reset through ``/proc/self/clear_refs``
+before each measurement). File sizes: the packed ``.bst`` file against the float32 checkpoint (safetensors). A
+micro-benchmark measures this CPU's AND+popcount throughput and its float32 GEMM throughput, which bound what the
+bitwise runtime can gain: 64 binary multiply-accumulates per popcount word against one per float32 FMA lane.
+
+Peak memory: before each measurement freed heap memory is handed back to the OS (glibc ``malloc_trim``) and the
+peak counter reset, so that the rise of ``VmHWM`` is the memory the inference touches (activations, workspaces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numba import njit
+from tqdm import tqdm
+
+from ..errors import ConfigError
+from ..training import save_checkpoint
+from . import kernels as K
+from .fold import export_packed
+from .runtime import PackedModel, split_run
+
+
+@njit(nogil=True, cache=True)
+def _popcount_loop(a, w, reps, out, lo, hi):  # pragma: no cover - compiled
+    """``reps`` passes of AND + popcount + add over ``a[lo:hi]`` x ``w`` (L1-resident), as the binary layers do."""
+    acc = 0
+    for _ in range(reps):
+        for i in range(lo, hi):
+            x = a[i]
+            for k in range(w.shape[0]):
+                acc += K.popcount(x & w[k])
+    out[lo] = acc
+
+
+def popcount_throughput(threads: int, seconds: float = 0.5) -> float:
+    """Words per second of ``popcount(a AND w)`` accumulated on ``threads`` threads (64 binary MACs per word)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**63, 256, dtype=np.uint64)
+    w = rng.integers(0, 2**63, 16, dtype=np.uint64)
+    out = np.zeros(a.shape[0], np.int64)
+    reps, best = 256, 0.0
+    split_run(_popcount_loop, a.shape[0], threads, a, w, 1, out)  # compile
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        dt = _elapsed(lambda: split_run(_popcount_loop, a.shape[0], threads, a, w, reps, out))
+        best = max(best, reps * a.shape[0] * w.shape[0] / dt)
+    return best
+
+
+def sgemm_throughput(threads: int, seconds: float = 0.5, n: int = 384) -> float:
+    """float32 multiply-accumulates per second of PyTorch's matrix product (its BLAS) on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def _hwm_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _trim() -> None:
+    """Return freed heap memory to the OS (glibc), so that the next allocations show in the resident set."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: measure without trimming
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def inference_peak_bytes(fn: Callable[[], Any]) -> int | None:
+    """Rise of the peak resident set while ``fn()`` runs (``None`` where Linux's peak reset is unavailable)."""
+    gc.collect()
+    _trim()
+    if not _hwm_supported():
+        return None
+    base = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - base) * 1024
+
+
+def _elapsed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _bench_batch(model: torch.nn.Module, packed: PackedModel, x: np.ndarray, repeats: int, budget: float | None,
+                 model_bytes: dict[str, int] | None) -> dict[str, Any]:
+    """Interleaved timings of one batch, the logit agreement and (with ``model_bytes``) the peak memory."""
+    b = x.shape[0]
+    xt = torch.from_numpy(x)
+
+    def run_torch() -> np.ndarray:
+        with torch.inference_mode():
+            return model(xt).numpy()
+
+    def run_packed() -> np.ndarray:
+        return packed.predict(x, batch_size=b)
+
+    ref, got = run_torch(), run_packed()  # warm-up (the first packed call compiles the kernels)
+    times: dict[str, list[float]] = {"torch": [], "packed": []}
+    stop = time.perf_counter() + budget if budget else None
+    while True:
+        times["torch"].append(_elapsed(run_torch))
+        times["packed"].append(_elapsed(run_packed))
+        n = len(times["torch"])
+        if (stop is None and n >= repeats) or (stop is not None and n >= 2 and time.perf_counter() > stop):
+            break
+    row: dict[str, Any] = {"batch": b, "torch_s": statistics.median(times["torch"]),
+                           "packed_s": statistics.median(times["packed"]), "runs": len(times["torch"]),
+                           "max_abs_logit_diff": float(np.abs(got - ref).max()),
+                           "argmax_agree": float((got.argmax(1) == ref.argmax(1)).mean())}
+    row["speedup"] = row["torch_s"] / row["packed_s"]
+    if model_bytes is not None:
+        t_peak, p_peak = inference_peak_bytes(run_torch), inference_peak_bytes(run_packed)
+        if t_peak is not None and p_peak is not None:
+            row["torch_peak_bytes"] = model_bytes["float32"] + t_peak
+            row["packed_peak_bytes"] = model_bytes["packed"] + p_peak
+            row["memory_ratio"] = row["torch_peak_bytes"] / row["packed_peak_bytes"]
+    return row
+
+
+def run_benchmark(model_name: str = "bestformer_4_384", checkpoint: str | None = None,
+                  batch_sizes: Sequence[int] = (1, 32), threads: int = 2, repeats: int = 5,
+                  budget: float | None = None, memory: bool = True, seed: int = 0,
+                  progress: bool = True) -> dict[str, Any]:
+    """Measure the packed runtime against PyTorch float32 eval mode on random inputs; returns the numbers.
+
+    ``repeats`` timed runs per engine and batch size (interleaved); with ``budget`` (seconds) the runs of each
+    batch size continue until the budget is spent instead (at least 2 each).
+    """
+    if threads < 1 or repeats < 1 or any(b < 1 for b in batch_sizes):
+        raise ConfigError("threads, repeats and batch sizes must be >= 1")
+    previous = torch.get_num_threads()
+    try:
+        return _run(model_name, checkpoint, batch_sizes, threads, repeats, budget, memory, seed, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(model_name: str, checkpoint: str | None, batch_sizes: Sequence[int], threads: int, repeats: int,
+         budget: float | None, memory: bool, seed: int, progress: bool) -> dict[str, Any]:
+    from ..models import create_model
+    from ..training import load_checkpoint
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    if checkpoint:
+        model, meta = load_checkpoint(checkpoint)
+        name = meta["model_name"]
+    else:
+        model, name = create_model(model_name), model_name
+    model.eval()
+    results: dict[str, Any] = {"model": name, "threads": threads, "batch_sizes": list(batch_sizes)}
+    with tempfile.TemporaryDirectory() as tmp:
+        packed_path = export_packed(model, Path(tmp) / "model.bst")
+        ckpt_path = save_checkpoint(model, Path(tmp) / "model.safetensors")
+        results["file_bytes"] = {"packed": packed_path.stat().st_size, "float32": ckpt_path.stat().st_size}
+        packed = PackedModel.load(packed_path, threads=threads)
+    results["model_bytes"] = {"packed": packed.nbytes,
+                              "float32": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
+    c, h, w = packed.input_shape
+    rng = np.random.default_rng(seed)
+    rows = [_bench_batch(model, packed, rng.standard_normal((b, c, h, w)).astype(np.float32), repeats, budget,
+                         results["model_bytes"] if memory else None)
+            for b in tqdm(batch_sizes, desc="batch sizes", disable=not progress)]
+    results["rows"] = rows
+    pc = popcount_throughput(threads)
+    fl = sgemm_throughput(threads)
+    results["popcount_words_per_s"] = pc
+    results["sgemm_macs_per_s"] = fl
+    results["bitwise_bound"] = 64 * pc / fl
+    results["file_ratio"] = results["file_bytes"]["float32"] / results["file_bytes"]["packed"]
+    return results
+
+
+def format_report(res: dict[str, Any]) -> str:
+    """The benchmark as a table; the last line is the latency ratio at each batch size."""
+    lines = [f"{res['model']}  threads={res['threads']}",
+             f"file: packed {res['file_bytes']['packed'] / 1e6:.3f} MB vs float32 checkpoint "
+             f"{res['file_bytes']['float32'] / 1e6:.2f} MB  ->  {res['file_ratio']:.1f}x smaller",
+             f"weights in memory: packed {res['model_bytes']['packed'] / 1e6:.2f} MB vs float32 "
+             f"{res['model_bytes']['float32'] / 1e6:.2f} MB",
+             f"this CPU: AND+popcount {res['popcount_words_per_s'] / 1e9:.2f} G words/s "
+             f"(= {64 * res['popcount_words_per_s'] / 1e9:.0f} G binary MAC/s), float32 GEMM "
+             f"{res['sgemm_macs_per_s'] / 1e9:.1f} G MAC/s: bitwise bound {res['bitwise_bound']:.1f}x",
+             f"{'batch':>5} {'torch ms':>10} {'packed ms':>10} {'speedup':>8} {'torch MB':>9} {'packed MB':>9} "
+             f"{'mem ratio':>9} {'max|dlogit|':>11} {'argmax=':>7} {'runs':>4}"]
+    for r in res["rows"]:
+        mem = (f"{r['torch_peak_bytes'] / 1e6:9.1f} {r['packed_peak_bytes'] / 1e6:9.1f} {r['memory_ratio']:8.1f}x"
+               if "memory_ratio" in r else f"{'n/a':>9} {'n/a':>9} {'n/a':>9}")
+        lines.append(f"{r['batch']:>5} {r['torch_s'] * 1e3:10.1f} {r['packed_s'] * 1e3:10.1f} {r['speedup']:7.1f}x "
+                     f"{mem} {r['max_abs_logit_diff']:11.2e} {r['argmax_agree']:7.0%} {r['runs']:>4}")
+    lines.append("latency ratio (PyTorch / packed): " +
+                 ", ".join(f"batch {r['batch']}: {r['speedup']:.1f}x" for r in res["rows"]))
+    return "\n".join(lines)
+
+
+def plot_report(res: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart of the latencies per batch size (log scale), speedups annotated; PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..fileio import atomic_path
+
+    rows = res["rows"]
+    xs = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(xs - 0.2, [r["torch_s"] * 1e3 for r in rows], 0.4, label="PyTorch float32 eval")
+    ax.bar(xs + 0.2, [r["packed_s"] * 1e3 for r in rows], 0.4, label="packed 1-bit runtime")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['speedup']:.1f}x", (i, r["torch_s"] * 1e3), ha="center", va="bottom")
+    ax.set_xticks(xs, [f"batch {r['batch']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("latency per batch (ms)")
+    ax.set_title(f"{res['model']}, {res['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
