@@ -1,17 +1,25 @@
 """Layers the models are built from: stem, attention forms, MLP and encoder blocks."""
 
+from .a2os2a import A2OS2A
 from .attention import SpikingSelfAttention, get_attention, merge_heads, register_attention, split_heads
 from .basic import ConvBN, LinearBN, TimeMaxPool2d
 from .blocks import ResidualBlock, ReversibleBlock
 from .mlp import SpikingMLP
+from .qsd import QSDSA, ConvBlock, QSDBlock, RepConvBN, SepConv
 from .stem import PatchSplitting, auto_pool_stages
 
 __all__ = [
+    "A2OS2A",
+    "QSDSA",
     "ConvBN",
+    "ConvBlock",
     "LinearBN",
     "PatchSplitting",
+    "QSDBlock",
+    "RepConvBN",
     "ResidualBlock",
     "ReversibleBlock",
+    "SepConv",
     "SpikingMLP",
     "SpikingSelfAttention",
     "TimeMaxPool2d",

@@ -1,6 +1,6 @@
 """Models and their registry. Importing this package registers every model family."""
 
-from . import spiking_transformer
+from . import a2os2a, csd, qsd, spiking_transformer
 from ._registry import (
     InputConfig,
     build_model,
@@ -11,16 +11,21 @@ from ._registry import (
     register_alias,
     register_model,
 )
+from .qsd import QSDTransformer
 from .spiking_transformer import SpikingTransformer
 
 __all__ = [
     "InputConfig",
+    "QSDTransformer",
     "SpikingTransformer",
+    "a2os2a",
     "build_model",
     "create_model",
+    "csd",
     "get_input_config",
     "is_model",
     "list_models",
+    "qsd",
     "register_alias",
     "register_model",
     "spiking_transformer",

@@ -77,11 +77,23 @@ class SpikingTransformer(nn.Module):
         self.head_bits = head_bits
         self.head = self._make_head(num_classes)
         self.head_dist = self._make_head(num_classes) if distill_head else None
+        self.grad_checkpointing = False
+        self.spike_packing = True
 
     def _make_head(self, num_classes: int) -> nn.Module:
         if num_classes == 0:
             return nn.Identity()
         return QuantLinear(self.embed_dim, num_classes, weight_quantizer=bits_to_quantizer(self.head_bits))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder block in backward instead of keeping its activations (timm's method): only the
+        block inputs are kept; gradients and BatchNorm statistics are those of a plain step (tests check)."""
+        self.grad_checkpointing = bool(enable)
+
+    def set_spike_packing(self, enable: bool = True) -> None:
+        """Keep the binary activations that autograd saves as bits instead of float32 (on by default; exact: see
+        :func:`bestformer.training.memory.spike_packing`)."""
+        self.spike_packing = bool(enable)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head(s) for ``num_classes`` outputs (0: no head, ``forward`` returns features)."""
@@ -112,15 +124,22 @@ class SpikingTransformer(nn.Module):
     def forward_streams(self, x: Tensor) -> list[Tensor]:
         """Stem and encoder; the final stream(s) as tokens ``[T, B, N, D]`` (two when reversible)."""
         self.check_input(x)
-        h = self.patch_embed(x)
-        if self.reversible:
-            x0 = x1 = h  # Eq. 12: both streams start from the stem output
+        from ..training.memory import checkpoint_module, spike_packing  # training imports models: import late
+
+        def run(blk: nn.Module, *streams: Tensor) -> Any:
+            return checkpoint_module(blk, *streams) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else blk(*streams)
+
+        with spike_packing(self.spike_packing and torch.is_grad_enabled()):
+            h = self.patch_embed(x)
+            if self.reversible:
+                x0 = x1 = h  # Eq. 12: both streams start from the stem output
+                for blk in self.blocks:
+                    x0, x1 = run(blk, x0, x1)
+                return [x0, x1]
             for blk in self.blocks:
-                x0, x1 = blk(x0, x1)
-            return [x0, x1]
-        for blk in self.blocks:
-            h = blk(h)
-        return [h]
+                h = run(blk, h)
+            return [h]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features ``[B, S, D]``: each stream averaged over tokens then time (S = 2 when reversible)."""

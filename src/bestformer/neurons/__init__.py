@@ -3,23 +3,38 @@
 from .backend import get_backend, register_backend, set_backend, supported_backends
 from .functional import LIFParameters, LIFState, lif_multistep, lif_step
 from .lif import LIF
+from .multilevel import IELIF, IELIFParameters, Rectify, ielif_multistep, ielif_step, to_spike_train
 from .registry import get_neuron, register_neuron
 from .surrogate import ATan, Sigmoid, Surrogate, get_surrogate
+from .ternary import TernaryNeuron, TernaryParameters, ternary_multistep, ternary_step
+
+register_neuron("ielif", IELIF)
+register_neuron("ternary", TernaryNeuron)
 
 __all__ = [
+    "IELIF",
     "LIF",
     "ATan",
+    "IELIFParameters",
     "LIFParameters",
     "LIFState",
+    "Rectify",
     "Sigmoid",
     "Surrogate",
+    "TernaryNeuron",
+    "TernaryParameters",
     "get_backend",
     "get_neuron",
     "get_surrogate",
+    "ielif_multistep",
+    "ielif_step",
     "lif_multistep",
     "lif_step",
     "register_backend",
     "register_neuron",
     "set_backend",
     "supported_backends",
+    "ternary_multistep",
+    "ternary_step",
+    "to_spike_train",
 ]

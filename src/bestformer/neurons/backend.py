@@ -1,7 +1,10 @@
 """Choice of the implementation that runs multi-step LIF neurons (SpikingJelly's ``backend``).
 
-``"plain"`` is the pure-torch reference (:func:`~bestformer.neurons.functional.lif_multistep`). Faster
-implementations register themselves with :func:`register_backend` and must agree with it (tests check).
+``"plain"`` is the pure-torch reference (:func:`~bestformer.neurons.functional.lif_multistep`), one autograd node
+per operation and step. ``"fused"`` (the default) is :func:`~bestformer.neurons.kernels.fused_lif_multistep`: one
+autograd node for all steps, Triton on CUDA, numba on CPU, identical spikes and gradients equal to float rounding.
+Other implementations register themselves with :func:`register_backend` and must agree with the plain path (tests
+check).
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from torch import Tensor
 
 from ..errors import check_choice
 from .functional import LIFParameters, LIFState, lif_multistep
+from .kernels import fused_lif_multistep
 from .surrogate import Surrogate
 
 #: ``impl(x, params, surrogate, state) -> (spikes, final_state)``
 LIFImpl = Callable[[Tensor, LIFParameters, Surrogate, "LIFState | None"], tuple[Tensor, LIFState]]
 
-_BACKENDS: dict[str, LIFImpl] = {"plain": lif_multistep}
-_current = "plain"
+_BACKENDS: dict[str, LIFImpl] = {"plain": lif_multistep, "fused": fused_lif_multistep}
+_current = "fused"
 
 
 def register_backend(name: str, impl: LIFImpl) -> None:

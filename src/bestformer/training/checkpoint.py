@@ -71,32 +71,48 @@ def _check_header(header: Any, path: Path) -> dict[str, Any]:
         )
     if not isinstance(header.get("model_name"), str) or not isinstance(header.get("model_args"), dict):
         raise FileFormatError(f"{path}: checkpoint header lacks model_name/model_args")
+    if not isinstance(header.get("meta", {}), dict):
+        raise FileFormatError(f"{path}: checkpoint header's meta is not a mapping")
     return header
+
+
+def read_safetensors(path: str | Path, meta_key: str, what: str = "checkpoint"
+                     ) -> tuple[dict[str, torch.Tensor], Any]:
+    """Tensors of a safetensors file and the JSON value stored under ``meta_key`` in its metadata (``None``
+    when absent); a missing, truncated or corrupt file gives one :class:`FileFormatError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{what} not found: {path}")
+    data = path.read_bytes()
+    try:
+        state = st_load(data)
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        embedded = json.loads(meta.get(meta_key, "null"))
+    except (SafetensorError, ValueError, TypeError, UnicodeDecodeError, AttributeError, RecursionError) as err:
+        raise FileFormatError(f"{what} {path} is truncated or corrupt ({err})") from None
+    return state, embedded
+
+
+def check_finite(state: dict[str, torch.Tensor], path: Path, what: str = "checkpoint") -> None:
+    """Refuse NaN / inf in any floating-point tensor."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FileFormatError(f"{what} {path} has non-finite values (NaN/inf) in {key!r}")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate weights and header (the sidecar when present, else the embedded copy)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"checkpoint not found: {path}")
-    data = path.read_bytes()
-    try:
-        state = st_load(data)
-        n = int.from_bytes(data[:8], "little")
-        embedded = json.loads(json.loads(data[8 : 8 + n]).get("__metadata__", {}).get(_META_KEY, "null"))
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as err:
-        raise FileFormatError(f"checkpoint {path} is truncated or corrupt ({err})") from None
+    state, header = read_safetensors(path, _META_KEY)
     side = sidecar_path(path)
-    header = embedded
     if side.is_file():
         try:
             header = json.loads(side.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise FileFormatError(f"checkpoint sidecar {side} is corrupt ({err})") from None
     header = _check_header(header, path)
-    for key, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise FileFormatError(f"checkpoint {path} has non-finite values (NaN/inf) in {key!r}")
+    check_finite(state, path)
     return state, header
 
 
@@ -108,6 +124,13 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     mine = getattr(model, "model_name", None)
     if mine is not None and header["model_name"] != mine:
         raise FileFormatError(f"checkpoint {path} holds {header['model_name']!r}, not {mine!r}")
+    check_fits(model, state, f"checkpoint {path} ({header['model_name']} {header['model_args']})")
+    model.load_state_dict(state)
+    return header
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`FileFormatError` (naming ``what``) unless ``state`` has exactly the model's tensors and shapes."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -121,12 +144,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
             detail.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
         if extra:
             detail.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
-        raise FileFormatError(
-            f"checkpoint {path} ({header['model_name']} {header['model_args']}) does not fit this model: "
-            + "; ".join(detail)
-        )
-    model.load_state_dict(state)
-    return header
+        raise FileFormatError(f"{what} does not fit this model: " + "; ".join(detail))
 
 
 def load_checkpoint(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -142,11 +160,13 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict
         model = create_model(header["model_name"], **args)
     except BestformerError as err:
         raise FileFormatError(f"checkpoint {path} names a model this library cannot build: {err}") from None
+    except (TypeError, ValueError, ArithmeticError, RecursionError) as err:  # options of a damaged header
+        raise FileFormatError(f"checkpoint {path} has invalid model options {args}: {err}") from None
     load_weights(model, path)
     model.eval()
-    meta = dict(header["meta"])
+    meta = dict(header.get("meta", {}))
     meta.update(model_name=header["model_name"], model_args=header["model_args"],
-                library_version=header["library_version"])
+                library_version=header.get("library_version"))
     return model, meta
 
 

@@ -76,6 +76,11 @@ def register_distiller(name: str, factory: Callable[..., Distiller]) -> None:
     _DISTILLERS[name] = factory
 
 
+def list_distillers() -> list[str]:
+    """Names of the registered distillation objectives."""
+    return sorted(_DISTILLERS)
+
+
 def get_distiller(name: str) -> Callable[..., Distiller]:
     return _DISTILLERS[check_choice("distillation", name, _DISTILLERS)]
 

@@ -1,0 +1,131 @@
+"""Accuracy of the tiny BESTformer (1-bit weights, T=4) with and without distillation, beside the
+full-precision Spikformer of the same size, on digits, MNIST or N-MNIST.
+
+    python benchmarks/accuracy.py digits
+    python benchmarks/accuracy.py mnist --data-dir ../shared/data/mnist --budget 0.1
+    python benchmarks/accuracy.py nmnist --data-dir ../shared/data/nmnist/nmnist-small.tar.gz
+
+The options of each dataset are its shipped recipe (``bestformer/recipes/<dataset>.yaml``); ``--budget B``
+scales the epochs (and, below 1, the samples per split) by ``B`` so that a CPU run fits in the time at hand.
+Four trainings in one process: the ANN teacher (trained first, in the distilled run's folder), BESTformer with
+distillation (Eq. 15), BESTformer without it, Spikformer (full precision). Prints one line of results (the
+accuracy ratio last) and writes ``benchmarks/results/accuracy_<dataset>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from bestformer.training import TrainResult, load_recipe, resolve_config, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+FULL_SIZES = {"digits": 1797, "mnist": 70000, "nmnist": 1100}
+
+
+def budgeted(dataset: str, budget: float, limit: int | None, data_dir: str | None, out: Path, seed: int) -> dict:
+    """The dataset's recipe scaled by ``budget``: its epochs, and below 1 the samples per split (unless
+    ``limit`` is given: 0 keeps every sample)."""
+    recipe = load_recipe(dataset)
+    epochs = max(1, math.ceil(recipe["epochs"] * budget))
+    scaled = {"epochs": epochs, "data_dir": data_dir, "seed": seed, "out": str(out),
+              "warmup_epochs": min(recipe.get("warmup_epochs", 0), epochs - 1),
+              "teacher_epochs": max(1, math.ceil(recipe.get("teacher_epochs", recipe["epochs"]) * budget))}
+    if limit is None and budget < 1:
+        limit = max(200, math.ceil(FULL_SIZES[dataset] * budget))
+    if limit:
+        scaled["limit"] = limit
+    return scaled
+
+
+def checked(result: TrainResult) -> TrainResult:
+    """Stop the benchmark when a run was interrupted (Ctrl-C / SIGTERM): its numbers would be partial."""
+    if result.status == "interrupted":
+        raise SystemExit(f"interrupted; continue that run with: bestformer train --resume {result.run_dir}")
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset", choices=("digits", "mnist", "nmnist"))
+    p.add_argument("--data-dir", default=None, help="dataset folder (MNIST IDX files / N-MNIST archive)")
+    p.add_argument("--budget", type=float, default=1.0, help="scale of epochs and subset (1: the full recipe)")
+    p.add_argument("--limit", type=int, default=None, help="samples per split (overrides the budget's; 0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine)")
+    p.add_argument("--out", default="runs/benchmarks", help="root of the run folders")
+    args = p.parse_args()
+    if not args.budget > 0:
+        p.error("--budget must be > 0")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = budgeted(args.dataset, args.budget, args.limit, args.data_dir,
+                    Path(args.out) / f"accuracy-{args.dataset}-{stamp}", args.seed)
+    if args.threads:
+        base["threads"] = args.threads
+    recipe = load_recipe(args.dataset)
+    t0 = time.perf_counter()
+    rows = {}
+    kd, _ = resolve_config(args.dataset, {**base, "name": "bestformer_kd"})
+    r = checked(train(kd))
+    teacher_ckpt = r.run_dir / "teacher" / "best.safetensors"
+    rows["teacher (" + recipe["teacher"] + ")"] = r.teacher
+    rows["bestformer + distillation"] = r
+    plain, _ = resolve_config(args.dataset, {**base, "name": "bestformer", "teacher": None})
+    rows["bestformer"] = checked(train(plain))
+    spik_args = dict(recipe.get("model_args", {}))
+    spik, _ = resolve_config(args.dataset, {**base, "name": "spikformer", "teacher": None,
+                                            "model": recipe["model"].replace("bestformer", "spikformer"),
+                                            "model_args": spik_args})
+    rows["spikformer (full precision)"] = checked(train(spik))
+    seconds = time.perf_counter() - t0
+
+    table = {name: {"model": res.model_name, "val_acc": res.val["acc1"] if res.val else None,
+                    "test_acc": res.test["acc1"] if res.test else None,
+                    "test_samples": res.test["count"] if res.test else None,
+                    "one_bit_params": res.params[0], "full_precision_params": res.params[1],
+                    "epochs": res.epochs_done, "val_curve": [h["val_acc"] for h in res.history]}
+             for name, res in rows.items()}
+    meta = {"dataset": args.dataset, "budget": args.budget, "options": base, "teacher_checkpoint": str(teacher_ckpt),
+            "seconds": seconds, "torch_threads": torch.get_num_threads(), "results": table}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"accuracy_{args.dataset}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _plot(table, RESULTS / f"accuracy_{args.dataset}.png", f"{args.dataset}, budget {args.budget:g}")
+
+    def acc(name: str) -> float:
+        return table[name]["test_acc"] if table[name]["test_acc"] is not None else table[name]["val_acc"]
+
+    ratio = acc("bestformer + distillation") / acc("spikformer (full precision)")
+    print(f"accuracy {args.dataset} (budget {args.budget:g}, {base['epochs']} epochs, {seconds:.0f} s): "
+          f"test top-1 teacher {acc('teacher (' + recipe['teacher'] + ')'):.2f}% | bestformer+KD "
+          f"{acc('bestformer + distillation'):.2f}% | bestformer {acc('bestformer'):.2f}% | spikformer FP "
+          f"{acc('spikformer (full precision)'):.2f}% | ratio bestformer+KD / spikformer {ratio:.3f}")
+
+
+def _plot(table: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, row in table.items():
+        ax.plot(range(1, len(row["val_curve"]) + 1), row["val_curve"], "o-", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""``bestformer train``: train a model; with no arguments, the README demo (``bestformer_tiny`` on
+scikit-learn's digits, distilled from an ANN teacher trained first).
+
+Options come from the defaults, then the recipe (``--recipe NAME_OR_PATH``; without it the recipe named after
+the dataset when one ships, ``digits`` for the demo), then the command line: every recipe key is an option
+(``batch_size`` -> ``--batch-size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+HELP = "train a model (no arguments: the demo, bestformer_tiny on scikit-learn digits)"
+
+_BOOL_TRUE, _BOOL_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _typed(base: type, nullable: bool, key: str) -> Any:
+    def parse(text: str) -> Any:
+        if nullable and text.lower() in ("none", "null"):
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{key.replace('_', '-')} expects {base.__name__}"
+                                             f"{' or none' if nullable else ''}, got {text!r}") from None
+    parse.__name__ = base.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..neurons import supported_backends
+    from ..training.config import TrainConfig, cli_fields, field_choices, field_help, field_types, list_recipes
+    from ..training.runner import distill_choices
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--recipe", default=None, metavar="NAME_OR_PATH",
+                     help=f"recipe: {', '.join(list_recipes())}, a YAML file, or 'none' "
+                          "(default: the recipe named after --dataset when one exists)")
+    run.add_argument("--resume", default=None, metavar="RUN",
+                     help="continue a run: its folder (runs/<name>), a checkpoint in it, or 'last'")
+    opts = parser.add_argument_group("options (recipe keys; default: the recipe's, else the value shown)")
+    defaults = TrainConfig()
+    for key in cli_fields():
+        base, nullable = field_types(key)
+        flag = "--" + key.replace("_", "-")
+        kw: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS,
+                              "help": f"{field_help(key)} (default: {getattr(defaults, key)})"}
+        if key == "distill":
+            kw["choices"] = distill_choices()
+        elif key == "neuron_backend":
+            kw["choices"] = sorted({"plain", "fused", *supported_backends()})
+        elif field_choices(key):
+            kw["choices"] = field_choices(key)
+        if base is bool:
+            opts.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            if "choices" not in kw:
+                kw["metavar"] = key.upper()
+            opts.add_argument(flag, type=_typed(base, nullable, key), **kw)
+    opts.add_argument("--model-arg", dest="model_args", action="append", type=_key_value, metavar="KEY=VALUE",
+                      default=argparse.SUPPRESS, help="a model option, e.g. depth=2 (repeatable)")
+    opts.add_argument("--teacher-arg", dest="teacher_args", action="append", type=_key_value,
+                      metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                      help="an option of a teacher trained in this run (repeatable)")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line (mappings from their KEY=VALUE lists)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("recipe", "resume", "command")}
+    for key in ("model_args", "teacher_args"):
+        if key in given:
+            given[key] = dict(given[key])
+    return given
+
+
+def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from ..training import resolve_config
+    from ..training import resume as resume_run
+    from ..training import train as train_run
+
+    if args.resume is not None:
+        if args.recipe is not None:
+            raise ConfigError("--recipe cannot be combined with --resume (the run keeps its own options)")
+        out = overrides.pop("out", "runs")
+        return resume_run(args.resume, out, **overrides)
+    cfg, recipe = resolve_config(args.recipe, overrides)
+    print(f"recipe: {recipe or 'none (defaults)'}")
+    return train_run(cfg, recipe=recipe)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import results_table
+
+    try:
+        result = _train(args, overrides_from(args))
+    except KeyboardInterrupt:  # before or after the training loop, which handles the signal itself
+        print("bestformer train: interrupted outside the training loop; nothing more to save", file=sys.stderr)
+        return 130
+    if result.status == "interrupted":
+        print(f"\ninterrupted: the checkpoint is saved in {result.run_dir}; continue with\n"
+              f"  bestformer train --resume {result.run_dir}")
+        return 0
+    if result.status == "stopped_early":
+        print(f"stopped early at epoch {result.epochs_done} (best validation at epoch {result.best_epoch})")
+    print()
+    print(results_table(result))
+    print(f"\nrun folder: {result.run_dir} ({result.seconds:.0f} s)")
+    return 0

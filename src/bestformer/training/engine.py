@@ -1,0 +1,495 @@
+"""The training engine: :class:`Trainer` (one model, one dataset, the loop) and :func:`evaluate`.
+
+Design (ours; the papers train with timm's script):
+
+- Distributed-ready: the trainer takes a :class:`~bestformer.training.distributed.DistContext` (rank, world
+  size, device); data come from a :class:`~bestformer.training.distributed.ShardedBatchSampler` whose
+  micro-batches carry their loss weights (gradient accumulation: ``accum_steps`` micro-batches per optimizer
+  step, global batch ``batch_size x accum_steps x world_size``), metrics are reduced as sums over ranks, and
+  only rank 0 writes files, prints and shows progress. In a single process all of this reduces to a plain loop.
+- Exact resume: the position is the number of samples seen (valid on another world size with the same global
+  batch); the learning rate, data order and augmentation are functions of the step / epoch and seed; the
+  resume file (:mod:`.state`) holds weights, optimizer, scaler, RNG states, history and the partial sums of
+  an interrupted epoch. Checkpoints are written at the end of every epoch and, with ``ckpt_every_steps``,
+  every N optimizer steps.
+- Reliability: SIGINT / SIGTERM finish the current step, write a checkpoint and return ``"interrupted"``; a
+  NaN / inf loss or gradient stops the run with :class:`NonFiniteLossError` (or skips up to
+  ``skip_nonfinite`` steps); gradient norms and sampled per-layer firing rates are logged, and layers that
+  never fire (dead) or always fire (saturated) are reported as warnings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data import time_first
+from ..errors import BestformerError, ConfigError, FileFormatError, InputError
+from .augment import BatchAugment
+from .checkpoint import check_fits
+from .config import TrainConfig
+from .distill import Distiller, soft_cross_entropy, split_outputs
+from .distributed import (
+    DistContext,
+    ShardedBatchSampler,
+    ShardedSampler,
+    all_reduce_sums,
+    gradient_sync,
+    progress,
+    unwrap_model,
+    wrap_ddp,
+)
+from .monitor import FiringRateMonitor, layer_health
+from .runs import RunFolder
+from .schedule import CosineSchedule
+from .state import ResumeState
+
+
+class NonFiniteLossError(BestformerError):
+    """A NaN or inf loss (or gradient) stopped the run."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` option: ``"auto"`` is bf16 on CUDA and off elsewhere."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_labels(y: Tensor, num_classes: int, where: str) -> None:
+    """Labels must be class indices in ``[0, num_classes)``."""
+    if y.dtype.is_floating_point or y.dim() != 1:
+        raise InputError(f"{where}: labels must be a 1-D tensor of class indices, got {y.dtype} "
+                         f"of shape {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise InputError(f"{where}: label {bad} is out of range for {num_classes} classes "
+                         f"(expected 0..{num_classes - 1}); does the dataset match the model's num_classes?")
+
+
+def merged_logits(out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """The prediction of a model output (two heads: their mean, as the models do in eval mode)."""
+    logits, dist = split_outputs(out)
+    return logits if dist is None else (logits + dist) / 2
+
+
+def _log(ctx: DistContext, msg: str, err: bool = False) -> None:
+    if ctx.is_main:
+        tqdm.write(msg, file=sys.stderr if err else sys.stdout)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 256,
+             ctx: DistContext | None = None, amp: str = "off", workers: int = 0, desc: str = "eval",
+             where: str = "dataset") -> dict[str, float]:
+    """Top-1 / top-5 accuracy (in %) and mean cross-entropy of ``model`` on ``dataset`` (eval mode; with two
+    heads the prediction is their mean). Sums are reduced over ranks. Returns ``loss, acc1, acc5, count``."""
+    ctx = ctx or DistContext()
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardedSampler(dataset, ctx.world_size, ctx.rank),
+                        num_workers=workers, pin_memory=ctx.device.type == "cuda")
+    dtype = amp_dtype(amp, ctx.device)
+    k = min(5, num_classes)
+    sums = {"loss": 0.0, "correct1": 0.0, "correct5": 0.0, "count": 0.0}
+    try:
+        for x, y in progress(loader, desc=desc, leave=False, dynamic_ncols=True):
+            check_labels(y, num_classes, where)
+            x, y = time_first(x).to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            with autocast(ctx.device, dtype):
+                logits = merged_logits(net(x)).float()
+            top = logits.topk(k, dim=-1).indices
+            sums["loss"] += float(F.cross_entropy(logits, y, reduction="sum"))
+            sums["correct1"] += float((top[:, 0] == y).sum())
+            sums["correct5"] += float((top == y[:, None]).any(dim=-1).sum())
+            sums["count"] += y.numel()
+    finally:
+        net.train(was_training)
+    sums = all_reduce_sums(sums)
+    n = max(sums["count"], 1.0)
+    return {"loss": sums["loss"] / n, "acc1": 100.0 * sums["correct1"] / n, "acc5": 100.0 * sums["correct5"] / n,
+            "count": int(sums["count"])}
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set :attr:`received` (the loop stops after the current step);
+    a second signal restores the default behaviour and raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        _log(self.ctx, f"\n{self.received} received: finishing the current step and writing a checkpoint "
+                       "(send it again to stop at once without saving)", err=True)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+@dataclass
+class EpochSums:
+    """Running sums of one training epoch (saved in the resume state when a checkpoint falls mid-epoch)."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    grad_norm: float = 0.0
+    grad_norm_max: float = 0.0
+    steps: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    lr: float = 0.0
+
+
+@dataclass
+class Progress:
+    """Where the run stands; stored as JSON in the resume state."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    global_step: int = 0
+    samples_seen: int = 0
+    best_acc: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    skipped_total: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    firing: list[dict[str, float]] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=lambda: asdict(EpochSums()))
+    spikes: dict[str, list[int]] = field(default_factory=dict)  # firing-rate counts of the epoch so far
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """Trains ``model`` on ``train_set`` with the options of ``cfg``, validating on ``val_set`` every epoch.
+
+    Args:
+        model: a model built with :func:`bestformer.create_model` (its checkpoints must name it).
+        cfg: the run's options (:class:`~bestformer.training.config.TrainConfig`).
+        train_set, val_set: map-style datasets of ``(x, y)`` (``val_set`` may be ``None``: the last epoch
+            is then kept as best).
+        num_classes: labels are checked against it.
+        run: the run folder (checkpoints, metrics, plots; only rank 0 writes).
+        distiller: a :class:`~bestformer.training.distill.Distiller` holding the frozen teacher, or ``None``.
+        ctx: rank, world size and device (a single process on ``ctx.device`` by default).
+        sampler: the batch sampler of this rank (default: a :class:`ShardedBatchSampler` for ``ctx`` with the
+            config's batch size, accumulation and seed); it must yield the micro-batches of
+            ``sampler.micro_batches()``.
+        config_extra: more to store in every checkpoint's sidecar (e.g. the recipe's name).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_set: Dataset, val_set: Dataset | None, *,
+                 num_classes: int, run: RunFolder, distiller: Distiller | None = None,
+                 ctx: DistContext | None = None, sampler: ShardedBatchSampler | None = None,
+                 config_extra: dict[str, Any] | None = None) -> None:
+        self.cfg, self.run, self.num_classes = cfg, run, num_classes
+        self.ctx = ctx or DistContext()
+        self.dev = self.ctx.device
+        self.train_set, self.val_set = train_set, val_set
+        self.module = model.to(self.dev)
+        self.model = wrap_ddp(self.module, self.ctx)
+        self.distiller = distiller.to(self.dev) if distiller is not None else None
+        self.config_extra = config_extra or {}
+        decay = [p for p in self.module.parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in self.module.parameters() if p.requires_grad and p.ndim <= 1]
+        # no weight decay on BatchNorm, biases and the attention's lambda (timm's convention)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr)
+        self.dtype = amp_dtype(cfg.amp, self.dev)
+        self.scaler = torch.amp.GradScaler(self.dev.type, enabled=self.dtype is torch.float16)
+        self.sampler = sampler or ShardedBatchSampler(train_set, cfg.batch_size, cfg.accum_steps,
+                                                      self.ctx.world_size, self.ctx.rank, shuffle=True, seed=cfg.seed)
+        # a private generator: creating the loader's iterator must not draw from the global torch RNG
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=cfg.workers,
+                                 pin_memory=self.dev.type == "cuda",
+                                 generator=torch.Generator().manual_seed(cfg.seed))
+        self.schedule = CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.warmup_epochs, cfg.epochs,
+                                       cfg.cooldown_epochs, self.sampler.steps_per_epoch)
+        self.augment = BatchAugment(num_classes, cfg.crop_padding, cfg.flip, cfg.random_erasing, cfg.mixup,
+                                    cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.seed, self.ctx.rank)
+        self.monitor = FiringRateMonitor(self.module)
+        self.progress = Progress()
+        self.last_checkpoint: str | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.sampler.global_batch
+
+    # ------------------------------------------------------------------------------------------- state
+    def load_state(self, state: ResumeState) -> None:
+        """Continue from a resume state (weights, optimizer, scaler, RNG, position, history)."""
+        trained_on = state.progress.get("train_size")
+        if trained_on != len(self.train_set):
+            raise ConfigError(f"{state.path}: the run was trained on {trained_on} training samples, the training "
+                              f"split now has {len(self.train_set)}; resume with the same data")
+        check_fits(self.module, state.model, f"resume state {state.path}")
+        try:
+            self.optimizer.load_state_dict(state.optimizer)
+            for param, st in self.optimizer.state.items():
+                for key, t in st.items():
+                    if torch.is_tensor(t) and t.dim() and t.shape != param.shape:
+                        raise ValueError(f"optimizer {key} is {tuple(t.shape)} for a parameter {tuple(param.shape)}")
+            if state.scaler is not None:
+                self.scaler.load_state_dict(state.scaler)
+            state.restore_rng()
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise FileFormatError(f"resume state {state.path} does not fit this run ({err})") from None
+        self.module.load_state_dict(state.model)
+        known = {f for f in Progress.__dataclass_fields__}
+        self.progress = Progress(**{k: v for k, v in state.progress.items() if k in known})
+        self.monitor.load(self.progress.spikes)
+        self.last_checkpoint = str(state.path)
+
+    def _progress_json(self) -> dict[str, Any]:
+        return {**asdict(self.progress), "config": self.cfg.to_dict(), "train_size": len(self.train_set),
+                "model_name": self.module.model_name,
+                "model_args": self.module.model_args, "global_batch": self.global_batch,
+                "world_size": self.ctx.world_size}
+
+    def checkpoint(self, *, best: bool = False) -> None:
+        """Write ``best`` (when asked), the resume state, then ``last`` (rank 0), in that order: a crash at
+        any point leaves a resume state consistent with its own weights, and ``best`` never older than it."""
+        p = self.progress
+        p.spikes = {k: list(v) for k, v in self.monitor.counts().items()}
+        meta = {"epoch": p.epoch, "step": p.global_step, "samples_seen": p.samples_seen,
+                "config": self.cfg.to_dict(), **self.config_extra}
+        if p.history:
+            meta["metrics"] = p.history[-1]
+        if best:
+            self.run.save_model("best", self.module, meta)
+        self.run.save_resume(self.module, self.optimizer, self.scaler, self._progress_json())
+        self.run.save_model("last", self.module, meta)
+        self.last_checkpoint = str(self.run.resume_path)
+
+    # -------------------------------------------------------------------------------------------- steps
+    def loss(self, x: Tensor, target: Tensor, out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """Eq. 15 through the distiller, or the (label-smoothed) cross-entropy; a two-head student without
+        a teacher trains both heads on the labels (our choice: the mean of the two cross-entropies)."""
+        if self.distiller is not None:
+            return self.distiller(x, target, out)
+        logits, dist = split_outputs(out)
+        loss = soft_cross_entropy(logits, target, self.cfg.label_smoothing)
+        if dist is not None:
+            loss = (loss + soft_cross_entropy(dist, target, self.cfg.label_smoothing)) / 2
+        return loss
+
+    def _nonfinite(self, what: str) -> None:
+        p, cfg = self.progress, self.cfg
+        where = f"step {p.global_step} (epoch {p.epoch + 1})"
+        if p.skipped_total < cfg.skip_nonfinite:
+            p.skipped_total += 1
+            _log(self.ctx, f"warning: {what} at {where}; step skipped ({p.skipped_total} of "
+                           f"--skip-nonfinite {cfg.skip_nonfinite})", err=True)
+            return
+        ckpt = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was written yet")
+        hint = ("lower --lr, set --clip-grad, check the data for NaN/inf values, or allow a few bad steps with "
+                "--skip-nonfinite N")
+        raise NonFiniteLossError(f"{what} at {where}; {ckpt}; {hint}")
+
+    def _micro_batches(self) -> Iterator[tuple[Tensor, Tensor, Any]]:
+        for (x, y), mb in zip(self.loader, self.sampler.micro_batches()):
+            yield x, y, mb
+
+    def train_epoch(self, stop: StopSignals) -> str | None:
+        """Run (the rest of) the current epoch; returns ``"interrupted"`` when a signal stopped it."""
+        cfg, p = self.cfg, self.progress
+        sums = EpochSums(**p.sums)
+        steps_per_epoch = self.sampler.steps_per_epoch
+        # the position is keyed on the samples seen: exact on another world size with the same global batch
+        epoch = self.sampler.resume(p.samples_seen)
+        if epoch == p.epoch + 1 and self.sampler.start_step == 0:  # stopped after the last step, before end_epoch
+            self.sampler.set_epoch(p.epoch, steps_per_epoch)
+        elif epoch != p.epoch:
+            raise FileFormatError(f"{self.last_checkpoint}: {p.samples_seen} samples seen do not fall in epoch "
+                                  f"{p.epoch + 1} of {len(self.train_set)} samples; the resume state is inconsistent")
+        start_step = self.sampler.start_step
+        mix = cfg.mixup_off_epoch == 0 or p.epoch < cfg.mixup_off_epoch
+        self.model.train()
+        t0 = time.perf_counter()
+        bar = progress(total=steps_per_epoch, initial=start_step, desc=f"epoch {p.epoch + 1}/"
+                       f"{self.schedule.total_epochs}", dynamic_ncols=True, leave=True)
+        step_loss, step_bad = 0.0, False
+        saved_buffers: list[Tensor] | None = None
+        try:
+            for x, y, mb in self._micro_batches():
+                if cfg.skip_nonfinite and saved_buffers is None:
+                    # a skipped step must not leave NaN in the BatchNorm statistics either
+                    saved_buffers = [b.detach().clone() for b in self.module.buffers()]
+                check_labels(y, self.num_classes, "training split")
+                x = time_first(x).to(self.dev, non_blocking=True)
+                y = y.to(self.dev, non_blocking=True)
+                x, target = self.augment(x, y, p.global_step, mix)
+                sample = bool(cfg.monitor_every) and p.global_step % cfg.monitor_every == 0 and mb.count > 0
+                with gradient_sync(self.model, mb.last), self.monitor.sampling(sample):
+                    with autocast(self.dev, self.dtype):
+                        out = self.model(x)
+                        loss = self.loss(x, target, out)
+                    self.scaler.scale(loss * mb.loss_weight).backward()
+                loss_val = float(loss.detach())
+                if not math.isfinite(loss_val):
+                    step_bad = True
+                elif mb.count:
+                    step_loss += loss_val * mb.count
+                    pred = merged_logits(out).detach().argmax(dim=-1)
+                    label = target.argmax(dim=-1) if target.dim() == 2 else target
+                    sums.correct += float((pred == label).sum())
+                    sums.count += mb.count
+                if not mb.last:
+                    continue
+                lr = self.schedule.apply(self.optimizer, p.global_step)
+                self.scaler.unscale_(self.optimizer)
+                norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad or math.inf))
+                scaler_skips = self.scaler.is_enabled() and not math.isfinite(norm) and not step_bad
+                if step_bad or (not math.isfinite(norm) and not scaler_skips):
+                    self._nonfinite("non-finite loss" if step_bad else f"non-finite gradient norm ({norm})")
+                    sums.skipped += 1
+                    if saved_buffers is not None:
+                        with torch.no_grad():
+                            for buf, old in zip(self.module.buffers(), saved_buffers):
+                                buf.copy_(old)
+                else:
+                    self.scaler.step(self.optimizer)
+                    sums.steps += 1
+                    sums.loss += step_loss
+                    if math.isfinite(norm):
+                        sums.grad_norm += norm
+                        sums.grad_norm_max = max(sums.grad_norm_max, norm)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                step_loss, step_bad, saved_buffers = 0.0, False, None
+                p.global_step += 1
+                p.samples_seen += mb.step_count
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums.loss / max(sums.count, 1):.4f}", lr=f"{lr:.2e}", refresh=False)
+                p.sums = {**asdict(sums), "seconds": sums.seconds + time.perf_counter() - t0, "lr": lr}
+                if self._stop_requested(stop):
+                    self.checkpoint()
+                    return "interrupted"
+                if cfg.ckpt_every_steps and p.global_step % cfg.ckpt_every_steps == 0 \
+                        and sums.steps + sums.skipped < steps_per_epoch:
+                    self.checkpoint()
+        finally:
+            bar.close()
+        return None
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether any rank received a stop signal (all ranks must stop at the same step)."""
+        flag = stop.received is not None
+        if self.ctx.is_distributed:
+            flag = all_reduce_sums({"stop": float(flag)})["stop"] > 0
+        return flag
+
+    def end_epoch(self) -> bool:
+        """Validate, log, checkpoint; returns True when early stopping ends the run."""
+        cfg, p = self.cfg, self.progress
+        sums = dict(p.sums)
+        val = None
+        if self.val_set is not None:
+            val = evaluate(self.model, self.val_set, num_classes=self.num_classes, batch_size=cfg.batch_size,
+                           ctx=self.ctx, amp=cfg.amp, workers=cfg.workers, desc="validate",
+                           where="validation split")
+        train = all_reduce_sums({k: sums[k] for k in ("loss", "correct", "count")})
+        counts = self.monitor.counts()
+        reduced = all_reduce_sums({f"{k}\0{i}": v[i] for k, v in counts.items() for i in (0, 1)})
+        counts = {k: (int(reduced[f"{k}\0{0}"]), int(reduced[f"{k}\0{1}"])) for k in counts}
+        self.monitor.reset()
+        rates = {k: f / t for k, (f, t) in counts.items() if t}
+        dead, saturated = layer_health(counts)
+        steps = max(sums["steps"], 1)
+        row = {
+            "epoch": p.epoch + 1, "step": p.global_step, "samples": p.samples_seen,
+            "lr": sums["lr"],
+            "train_loss": train["loss"] / max(train["count"], 1),
+            "train_acc": 100.0 * train["correct"] / max(train["count"], 1),
+            "val_loss": val["loss"] if val else math.nan, "val_acc": val["acc1"] if val else math.nan,
+            "val_top5": val["acc5"] if val else math.nan,
+            "grad_norm": sums["grad_norm"] / steps, "grad_norm_max": sums["grad_norm_max"],
+            "firing_rate": sum(rates.values()) / len(rates) if rates else math.nan,
+            "dead_layers": len(dead), "saturated_layers": len(saturated), "skipped_steps": sums["skipped"],
+            "time_s": sums["seconds"],
+        }
+        p.history.append(row)
+        if rates:
+            p.firing.append({"epoch": p.epoch + 1, **rates})
+        for kind, names in (("dead (never fired)", dead), ("saturated (fired at every position and step)",
+                                                           saturated)):
+            if names:
+                _log(self.ctx, f"warning: epoch {p.epoch + 1}: {len(names)} spiking layer(s) {kind} in the "
+                               f"sampled steps: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}", err=True)
+        score = row["val_acc"] if val else row["train_acc"]
+        improved = val is None or p.best_acc is None or score > p.best_acc
+        if improved:
+            p.best_acc, p.best_epoch, p.bad_epochs = score, p.epoch + 1, 0
+        else:
+            p.bad_epochs += 1
+        val_txt = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%" if val else "no validation split"
+        fr_txt = f" | firing rate {row['firing_rate']:.3f}" if rates else ""
+        _log(self.ctx, f"epoch {p.epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
+                       f"{val_txt} | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3g}{fr_txt} | "
+                       f"{row['time_s']:.1f} s")
+        p.epoch += 1
+        p.sums = asdict(EpochSums())
+        early = bool(cfg.patience) and p.bad_epochs >= cfg.patience
+        p.finished = early or p.epoch >= self.schedule.total_epochs
+        p.stopped_early = early and p.epoch < self.schedule.total_epochs
+        self.run.write_history(p.history, p.firing)
+        self.checkpoint(best=improved)
+        return early
+
+    def fit(self) -> str:
+        """Train until the last epoch, early stopping or a stop signal. Returns ``"finished"``,
+        ``"stopped_early"`` or ``"interrupted"``."""
+        p = self.progress
+        self.run.write_history(p.history, p.firing)  # drop rows of epochs a crash left unfinished
+        with StopSignals(self.ctx) as stop:
+            while not p.finished:
+                if self.train_epoch(stop) == "interrupted":
+                    return "interrupted"
+                if self.end_epoch():
+                    _log(self.ctx, f"early stopping: no better validation accuracy in {self.cfg.patience} "
+                                   f"epochs (best {p.best_acc:.2f}% at epoch {p.best_epoch})")
+                    break
+                if self._stop_requested(stop):
+                    return "interrupted"
+        return "stopped_early" if p.stopped_early else "finished"

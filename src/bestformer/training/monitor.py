@@ -1,0 +1,89 @@
+"""Health of a training run: per-layer firing rates of the spiking neurons, and dead / saturated layers.
+
+Firing rates are sampled cheaply: forward hooks sit on every spiking neuron but only count while the
+monitor is switched on (one training step in ``monitor_every``). A neuron module is recognised by the
+library's neuron contract (its ``forward`` takes ``return_state``: LIF, ternary, multi-level, ...); ReLU
+layers of ANN counterparts are not spiking and are not monitored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+def is_spiking_neuron(module: nn.Module) -> bool:
+    """A module that follows the neuron contract (``forward(x, state=None, return_state=False)``)."""
+    forward = type(module).forward
+    try:
+        return "return_state" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class FiringRateMonitor:
+    """Counts, per neuron layer, the fraction of outputs that are spikes (non-zero) while :meth:`sampling`.
+
+    ``rates()`` gives ``{layer: rate}`` over everything counted since the last :meth:`reset`; a layer that
+    never fired is *dead*, one that fired at every position and step is *saturated*.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.active = False
+        self._fired: dict[str, Tensor] = {}
+        self._total: dict[str, int] = {}
+        self._handles = [m.register_forward_hook(self._hook(name))
+                         for name, m in model.named_modules() if is_spiking_neuron(m)]
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor | tuple], None]:
+        def hook(_: nn.Module, __: tuple, out: Tensor | tuple) -> None:
+            if not self.active:
+                return
+            s = out[0] if isinstance(out, tuple) else out
+            s = s.detach()
+            fired = torch.count_nonzero(s)
+            self._fired[name] = self._fired[name] + fired if name in self._fired else fired
+            self._total[name] = self._total.get(name, 0) + s.numel()
+        return hook
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._handles)
+
+    @contextmanager
+    def sampling(self, on: bool = True) -> Iterator[None]:
+        """Count during the enclosed forward pass when ``on``."""
+        self.active = on
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (spikes, positions)}`` counted so far (one device sync)."""
+        return {k: (int(v), self._total[k]) for k, v in self._fired.items()}
+
+    def load(self, counts: dict[str, tuple[int, int] | list[int]]) -> None:
+        """Continue from :meth:`counts` saved earlier (a run resumed in the middle of an epoch)."""
+        self.reset()
+        for k, (fired, total) in counts.items():
+            self._fired[k] = torch.tensor(int(fired))
+            self._total[k] = int(total)
+
+    def rates(self) -> dict[str, float]:
+        return {k: fired / total for k, (fired, total) in self.counts().items()}
+
+    def reset(self) -> None:
+        self._fired.clear()
+        self._total.clear()
+
+
+def layer_health(counts: dict[str, tuple[int, int]]) -> tuple[list[str], list[str]]:
+    """``(dead, saturated)`` layer names: no spike at all, or a spike at every position and step."""
+    dead = [k for k, (fired, total) in counts.items() if total and fired == 0]
+    saturated = [k for k, (fired, total) in counts.items() if total and fired == total]
+    return dead, saturated

@@ -1,0 +1,343 @@
+"""Training runs from a config: data, teacher, student, the loop, the final test; ``bestformer train`` calls
+:func:`train` and :func:`resume`.
+
+A run: build the dataset bundle; fill every model's ``num_classes`` / ``in_channels`` / ``img_size`` from it
+(and ``time_steps``: the frames of event data, else ``--time-steps`` or the model's default); obtain the
+teacher (a checkpoint, or a registered architecture trained first in ``<run>/teacher``, then frozen); build
+the student; train with model selection on the validation split; evaluate the best weights once on the test
+split. Seeds are reset before each model is built, so the student starts from the same weights whether its
+teacher was trained in this process or loaded from disk (which exact resume needs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import ConfigError, InputError, close_matches
+from ..fileio import read_json
+from ..models import create_model, get_input_config, is_model
+from ..neurons import set_backend, supported_backends
+from ..quant import weight_bits_of
+from .checkpoint import load_checkpoint, load_weights
+from .config import TrainConfig, config_from_dict, load_recipe
+from .distill import Distiller, get_distiller, list_distillers
+from .distributed import DistContext, resolve_device
+from .engine import Trainer, _log, evaluate
+from .runs import RunFolder, default_run_name, resolve_run_folder
+from .state import load_resume_state
+
+#: distillers that live in modules imported only when chosen
+LAZY_DISTILLERS = {"fgd": "bestformer.training.fgd"}
+#: options that may change on resume: the run's length, its checkpointing and where / how fast it executes (another
+#: device or thread count can change float rounding); the others define the experiment and must stay
+RESUMABLE = ("epochs", "cooldown_epochs", "patience", "ckpt_every_steps", "monitor_every", "skip_nonfinite",
+             "device", "workers", "threads", "neuron_backend", "data_dir", "download")
+DATA_FIELDS = ("num_classes", "in_channels", "img_size", "time_steps")
+
+
+def distill_choices() -> list[str]:
+    return ["none", *dict.fromkeys([*list_distillers(), *LAZY_DISTILLERS])]
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(1-bit weights, full-precision parameters)`` of a model."""
+    one_bit = sum(m.weight.numel() for m in model.modules() if weight_bits_of(m) == 1)
+    return one_bit, sum(p.numel() for p in model.parameters()) - one_bit
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, numpy and torch (every device); ``deterministic`` also restricts torch to deterministic
+    algorithms (and cuDNN to its deterministic kernels)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def choose_backend(name: str | None) -> str:
+    """The LIF backend: ``name``, else ``"fused"`` when registered, else ``"plain"``."""
+    name = name or ("fused" if "fused" in supported_backends() else "plain")
+    set_backend(name)
+    return name
+
+
+def model_options(name: str, bundle: Any, time_steps: int | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Options of model ``name`` for ``bundle``: its data fields from the dataset, then ``extra``."""
+    default_t = get_input_config(name).time_steps
+    data = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels, "img_size": bundle.img_size,
+            "time_steps": time_steps or default_t}
+    for key in DATA_FIELDS:
+        if key in extra and extra[key] != data[key] and not (key == "time_steps" and not bundle.is_event):
+            raise ConfigError(f"model option {key}={extra[key]!r} contradicts the dataset {bundle.name} "
+                              f"({key}={data[key]}); leave it out, it is filled from the data")
+    return {**data, **extra}
+
+
+def load_bundle(cfg: TrainConfig, time_steps: int) -> Any:
+    from ..data import build_datasets
+
+    return build_datasets(cfg.dataset, cfg.data_dir, time_steps=time_steps, split_by=cfg.split_by,
+                          val_fraction=cfg.val_fraction, seed=cfg.seed, download=cfg.download, limit=cfg.limit)
+
+
+def resolve_distill(cfg: TrainConfig) -> str:
+    """The distillation of a run (default ``hard`` with a teacher, ``none`` without), checked before any
+    training; a distiller living in its own module (``fgd``) is imported only now that it is chosen."""
+    name = cfg.distill or ("hard" if cfg.teacher is not None else "none")
+    if name == "none":
+        if cfg.teacher is not None:
+            raise ConfigError("a teacher was given with --distill none; drop --teacher or choose a distillation")
+        return name
+    if cfg.teacher is None:
+        raise ConfigError(f"--distill {name} needs a teacher (--teacher PATH or NAME)")
+    if name in LAZY_DISTILLERS and name not in list_distillers():
+        try:
+            importlib.import_module(LAZY_DISTILLERS[name])
+        except ImportError as err:
+            raise ConfigError(f"distillation {name!r} is not available in this installation ({err})") from None
+    get_distiller(name)  # an unknown name: one line with the registered choices
+    return name
+
+
+def make_distiller(name: str, teacher: nn.Module, student: nn.Module, label_smoothing: float) -> Distiller:
+    factory = get_distiller(name)
+    kwargs: dict[str, Any] = {"label_smoothing": label_smoothing}
+    try:
+        if "student" in inspect.signature(factory).parameters:
+            kwargs["student"] = student
+    except (TypeError, ValueError):
+        pass
+    return factory(teacher, **kwargs)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``status``: ``"finished"``, ``"stopped_early"`` or ``"interrupted"``."""
+
+    run_dir: Path
+    status: str
+    model_name: str
+    epochs_done: int
+    best_epoch: int | None = None
+    val: dict[str, float] | None = None
+    test: dict[str, float] | None = None
+    params: tuple[int, int] = (0, 0)
+    seconds: float = 0.0
+    teacher: TrainResult | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any], history: list[dict[str, Any]]) -> TrainResult:
+        """The result of a finished run from its ``summary.json``."""
+        teacher = summary.get("teacher")
+        return cls(Path(summary["run_dir"]), summary["status"], summary["model_name"], summary["epochs_done"],
+                   summary.get("best_epoch"), summary.get("val"), summary.get("test"),
+                   (summary["one_bit_params"], summary["full_precision_params"]), summary.get("seconds", 0.0),
+                   cls.from_summary(teacher, []) if teacher else None, history)
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("teacher", "history", "run_dir")}
+        out["run_dir"] = str(self.run_dir)
+        out["one_bit_params"], out["full_precision_params"] = out.pop("params")
+        if self.teacher is not None:
+            out["teacher"] = self.teacher.summary()
+        return out
+
+
+class _Run:
+    """One training run in ``folder`` (a teacher run is another ``_Run`` in ``folder/teacher``)."""
+
+    def __init__(self, cfg: TrainConfig, folder: RunFolder, ctx: DistContext, recipe: str | None,
+                 role: str = "model") -> None:
+        self.cfg, self.folder, self.ctx, self.recipe, self.role = cfg, folder, ctx, recipe, role
+
+    def execute(self, bundle: Any = None) -> TrainResult:
+        cfg, folder, ctx = self.cfg, self.folder, self.ctx
+        t0 = time.perf_counter()
+        state = load_resume_state(folder.resume_path) if folder.has_checkpoint() else None
+        if state is not None:
+            _check_same_run(state.progress, cfg, folder)
+            p, summary = state.progress, folder.path / "summary.json"
+            if p.get("finished") and summary.is_file() and (
+                    p.get("stopped_early") or p.get("epoch", 0) >= cfg.epochs + cfg.cooldown_epochs):
+                _log(ctx, f"{folder.path} has already finished")
+                return TrainResult.from_summary(read_json(summary, "run summary"), p.get("history", []))
+        time_steps = cfg.time_steps or get_input_config(cfg.model).time_steps  # also: an unknown model fails here
+        folder.prepare()  # a read-only or missing folder fails now, before the data are read
+        if cfg.threads is not None:  # torch's kernels and the fused LIF kernels' thread pool follow it
+            torch.set_num_threads(cfg.threads)
+        backend = choose_backend(cfg.neuron_backend)
+        if bundle is None:
+            bundle = load_bundle(cfg, time_steps)
+            _log(ctx, f"data: {bundle.describe()}")
+        if len(bundle.train) == 0:
+            raise InputError(f"{bundle.name}: the training split is empty")
+        info = {"recipe": self.recipe, "role": self.role, "world_size": ctx.world_size,
+                "global_batch": cfg.batch_size * cfg.accum_steps * ctx.world_size, "device": str(ctx.device),
+                "neuron_backend": backend, "library_version": __version__, "torch_version": torch.__version__,
+                "python": platform.python_version(), "dataset": bundle.describe()}
+        folder.write_config(cfg.to_dict(), info)
+
+        distill = resolve_distill(cfg)
+        teacher_result, teacher = None, None
+        if cfg.teacher is not None:
+            teacher, teacher_result = self._teacher(bundle, time_steps)
+            if teacher_result is not None and teacher_result.status == "interrupted":
+                return TrainResult(folder.path, "interrupted", cfg.model, 0, teacher=teacher_result)
+
+        seed_everything(cfg.seed, cfg.deterministic)
+        student = create_model(cfg.model, **model_options(cfg.model, bundle, time_steps, cfg.model_args))
+        distiller = None if teacher is None else make_distiller(distill, teacher, student, cfg.label_smoothing)
+        extra = {"recipe": self.recipe, "dataset": cfg.dataset, "distill": distill, "role": self.role}
+        trainer = Trainer(student, cfg, bundle.train, bundle.val, num_classes=bundle.num_classes, run=folder,
+                          distiller=distiller, ctx=ctx, config_extra=extra)
+        if state is not None:
+            trainer.load_state(state)
+            p = trainer.progress
+            if not p.finished:
+                _log(ctx, f"resuming {folder.path} at epoch {p.epoch + 1}, step {p.global_step} "
+                          f"({p.samples_seen} samples seen)")
+        p = trainer.progress
+        if p.finished and p.epoch < trainer.schedule.total_epochs and not p.stopped_early:
+            p.finished = False  # more epochs were asked for on resume
+        name = "teacher" if self.role == "teacher" else cfg.model
+        _log(ctx, f"training {name} ({cfg.model}) for {trainer.schedule.total_epochs} epochs, "
+                  f"{trainer.sampler.steps_per_epoch} steps each, global batch {trainer.global_batch}, "
+                  f"on {ctx.device} (neuron backend {backend}) -> {folder.path}")
+        status = trainer.fit() if not p.finished else ("stopped_early" if p.stopped_early else "finished")
+        result = TrainResult(folder.path, status, cfg.model, p.epoch, p.best_epoch, teacher=teacher_result,
+                             params=parameter_counts(student), history=p.history)
+        if status == "interrupted":
+            return result
+        # the best weights, evaluated once on validation (for the table) and on the test split
+        load_weights(student, folder.weights_path("best"))
+        kw = dict(num_classes=bundle.num_classes, batch_size=cfg.batch_size, ctx=ctx, amp=cfg.amp,
+                  workers=cfg.workers)
+        if bundle.val is not None:
+            result.val = evaluate(trainer.model, bundle.val, desc="validate (best)", where="validation split", **kw)
+        if bundle.test is not None:
+            result.test = evaluate(trainer.model, bundle.test, desc="test", where="test split", **kw)
+        result.seconds = time.perf_counter() - t0
+        folder.write_summary(result.summary())
+        return result
+
+    def _teacher(self, bundle: Any, time_steps: int) -> tuple[nn.Module, TrainResult | None]:
+        """The frozen teacher: a checkpoint, or a registered architecture trained in ``<run>/teacher``."""
+        cfg = self.cfg
+        spec = str(cfg.teacher)
+        path = Path(spec)
+        if path.suffix == ".safetensors" or path.is_file():
+            teacher, meta = load_checkpoint(path)
+            _check_teacher_fits(teacher, bundle, path)
+            _log(self.ctx, f"teacher: {meta['model_name']} from {path}")
+            return teacher, None
+        if not is_model(spec):
+            from ..models import list_models
+
+            raise ConfigError(f"--teacher {spec!r} is neither a checkpoint file nor a model name"
+                              f"{close_matches(spec, list_models())}")
+        epochs = cfg.teacher_epochs or cfg.epochs
+        tcfg = cfg.replace(model=spec, model_args=dict(cfg.teacher_args), epochs=epochs,
+                           lr=cfg.teacher_lr or cfg.lr, teacher=None, distill=None, teacher_args={},
+                           teacher_epochs=None, teacher_lr=None, time_steps=time_steps if bundle.is_event else None,
+                           cooldown_epochs=0, warmup_epochs=min(cfg.warmup_epochs, epochs))
+        run = _Run(tcfg, self.folder.teacher, self.ctx, self.recipe, role="teacher")
+        result = run.execute(bundle)
+        if result.status == "interrupted":
+            return nn.Identity(), result
+        teacher, _ = load_checkpoint(self.folder.teacher.weights_path("best"))
+        return teacher, result
+
+
+def _check_teacher_fits(teacher: nn.Module, bundle: Any, path: Path) -> None:
+    for key, want in (("num_classes", bundle.num_classes), ("in_channels", bundle.in_channels),
+                      ("img_size", bundle.img_size)):
+        have = getattr(teacher, key, want)
+        if have != want:
+            raise ConfigError(f"teacher {path} has {key}={have} but the dataset {bundle.name} needs {want}; "
+                              "train the teacher on the same dataset")
+
+
+def _check_same_run(progress: dict[str, Any], cfg: TrainConfig, folder: RunFolder) -> None:
+    saved = progress.get("config", {})
+    changed = [k for k in saved if k not in RESUMABLE and saved.get(k) != cfg.to_dict().get(k)]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"{folder.resume_path} was trained with {k}={saved[k]!r}, not {getattr(cfg, k)!r}: "
+                          f"only {', '.join(RESUMABLE)} may change on --resume")
+
+
+def _context(cfg: TrainConfig, ctx: DistContext | None) -> DistContext:
+    return ctx or DistContext(device=resolve_device(cfg.device))
+
+
+def train(cfg: TrainConfig, *, recipe: str | None = None, ctx: DistContext | None = None) -> TrainResult:
+    """Start a new run in ``cfg.out / cfg.name`` (a folder that already holds a checkpoint is refused:
+    resume it instead)."""
+    ctx = _context(cfg, ctx)
+    name = cfg.name or default_run_name(cfg.model, cfg.dataset)
+    folder = RunFolder(Path(cfg.out) / name, enabled=ctx.is_main)
+    if folder.has_checkpoint():
+        raise ConfigError(f"run folder {folder.path} already holds a checkpoint: continue it with --resume "
+                          f"{folder.path}, or choose another --name")
+    if cfg.name is None:
+        cfg = cfg.replace(name=name)
+    return _Run(cfg, folder, ctx, recipe).execute()
+
+
+def resume(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs", *, ctx: DistContext | None = None,
+           **overrides: Any) -> TrainResult:
+    """Continue the run ``spec`` (a run folder, a file in it, or ``"last"``) exactly where its last complete
+    checkpoint left it; only the options in :data:`RESUMABLE` may be overridden. A folder without a checkpoint
+    yet (a run killed during start-up) starts from the beginning with its saved config."""
+    folder = resolve_run_folder(spec, out)
+    bad = [k for k in overrides if k not in RESUMABLE]
+    if bad:
+        raise ConfigError(f"--{bad[0].replace('_', '-')} cannot change on --resume (the continuation would not be "
+                          f"exact); changeable: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}")
+    if folder.has_checkpoint():
+        saved = load_resume_state(folder.resume_path).progress.get("config")
+    else:
+        saved = load_recipe(str(folder.config_path))
+    cfg = config_from_dict({**saved, **overrides}, f"run {folder.path}")
+    info = read_json(folder.path / "run.json", "run description") if (folder.path / "run.json").is_file() else {}
+    ctx = _context(cfg, ctx)
+    folder.enabled = ctx.is_main
+    return _Run(cfg, folder, ctx, info.get("recipe")).execute()
+
+
+def results_table(result: TrainResult) -> str:
+    """The short table printed at the end of ``bestformer train``."""
+    rows = [("model", "role", "val acc", "test acc", "1-bit params", "full-precision params")]
+
+    def acc(metrics: dict[str, float] | None) -> str:
+        return f"{metrics['acc1']:.2f}%" if metrics else "-"
+
+    def fmt(r: TrainResult, role: str) -> tuple[str, ...]:
+        return (r.model_name, role, acc(r.val), acc(r.test), f"{r.params[0]:,}", f"{r.params[1]:,}")
+
+    if result.teacher is not None:
+        rows.append(fmt(result.teacher, "teacher"))
+    rows.append(fmt(result, "student" if result.teacher is not None else "model"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

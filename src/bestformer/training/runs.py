@@ -1,0 +1,156 @@
+"""Run folders: ``runs/<name>/`` with everything a training run writes.
+
+===================  =====================================================================================
+``config.yaml``      the resolved options (usable again as ``--recipe``); the global batch in a comment
+``run.json``         how the run was started: recipe, global batch, world size, device, versions
+``metrics.csv``      one row per epoch: losses, accuracies, lr, time, gradient norm, firing rate, health
+``firing_rates.csv`` mean firing rate of every spiking layer per epoch (sampled steps)
+``curves.png``       loss and accuracy curves
+``last.safetensors`` the latest weights (+ ``last.json`` sidecar), ``best.safetensors`` the best on validation
+``resume.safetensors`` weights, optimizer, RNG, position and history for ``--resume``
+``summary.json``     final validation / test results (when the run finished)
+``teacher/``         the run folder of a teacher trained first
+===================  =====================================================================================
+
+Only the main process (rank 0) writes; every write is atomic. A write that fails (full disk, read-only
+folder) raises one :class:`~bestformer.errors.FileFormatError` saying that the previous file is intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, FileFormatError
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text, check_writable
+from .checkpoint import save_checkpoint
+from .config import dump_yaml
+from .state import RESUME_FILE, save_resume_state
+
+
+def default_run_name(model: str, dataset: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{dataset}"
+
+
+class RunFolder:
+    """The files of one run (``enabled=False`` on ranks other than 0: every write is then skipped)."""
+
+    def __init__(self, path: str | os.PathLike[str], enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    resume_path = property(lambda self: self.path / RESUME_FILE)
+    metrics_path = property(lambda self: self.path / "metrics.csv")
+    firing_path = property(lambda self: self.path / "firing_rates.csv")
+    plot_path = property(lambda self: self.path / "curves.png")
+
+    def weights_path(self, kind: str) -> Path:
+        return self.path / f"{kind}.safetensors"
+
+    @property
+    def teacher(self) -> RunFolder:
+        return RunFolder(self.path / "teacher", self.enabled)
+
+    def has_checkpoint(self) -> bool:
+        return self.resume_path.is_file()
+
+    def prepare(self) -> None:
+        """Create the folder and check that it is writable (before any training time is spent)."""
+        if self.enabled:
+            check_writable(self.path)
+
+    def _write(self, target: Path, write: Callable[[], Any]) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            return write()
+        except OSError as err:
+            raise FileFormatError(f"cannot write {target}: {err.strerror or err}; the previous file (if any) is "
+                                  "intact; free some space or choose another --out") from None
+
+    def write_config(self, config: dict[str, Any], info: dict[str, Any]) -> None:
+        head = (f"# bestformer run {self.path.name}: global batch {info['global_batch']} = batch_size "
+                f"{config['batch_size']} x accum_steps {config['accum_steps']} x world_size {info['world_size']}\n")
+        self._write(self.config_path, lambda: atomic_write_text(self.config_path, head + dump_yaml(config)))
+        self._write(self.path / "run.json", lambda: atomic_write_json(self.path / "run.json", info))
+
+    def write_history(self, history: list[dict[str, Any]], firing: list[dict[str, float]]) -> None:
+        """Rewrite ``metrics.csv``, ``firing_rates.csv`` and ``curves.png`` from the full history."""
+        self._write(self.metrics_path, lambda: atomic_write_text(self.metrics_path, _csv(history)))
+        if firing:
+            self._write(self.firing_path, lambda: atomic_write_text(self.firing_path, _csv(firing)))
+        if history:
+            self._write(self.plot_path, lambda: plot_curves(history, self.plot_path))
+
+    def save_model(self, kind: str, model: nn.Module, meta: dict[str, Any]) -> None:
+        path = self.weights_path(kind)
+        self._write(path, lambda: save_checkpoint(model, path, **meta))
+
+    def save_resume(self, *args: Any) -> None:
+        self._write(self.resume_path, lambda: save_resume_state(self.resume_path, *args))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self._write(self.path / "summary.json", lambda: atomic_write_json(self.path / "summary.json", summary))
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
+                             for k, v in row.items()})
+    return buf.getvalue()
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy per epoch, training and validation, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "top-1 accuracy (%)")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
+        if any(math.isfinite(r[f"val_{key}"]) for r in history):
+            ax.plot(epochs, [r[f"val_{key}"] for r in history], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(path.parent.name)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def resolve_run_folder(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs") -> RunFolder:
+    """The run folder named by ``--resume``: a run folder, a file inside it (``last.safetensors``,
+    ``resume.safetensors``), or ``"last"`` (the run under ``out`` with the most recent resume state)."""
+    if str(spec) == "last":
+        root = Path(out)
+        candidates = sorted((p for p in root.glob(f"*/{RESUME_FILE}")), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"--resume last: no run with a checkpoint under {root}/")
+        return RunFolder(candidates[-1].parent)
+    path = Path(spec)
+    if path.is_file():
+        path = path.parent
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"--resume {spec}: {path} is not a run folder (no config.yaml); give runs/<name>, "
+                          "a checkpoint inside it, or 'last'")
+    return RunFolder(path)
