@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .. import __version__
-from ..errors import ConfigError, InputError, close_matches
+from ..errors import BestformerError, ConfigError, InputError, close_matches
 from ..fileio import read_json
 from ..models import create_model, get_input_config, is_model
 from ..neurons import set_backend, supported_backends
@@ -236,6 +237,8 @@ class _Run:
             result.test = evaluate(trainer.model, bundle.test, desc="test", where="test split", **kw)
         result.seconds = time.perf_counter() - t0
         folder.write_summary(result.summary())
+        if self.role == "model" and ctx.is_main:
+            _log(ctx, _write_profile(student, bundle, folder.path / "profile.json"))
         return result
 
     def _teacher(self, bundle: Any, time_steps: int) -> tuple[nn.Module, TrainResult | None]:
@@ -264,6 +267,25 @@ class _Run:
             return nn.Identity(), result
         teacher, _ = load_checkpoint(self.folder.teacher.weights_path("best"))
         return teacher, result
+
+
+def _write_profile(model: nn.Module, bundle: Any, path: Path, batches: int = 4) -> str:
+    """Issue 4: size, SOPs, energy and NS-ACE of the trained model, measured on a few held-out batches and
+    written to ``profile.json`` beside the checkpoints; returns the line of totals to print."""
+    from ..analysis import profile_model
+    from ..data import time_first
+
+    which, split = ("validation", bundle.val) if bundle.val is not None else ("test", bundle.test)
+    if split is None:
+        return "profile: skipped (no held-out split to measure firing rates on)"
+    loader = DataLoader(split, batch_size=16, shuffle=False)
+    try:
+        prof = profile_model(model, (time_first(x) for x, _ in loader), batches=batches,
+                             measured_on=f"{bundle.name} ({which})", progress=False)
+    except BestformerError as err:
+        return f"profile: skipped ({err})"
+    prof.to_json(path)
+    return f"profile ({path}): {prof.summary()}"
 
 
 def _check_teacher_fits(teacher: nn.Module, bundle: Any, path: Path) -> None:
