@@ -77,8 +77,8 @@ def register_distiller(name: str, factory: Callable[..., Distiller]) -> None:
 
 
 def list_distillers() -> list[str]:
-    """Names of the registered distillation objectives."""
-    return sorted(_DISTILLERS)
+    """Names of the registered distillation objectives, in registration order (``"hard"``, Eq. 15, first)."""
+    return list(_DISTILLERS)
 
 
 def get_distiller(name: str) -> Callable[..., Distiller]:
