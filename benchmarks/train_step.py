@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (a fresh process each time)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="run every configuration with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (peak RSS then follows "
+                         "live memory instead of what the allocator keeps; default: the allocator's defaults)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_train_step"), help="folder for JSON and PNG")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -118,8 +121,11 @@ def main() -> None:
     jobs = [(r, c) for r in range(args.rounds) for c in configs]
     started = time.time()
     load_before = os.getloadavg()
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     for _, cfg in tqdm(jobs, desc="train-step benchmark", unit="run"):
-        proc = subprocess.run([*base, "--worker", cfg], capture_output=True, text=True, check=False)
+        proc = subprocess.run([*base, "--worker", cfg], capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             sys.exit(f"configuration {cfg} failed:\n{proc.stderr[-3000:]}")
         results[cfg].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -134,7 +140,7 @@ def main() -> None:
                   "steps": args.steps, "rounds": args.rounds, "device": args.device, "cpus": os.cpu_count(),
                   "threads": results["plain"][0]["threads"], "load_avg_1min_before_after": [load_before[0],
                                                                                                  load_after[0]],
-                  "wall_s": round(time.time() - started, 1)}
+                  "wall_s": round(time.time() - started, 1), "malloc_mmap_threshold": args.malloc_mmap_threshold}
     if args.device == "cuda":
         import torch
 
@@ -143,7 +149,8 @@ def main() -> None:
     where = conditions.get("gpu", f"{conditions['threads']} threads")
     print(f"\n{args.model}, batch {args.batch}, T={args.time_steps}, {args.img_size}x{args.img_size}, {args.device} "
           f"({where}), {args.steps} timed steps x "
-          f"{args.rounds} round(s); load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
+          f"{args.rounds} round(s); load average {load_before[0]:.1f} -> {load_after[0]:.1f}"
+          + (f"; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else ""))
     print(f"{'config':<12}{'images/s':>10}{'s/step':>9}{'cpu s/step':>12}{mem_label:>18}{'loss':>9}")
     for cfg, s in summary.items():
         print(f"{cfg:<12}{s['images_per_s']:>10.2f}{s['step_s']:>9.2f}{s['cpu_s_per_step']:>12.2f}"

@@ -33,6 +33,7 @@ from bestformer.neurons import (
     supported_backends,
 )
 from bestformer.neurons.kernels import cpu, fused_lif_multistep, generic, select_engine
+from bestformer.neurons.kernels.fused import is_marked_binary
 from bestformer.neurons.surrogate import Surrogate
 from bestformer.training.memory import checkpoint_module, pack_bits, spike_packing, unpack_bits
 
@@ -267,6 +268,19 @@ def test_spike_packing_packs_binary_views_once_and_leaves_real_tensors() -> None
     with torch.no_grad():
         ref_w = (spikes.flatten(0, 2).sum(0, keepdim=True).T + real.flatten(0, 2).sum(0, keepdim=True).T)
     torch.testing.assert_close(w.grad, ref_w.expand_as(w))
+
+
+def test_fused_spikes_are_marked_for_packing_without_a_value_check() -> None:
+    """The GPU route of spike packing trusts the fused LIF's outputs instead of reading them (no device sync)."""
+    x = torch.randn(3, 4, 50, requires_grad=True)
+    s, _ = fused_lif_multistep(x, LIFParameters(), Sigmoid())
+    assert is_marked_binary(s) and is_marked_binary(s.transpose(1, 2)[:, :2])  # any view of the storage
+    assert not is_marked_binary(x * 1)
+    y = s.detach()  # shares the version counter: an in-place change withdraws the mark
+    y.mul_(2)
+    assert not is_marked_binary(s)
+    half = (torch.rand(1001) > 0.5).half()
+    assert torch.equal(unpack_bits(pack_bits(half, verify=False), 1001, torch.float16), half)
 
 
 def _tiny(**kw) -> torch.nn.Module:

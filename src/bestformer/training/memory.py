@@ -2,11 +2,13 @@
 buffers as one forward would.
 
 Autograd keeps, for every matrix product, convolution and pooling whose input is a spike tensor, a float32 copy
-of that input: in a BESTformer those are most of the saved activations, although each element is 0 or 1.
+of that input: in a BESTformer those are about half of the saved activations, although each element is 0 or 1.
 :func:`spike_packing` installs saved-tensor hooks (:func:`torch.autograd.graph.saved_tensors_hooks`) that store
 every saved floating-point tensor whose values are all 0 or 1 as 1 bit per element and give back the identical
 tensor (same values, same strides) in backward, so gradients are bit-identical with and without it. No layer needs
-to know: a spike tensor consumed by several layers (Q, K and V read the same spikes) is packed once.
+to know: a spike tensor consumed by several layers (Q, K and V read the same spikes) is packed once. On CPU every
+saved tensor is checked (one pass, after a 256-element prefix rejects real-valued ones); on a GPU only the spikes
+written by the fused LIF kernels are packed, without looking at them (a check would synchronise the device).
 
 :func:`checkpoint_module` recomputes a block in backward instead of keeping its activations (timm's
 ``set_grad_checkpointing``); during the recomputation the block's buffers (BatchNorm running statistics) are put
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..neurons.kernels import cpu as cpu_kernels
+from ..neurons.kernels.fused import is_marked_binary
 
 #: tensors smaller than this stay as they are (the check costs more than it saves)
 MIN_PACK_NUMEL = 4096
@@ -43,15 +46,17 @@ class PackedBits(NamedTuple):
     offset: int
 
 
-def pack_bits(flat: Tensor) -> Tensor | None:
-    """``[n]`` tensor -> ``[ceil(n / 8)]`` uint8, element ``i`` in bit ``i % 8`` of byte ``i // 8``; None when an
-    element is neither 0 nor 1. CPU float32/64: one numba pass; elsewhere tensor operations."""
-    head = flat[:_PREFIX]
-    if not bool(((head == 0) | (head == 1)).all()):  # rejects real-valued tensors after a few reads
-        return None
+def pack_bits(flat: Tensor, verify: bool = True) -> Tensor | None:
+    """``[n]`` tensor -> ``[ceil(n / 8)]`` uint8, element ``i`` in bit ``i % 8`` of byte ``i // 8``; None when
+    ``verify`` and an element is neither 0 nor 1. CPU float32/64: one numba pass (which always verifies);
+    elsewhere tensor operations (``verify=False`` avoids the device synchronisation of the check)."""
+    if verify:
+        head = flat[:_PREFIX]
+        if not bool(((head == 0) | (head == 1)).all()):  # rejects real-valued tensors after a few reads
+            return None
     if cpu_kernels.supports(flat):
         return cpu_kernels.pack_binary(flat)
-    if not bool(((flat == 0) | (flat == 1)).all()):
+    if verify and not bool(((flat == 0) | (flat == 1)).all()):
         return None
     ones = flat == 1
     pad = -ones.numel() % 8
@@ -89,7 +94,10 @@ class SpikePacker:
         if hit is not None and hit[0]() is storage and hit[1] == t._version:
             return hit[2]
         flat = t.new_empty(0).set_(storage)  # every element of the storage, not only this view's
-        bits = pack_bits(flat)
+        # CPU: check the values (cheap, and finds every binary tensor); other devices: trust only the fused
+        # LIF's own outputs, since a value check would synchronise the device for every saved tensor
+        verify = t.device.type == "cpu"
+        bits = pack_bits(flat, verify) if verify or is_marked_binary(t) else None
         if bits is not None:
             self.packed_tensors += 1
             self.float_bytes += storage.nbytes()

@@ -18,6 +18,7 @@ encoding) are read in place, and the outputs keep the input's layout.
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -63,6 +64,26 @@ class TimeMajor:
         return v1d.view(self.shape[1:]).permute([d - 1 for d in self.inverse[1:]])
 
 
+# storages written by the fused LIF (spikes: 0/1 by construction), so that spike packing on GPU needs no value check
+_binary: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def mark_binary(t: Tensor) -> None:
+    """Record that ``t``'s storage holds only 0 and 1 (at its current version)."""
+    if len(_binary) > 4096:  # forget storages that were freed
+        for key in [k for k, (ref, _) in _binary.items() if ref() is None]:
+            del _binary[key]
+    storage = t.untyped_storage()
+    _binary[storage.data_ptr()] = (weakref.ref(storage), t._version)
+
+
+def is_marked_binary(t: Tensor) -> bool:
+    """Whether ``t`` views a storage written by the fused LIF and not modified in place since."""
+    storage = t.untyped_storage()
+    hit = _binary.get(storage.data_ptr())
+    return hit is not None and hit[0]() is storage and hit[1] == t._version
+
+
 def select_engine(x: Tensor) -> ModuleType:
     """The engine that runs ``x``: Triton on CUDA float32, numba on CPU float32/64, tensor operations otherwise."""
     if _HAS_TRITON and x.device.type == "cuda" and x.dtype == torch.float32:
@@ -83,6 +104,7 @@ class FusedLIFFunction(torch.autograd.Function):
         ctx.save_for_backward(h)
         ctx.set_materialize_grads(False)
         ctx.layout, ctx.spec, ctx.surrogate, ctx.engine = layout, spec, surrogate, engine
+        mark_binary(spikes)
         return layout.unflat(spikes), layout.unflat_state(v)
 
     @staticmethod
