@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 #: Real datasets (MNIST, CIFAR-10 JPEG, N-MNIST subset); override with BESTFORMER_SHARED_DATA.
@@ -27,3 +30,25 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def digits_losses() -> Callable[[nn.Module], list[float]]:
+    """Train ``model`` for 8 AdamW steps on the first 48 real 8x8 digits; return the loss per step."""
+    sklearn = pytest.importorskip("sklearn.datasets")
+    digits = sklearn.load_digits()
+    x = torch.tensor(digits.images[:48], dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target[:48])
+
+    def run(model: nn.Module) -> list[float]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(8):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    return run
