@@ -130,6 +130,15 @@ def test_triton_kernel_matches_plain_path(p: LIFParameters) -> None:
         _assert_parity(triton_lif, p, surrogate, shape, with_state=k != 1, device=DEVICE)
 
 
+@pytest.mark.parametrize("engine", ["cpu", "generic", "triton"])
+def test_empty_population(engine: str) -> None:
+    module = {"cpu": cpu, "generic": generic, "triton": triton_lif}[engine]
+    if module is None:
+        pytest.skip("triton is not installed")
+    _assert_parity(module, LIFParameters(), Sigmoid(), (3, 0), with_state=True, device=DEVICE if engine == "triton"
+                   else "cpu")
+
+
 def test_hand_computed_backward_through_time() -> None:
     # decay_input, tau 2, V_th 1, hard reset, detached: x = [1.5, 2.0], L = S[0] + S[1]
     # H0 = 0.75 (no spike), V0 = 0.75, H1 = 0.75 + (2 - 0.75) / 2 = 1.375 (spike)
@@ -159,11 +168,13 @@ def test_memory_layouts_are_read_in_place_and_kept() -> None:
         "transposed": base.transpose(1, 3),
     }
     for name, x in cases.items():
-        gs = torch.randn(x.shape)
-        ref = _run(lif_multistep, x, p, sur, None, gs, torch.zeros(x.shape[1:]))
-        out = _run(fused_lif_multistep, x, p, sur, None, gs, torch.zeros(x.shape[1:]), engine=cpu)
-        assert torch.equal(out[0], ref[0]), name
-        torch.testing.assert_close(out[2], ref[2], rtol=1e-6, atol=1e-6)
+        gs, gv = torch.randn(x.shape), torch.randn(x.shape[1:])
+        v0 = torch.randn(x.shape[1:]).transpose(0, -1).contiguous().transpose(0, -1)  # a state in another layout
+        ref = _run(lif_multistep, x, p, sur, v0, gs, gv)
+        out = _run(fused_lif_multistep, x, p, sur, v0, gs, gv, engine=cpu)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), name
+        for got, want in zip(out[2:], ref[2:]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     y = fused_lif_multistep(cases["channels_last"], p, sur)[0]
     assert y.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)  # the next convolution stays fast
 

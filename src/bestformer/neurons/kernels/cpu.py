@@ -49,7 +49,7 @@ CHUNK = 4096
 PARALLEL_MIN = 1 << 16
 
 _kernels: dict[str, Any] = {}
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (owning process id, pool): a forked child makes its own
 
 
 def supports(x: Tensor) -> bool:
@@ -180,10 +180,11 @@ def _run(kernel: Callable[..., int], n: int, *args: Any) -> int:
     threads = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
     if threads == 1:
         return kernel(*args, 0, n)
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bestformer-kernels")
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                 thread_name_prefix="bestformer-kernels"))
     step = -(-n // threads // 64) * 64  # 64-element aligned ranges
-    futures = [_pool.submit(kernel, *args, lo, min(lo + step, n)) for lo in range(0, n, step)]
+    futures = [_pool[1].submit(kernel, *args, lo, min(lo + step, n)) for lo in range(0, n, step)]
     return sum(f.result() for f in futures)
 
 

@@ -8,7 +8,7 @@ Every engine computes the membrane with the plain path's operations in the same 
 identical to :func:`~bestformer.neurons.functional.lif_multistep`; gradients follow the hand-written
 backward-through-time recursion (derived in :mod:`~bestformer.neurons.kernels.cpu`) and agree with autograd on
 the plain path to float rounding. What is kept for backward is the pre-spike membrane ``H`` only (the spikes are
-recomputed from it as ``H >= V_th``), against about three float tensors per step in the plain path.
+recomputed from it as ``H >= V_th``), against two float tensors per step in the plain path.
 
 Memory layout: the kernels see ``x`` as a ``[T, M]`` matrix whose rows are the time steps in the tensor's own
 memory order, so channels-last activations and a static image repeated over ``T`` with stride 0 (the stem's direct

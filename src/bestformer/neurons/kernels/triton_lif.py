@@ -97,6 +97,8 @@ def forward(x: Tensor, v0: Tensor | None, spec: KernelSpec, store_h: bool) -> tu
     spikes = torch.empty(t_steps, m, dtype=x.dtype, device=x.device)
     h = torch.empty(t_steps, m, dtype=x.dtype, device=x.device) if store_h else spikes
     v = torch.empty(m, dtype=x.dtype, device=x.device)
+    if m == 0:  # no program to launch
+        return spikes, (h if store_h else None), v
     v0_ = v0.contiguous() if v0 is not None else v
     _lif_forward[(triton.cdiv(m, BLOCK),)](
         x, v0_, spikes, h, v, t_steps, m, x.stride(0), p.tau, p.beta, p.v_threshold, p.v_reset,
@@ -115,6 +117,8 @@ def backward(grad_s: Tensor, h: Tensor, grad_v: Tensor | None, surrogate: Surrog
     gv = torch.zeros(m, dtype=h.dtype, device=h.device)
     if grad_v is not None:  # dL/dV[T-1] in, dL/dV[-1] out
         gv.copy_(grad_v)
+    if m == 0:
+        return grad_x, gv
     native = spec.surrogate in (SIGMOID, ATAN)
     sg = h if native else surrogate.derivative(h - p.v_threshold).contiguous()
     _lif_backward[(triton.cdiv(m, BLOCK),)](
