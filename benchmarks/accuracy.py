@@ -90,7 +90,8 @@ def main() -> None:
                     "test_acc": res.test["acc1"] if res.test else None,
                     "test_samples": res.test["count"] if res.test else None,
                     "one_bit_params": res.params[0], "full_precision_params": res.params[1],
-                    "epochs": res.epochs_done, "val_curve": [h["val_acc"] for h in res.history]}
+                    "epochs": res.epochs_done, "train_minutes": res.seconds / 60,
+                    "val_curve": [h["val_acc"] for h in res.history]}
              for name, res in rows.items()}
     meta = {"dataset": args.dataset, "budget": args.budget, "options": base, "teacher_checkpoint": str(teacher_ckpt),
             "seconds": seconds, "torch_threads": torch.get_num_threads(), "results": table}
@@ -102,6 +103,8 @@ def main() -> None:
         return table[name]["test_acc"] if table[name]["test_acc"] is not None else table[name]["val_acc"]
 
     ratio = acc("bestformer + distillation") / acc("spikformer (full precision)")
+    minutes = " | ".join(f"{name} {row['train_minutes']:.1f}" for name, row in table.items())
+    print(f"minutes per run: {minutes}")
     print(f"accuracy {args.dataset} (budget {args.budget:g}, {base['epochs']} epochs, {seconds:.0f} s): "
           f"test top-1 teacher {acc('teacher (' + recipe['teacher'] + ')'):.2f}% | bestformer+KD "
           f"{acc('bestformer + distillation'):.2f}% | bestformer {acc('bestformer'):.2f}% | spikformer FP "

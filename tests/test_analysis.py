@@ -27,6 +27,7 @@ from bestformer.analysis import (
     value_entropy,
     value_set_size,
 )
+from bestformer.analysis.report import si
 from bestformer.cli import main
 from bestformer.errors import ConfigError, InputError
 from bestformer.layers import SpikingSelfAttention
@@ -409,7 +410,9 @@ def test_profile_json_table_and_plot(tmp_path: Path) -> None:
         assert key in data
     assert data["firing_rates_measured_on"] == "synthetic"
     assert data["macs"] == pytest.approx(sum(layer["macs"] for layer in data["layers"]))
-    assert "synthetic" in prof.summary() and "MB (paper convention)" in prof.summary()
+    # decimal prefixes: a tiny model reads in kB, not as "0.00 MB"
+    assert "synthetic" in prof.summary() and f"{si(prof.size.paper_bytes, 'B')} (paper convention)" in prof.summary()
+    assert si(1_180_000, "B") == "1.18 MB" and si(3_672, "B") == "3.67 kB"
     from rich.console import Console
 
     console = Console(record=True, width=200)

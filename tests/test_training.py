@@ -78,6 +78,11 @@ def test_schedule_warmup_cosine_cooldown_by_hand() -> None:
     assert s.total_epochs == 8
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5.0)
     assert s.apply(opt, 10) == pytest.approx(0.5) and opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    # a fractional warm-up (the MNIST recipe's 0.1 epoch): peak after 2 of 20 steps, then the cosine
+    f = CosineSchedule(lr=1.0, min_lr=0.0, warmup_lr=0.0, warmup_epochs=0.1, epochs=1, cooldown_epochs=0,
+                       steps_per_epoch=20)
+    assert f(1) == pytest.approx(0.5) and f(2) == pytest.approx(1.0)
+    assert f(11) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
 # ------------------------------------------------------------------------------------------ augmentation

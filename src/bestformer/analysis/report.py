@@ -35,7 +35,7 @@ def energy_str(pj: float) -> str:
 def format_summary(p: Profile) -> str:
     fr = p.mean_firing_rate
     return (
-        f"{p.model_name}: {p.model_size_mb:.2f} MB (paper convention), {si(p.params)} params "
+        f"{p.model_name}: {si(p.size.paper_bytes, 'B')} (paper convention), {si(p.params)} params "
         f"({si(p.binary_params)} 1-bit), {si(p.macs)} MACs ({si(p.real_macs)} real-valued), {si(p.sops)} SOPs, "
         f"energy {energy_str(p.energy_pj)} ({p.energy_model.name}), NS-ACE {si(p.ns_ace)}"
         + (f", mean firing rate {fr:.4f}" if fr is not None else "")
@@ -85,7 +85,7 @@ def _totals_table(p: Profile) -> Table:
     t.add_column("value", justify="right")
     deploy = "-" if p.size.deploy_bytes is None else f"{p.size.deploy_bytes / 1e6:.3f} MB"
     rows = [
-        ("model size (paper convention)", f"{p.model_size_mb:.3f} MB"),
+        ("model size (paper convention)", si(p.size.paper_bytes, "B")),
         ("deployment file", deploy),
         ("parameters (1-bit)", f"{p.params:,} ({p.binary_params:,})"),
         ("MACs (real-valued operands)", f"{si(p.macs)} ({si(p.real_macs)})"),

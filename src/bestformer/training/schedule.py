@@ -25,7 +25,7 @@ class CosineSchedule:
     lr: float
     min_lr: float
     warmup_lr: float
-    warmup_epochs: int
+    warmup_epochs: float
     epochs: int
     cooldown_epochs: int
     steps_per_epoch: int
