@@ -4,6 +4,9 @@ scikit-learn's digits, distilled from an ANN teacher trained first).
 Options come from the defaults, then the recipe (``--recipe NAME_OR_PATH``; without it the recipe named after
 the dataset when one ships, ``digits`` for the demo), then the command line: every recipe key is an option
 (``batch_size`` -> ``--batch-size``).
+
+Several processes: under ``torchrun ... -m bestformer train ...`` every worker joins the process group and trains
+its shard (docs/distributed.md); ``--nproc N`` starts that torchrun on this machine with the same options.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "(default: the recipe named after --dataset when one exists)")
     run.add_argument("--resume", default=None, metavar="RUN",
                      help="continue a run: its folder (runs/<name>), a checkpoint in it, or 'last'")
+    run.add_argument("--nproc", type=_typed(int, False, "nproc"), default=None, metavar="N",
+                     help="train in N processes on this machine (starts torchrun with the other options; "
+                          "batch_size is per process, the global batch is N times larger)")
     opts = parser.add_argument_group("options (recipe keys; default: the recipe's, else the value shown)")
     defaults = TrainConfig()
     for key in cli_fields():
@@ -83,17 +89,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """The options given on the command line (mappings from their KEY=VALUE lists)."""
-    given = {k: v for k, v in vars(args).items() if k not in ("recipe", "resume", "command")}
+    given = {k: v for k, v in vars(args).items() if k not in ("recipe", "resume", "nproc", "command")}
     for key in ("model_args", "teacher_args"):
         if key in given:
             given[key] = dict(given[key])
     return given
 
 
+def _yaml_value(value: Any) -> str:
+    """``value`` as the YAML text that ``--model-arg KEY=VALUE`` parses back to it (strings quoted when needed)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**9).removesuffix("...\n").strip()
+
+
+def command_line(args: argparse.Namespace) -> list[str]:
+    """``train`` and the options of ``args`` as a command line (what ``--nproc`` hands to every worker), without
+    ``--nproc``; parsing it again gives the same options."""
+    argv = ["train"]
+    for key in ("recipe", "resume"):
+        if getattr(args, key, None) is not None:
+            argv += [f"--{key}", getattr(args, key)]
+    for key, value in overrides_from(args).items():
+        if key in ("model_args", "teacher_args"):
+            flag = "--model-arg" if key == "model_args" else "--teacher-arg"
+            for k, v in value.items():
+                argv += [flag, f"{k}={_yaml_value(v)}"]
+        elif isinstance(value, bool):
+            argv.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+        else:
+            argv += [f"--{key.replace('_', '-')}", "none" if value is None else repr(value)
+                     if isinstance(value, float) else str(value)]
+    return argv
+
+
 def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     from ..training import resolve_config
     from ..training import resume as resume_run
     from ..training import train as train_run
+    from ..training.distributed import launch_rank
 
     if args.resume is not None:
         if args.recipe is not None:
@@ -101,18 +133,24 @@ def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
         out = overrides.pop("out", "runs")
         return resume_run(args.resume, out, **overrides)
     cfg, recipe = resolve_config(args.recipe, overrides)
-    print(f"recipe: {recipe or 'none (defaults)'}")
+    if launch_rank() == 0:
+        print(f"recipe: {recipe or 'none (defaults)'}")
     return train_run(cfg, recipe=recipe)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..training import results_table
+    from ..training.distributed import launch_rank, launch_torchrun
 
+    if args.nproc is not None:
+        return launch_torchrun(args.nproc, command_line(args))
     try:
         result = _train(args, overrides_from(args))
     except KeyboardInterrupt:  # before or after the training loop, which handles the signal itself
         print("bestformer train: interrupted outside the training loop; nothing more to save", file=sys.stderr)
         return 130
+    if launch_rank() != 0:  # rank 0 reports for the whole run
+        return 0
     if result.status == "interrupted":
         print(f"\ninterrupted: the checkpoint is saved in {result.run_dir}; continue with\n"
               f"  bestformer train --resume {result.run_dir}")

@@ -58,7 +58,7 @@ class TrainConfig:
     # optimisation
     epochs: int = field(default=10, metadata=_opt("epochs of the cosine schedule (warm-up included)"))
     cooldown_epochs: int = field(default=0, metadata=_opt("extra epochs at min_lr after the cosine schedule"))
-    warmup_epochs: int = field(default=0, metadata=_opt("linear warm-up epochs from warmup_lr to lr"))
+    warmup_epochs: float = field(default=0.0, metadata=_opt("warm-up epochs, warmup_lr to lr (may be fractional)"))
     lr: float = field(default=1e-3, metadata=_opt("peak learning rate (AdamW)"))
     warmup_lr: float = field(default=1e-5, metadata=_opt("learning rate at the start of the warm-up"))
     min_lr: float = field(default=1e-5, metadata=_opt("learning rate at the end of the cosine and in cool-down"))
@@ -108,6 +108,10 @@ class TrainConfig:
         "skip up to N steps with a NaN/inf loss or gradient instead of stopping"))
     neuron_backend: str | None = field(default=None, metadata=_opt(
         "LIF implementation: plain or fused (default: fused when available)"))
+    channels_last: bool = field(default=True, metadata=_opt(
+        "on CPU, keep convolution weights and activations channels-last (oneDNN's faster layout)"))
+    sync_bn: bool = field(default=False, metadata=_opt(
+        "with several processes, BatchNorm statistics over the micro-batches of all ranks (SyncBatchNorm)"))
 
     def __post_init__(self) -> None:
         self.validate()

@@ -16,10 +16,12 @@ our design on top of PyTorch's own engine (``torchrun``, ``init_process_group``,
   ``batch_size`` see identical micro-batches (hence identical BatchNorm batch statistics and gradients) on any
   world size. Each micro-batch carries its loss weight ``count x world_size / step_count``: with DDP's gradient
   average this gives the mean over the step's real samples, also for the uneven last step.
-- DDP wrapping (:func:`wrap_ddp`, optional SyncBatchNorm), gradient accumulation (:func:`gradient_sync`),
-  a frozen distillation teacher shared by all ranks (:func:`prepare_teacher`), rank-0-only printing, progress
-  bars and writing, all-reduced metrics, resume from ``samples_seen`` on another world size
-  (:func:`plan_batches`, :func:`position_from_samples`) and the ``--nproc`` launcher (:func:`launch_torchrun`).
+- DDP wrapping (:func:`wrap_ddp`; optional synced BatchNorm: torch's SyncBatchNorm on CUDA, our
+  :class:`DistributedBatchNorm` on CPU, exact in forward and backward), gradient accumulation
+  (:func:`gradient_sync`), a frozen distillation teacher shared by all ranks (:func:`prepare_teacher`,
+  :func:`broadcast_module`), rank-0-only printing, progress bars and writing, all-reduced metrics, resume from
+  ``samples_seen`` on another world size with the same global batch (:func:`replan_batches`,
+  :func:`position_from_samples`) and the ``--nproc`` launcher (:func:`launch_torchrun`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import functools
 import math
 import os
 import re
-import subprocess
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
@@ -39,7 +41,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 from tqdm import tqdm
@@ -114,6 +117,28 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int
         if not env.get(key):
             raise ConfigError(f"{key} is not set: start the run with torchrun, which sets {', '.join(LAUNCH_ENV)}")
     return rank, world, local
+
+
+def launch_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as the launcher set it (0 outside one); valid before the group is joined and
+    after it is left (e.g. to print a run's results on rank 0 only)."""
+    env = os.environ if env is None else env
+    return int(env.get("RANK", "0")) if str(env.get("RANK", "0")).isdigit() else 0
+
+
+def timeout_from_env(env: Mapping[str, str] | None = None) -> float:
+    """The collective timeout in seconds: ``BESTFORMER_DIST_TIMEOUT`` when set, else :data:`DEFAULT_TIMEOUT_S`."""
+    env = os.environ if env is None else env
+    raw = env.get("BESTFORMER_DIST_TIMEOUT")
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"BESTFORMER_DIST_TIMEOUT must be a number of seconds > 0, got {raw!r}")
+    return value
 
 
 def resolve_device(device: str | torch.device, local_rank: int = 0, distributed: bool = False) -> torch.device:
@@ -356,6 +381,26 @@ def plan_batches(global_batch: int, world_size: int, batch_size: int | None = No
     return BatchPlan(g, per_rank // a, a, w)
 
 
+def replan_batches(global_batch: int, world_size: int, batch_size: int) -> BatchPlan:
+    """The layout of a run resumed on ``world_size`` processes: the same ``global_batch`` (it fixes the steps, the
+    schedule and the resume position), micro-batches of ``batch_size`` when they divide a process's share (the
+    accumulation follows; the micro-batches, hence BatchNorm's batch statistics, stay those of the original run),
+    else the fewest accumulation steps whose micro-batches are no larger than ``batch_size`` (memory stays
+    bounded; per-process BatchNorm statistics then change, synced BatchNorm keeps them when the micro-batches of
+    all ranks still form the same groups). A global batch that the processes cannot share evenly is refused."""
+    g, w, b = (_positive_int(k, v) for k, v in (("global batch", global_batch), ("world size", world_size),
+                                                 ("batch size", batch_size)))
+    if g % w:
+        fits = [d for d in range(1, g + 1) if g % d == 0]
+        raise ConfigError(f"the run's global batch {g} cannot be split evenly over {w} processes, and changing "
+                          f"it would change the run; resume on a number of processes among {fits}")
+    per_rank = g // w
+    if per_rank % b == 0:
+        return BatchPlan(g, b, per_rank // b, w)
+    a = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= b)
+    return BatchPlan(g, per_rank // a, a, w)
+
+
 def position_from_samples(samples_seen: int, num_samples: int, global_batch: int) -> tuple[int, int]:
     """``(epoch, step)`` at which a run that has consumed ``samples_seen`` samples continues.
 
@@ -516,24 +561,109 @@ class ShardedSampler(Sampler[int]):
 
 
 # ----------------------------------------------------------------------------------------------- models
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: ``y = sum_r x_r`` on every rank; the gradient of rank ``r``'s input is the
+    sum over ranks of ``dL_r'/dy`` (the all-reduce is its own adjoint)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+
+class DistributedBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics span the current micro-batch of every rank (our CPU SyncBatchNorm).
+
+    Forward (train mode): each rank sums its inputs per channel in float64; one differentiable all-reduce gives
+    the global sum and count, hence the mean; a second one the global sum of squared deviations, hence the biased
+    variance (two passes in float64: no ``E[x^2] - E[x]^2`` cancellation, at the cost of a float64 copy of the
+    input). The output is ``(x - mean) / sqrt(var + eps) * weight + bias`` and the running statistics are
+    updated as by :class:`torch.nn.BatchNorm2d` (unbiased variance ``var n / (n - 1)``, ``momentum``, or the
+    cumulative average when it is ``None``). Because the all-reduces are differentiable, the backward pass carries
+    every rank's gradient through the shared statistics: forward *and* gradients equal those of one BatchNorm over
+    the concatenated micro-batches (up to float rounding), which is what makes a W-process run equal a
+    single-process run with W times the batch. Eval mode and a run without process group use the running
+    statistics / the plain per-batch path of ``F.batch_norm``.
+
+    Why not ``nn.SyncBatchNorm``: torch implements it for CUDA only (it is used there, see :func:`wrap_ddp`).
+    Channels: dimension 1 of any input of 2 or more dimensions (BatchNorm1d ``[M, C]`` / ``[B, C, L]`` and
+    BatchNorm2d ``[B, C, H, W]``, channels-last included).
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise InputError(f"DistributedBatchNorm expects an input [batch, channels, ...], got shape "
+                             f"{tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if not self.training or not (dist.is_available() and dist.is_initialized()) or get_world_size() == 1:
+            return super().forward(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        local_n = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
+        total = _AllReduceSum.apply(torch.cat([x.sum(dims, dtype=torch.float64), local_n]))
+        n = total[-1].detach()
+        mean = total[:-1] / n
+        sq = _AllReduceSum.apply(((x.double() - mean.view(shape)) ** 2).sum(dims))
+        var = sq / n
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        scale = torch.rsqrt(var + self.eps).to(x.dtype)
+        y = (x - mean.to(x.dtype).view(shape)) * scale.view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_distributed_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm (1d/2d/3d) in ``module`` by a :class:`DistributedBatchNorm` holding the same
+    parameter and buffer objects (so an optimizer built before still applies; in place for sub-modules; returns the
+    converted module)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistributedBatchNorm):
+        new = DistributedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(module, name))
+        return new.train(module.training)
+    for name, child in module.named_children():
+        converted = convert_distributed_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
 def wrap_ddp(model: nn.Module, ctx: DistContext, sync_bn: bool = False,
              find_unused_parameters: bool = False) -> nn.Module:
     """Move ``model`` to the context's device and wrap it in DistributedDataParallel (unchanged in a
     single-process run). DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts
     from the same weights.
 
-    ``sync_bn``: replace every BatchNorm by ``torch.nn.SyncBatchNorm`` (statistics over the micro-batches of all
-    ranks, as one global batch). Torch implements it for CUDA only. Without it each rank normalizes with its own
-    micro-batch's statistics, exactly as a single process accumulating the same micro-batches.
+    ``sync_bn``: BatchNorm statistics over the micro-batches of all ranks, as one global batch:
+    ``torch.nn.SyncBatchNorm`` on CUDA, :class:`DistributedBatchNorm` on CPU (the model's BatchNorm layers are
+    replaced in place). Without it each rank normalizes with its own micro-batch's statistics, exactly as a
+    single process accumulating the same micro-batches.
     """
     model = model.to(ctx.device)
     if not ctx.is_distributed:
         return model
     if sync_bn:
-        if ctx.device.type != "cuda":
-            raise ConfigError("SyncBatchNorm runs on CUDA only (torch has no CPU implementation); train without "
-                              "sync_bn on CPU: every rank then normalizes with its own micro-batch")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if ctx.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = convert_distributed_batchnorm(model)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
@@ -551,17 +681,23 @@ def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
+def broadcast_module(module: nn.Module, src: int = 0) -> nn.Module:
+    """Overwrite every parameter and buffer of ``module`` with rank ``src``'s (same architecture on every rank;
+    no-op in a single process). Used for weights that only rank 0 read from disk."""
+    if get_world_size() > 1:
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, src=src)
+    return module
+
+
 def prepare_teacher(teacher: nn.Module, ctx: DistContext) -> nn.Module:
     """A frozen distillation teacher for this rank: on its device, eval mode, no gradients, with rank 0's weights
     (broadcast, so that all ranks distil from the same teacher). It is not wrapped in DDP (nothing to train):
     each rank runs it on its own micro-batches only. Eq. 15's teacher label ``argmax teacher(x)`` is per sample
     in eval mode, so the sharded targets equal those of a single process on the whole batch."""
     teacher = unwrap_model(teacher).to(ctx.device).eval().requires_grad_(False)
-    if ctx.is_distributed:
-        with torch.no_grad():
-            for tensor in list(teacher.parameters()) + list(teacher.buffers()):
-                dist.broadcast(tensor.data, src=0)
-    return teacher
+    return broadcast_module(teacher) if ctx.is_distributed else teacher
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -588,8 +724,23 @@ def torchrun_command(nproc: int, args: Sequence[str], module: str = "bestformer"
 
 
 def launch_torchrun(nproc: int, args: Sequence[str], module: str = "bestformer") -> int:
-    """Run ``args`` in ``nproc`` processes on this machine through torchrun; returns torchrun's exit code
-    (non-zero as soon as one worker fails: the agent then stops the others)."""
+    """Run ``args`` in ``nproc`` processes on this machine through torchrun's launcher (in this process; the
+    workers are new processes); returns 0 when every worker succeeded. When one fails, the launcher stops the
+    others and this raises one :class:`DistributedError` line naming the failed rank and its exit code (the
+    worker's own error is printed above it) instead of the launcher's traceback."""
     if launched_by_torchrun():
         raise ConfigError("--nproc starts torchrun itself; inside a torchrun worker leave it out")
-    return subprocess.call(torchrun_command(nproc, args, module))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launcher_args = get_args_parser().parse_args(torchrun_command(nproc, args, module)[3:])
+    try:
+        run(launcher_args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+            else f"exited with code {code}"
+        raise DistributedError(f"worker rank {rank} of {nproc} {how}; torchrun stopped the other workers (the "
+                               "failed worker's own error, if it printed one, is above)") from None
+    return 0

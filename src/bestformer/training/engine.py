@@ -6,7 +6,8 @@ Design (ours; the papers train with timm's script):
   size, device); data come from a :class:`~bestformer.training.distributed.ShardedBatchSampler` whose
   micro-batches carry their loss weights (gradient accumulation: ``accum_steps`` micro-batches per optimizer
   step, global batch ``batch_size x accum_steps x world_size``), metrics are reduced as sums over ranks, and
-  only rank 0 writes files, prints and shows progress. In a single process all of this reduces to a plain loop.
+  only rank 0 writes files, prints and shows progress; ``sync_bn`` makes BatchNorm statistics span the
+  micro-batches of all ranks. In a single process all of this reduces to a plain loop.
 - Exact resume: the position is the number of samples seen (valid on another world size with the same global
   batch); the learning rate, data order and augmentation are functions of the step / epoch and seed; the
   resume file (:mod:`.state`) holds weights, optimizer, scaler, RNG states, history and the partial sums of
@@ -56,6 +57,15 @@ from .monitor import FiringRateMonitor, layer_health
 from .runs import RunFolder
 from .schedule import CosineSchedule
 from .state import ResumeState
+
+
+def channels_last_convolutions(model: nn.Module) -> None:
+    """Store every 2-D convolution weight channels-last: the convolution outputs, and the BatchNorm, LIF and pooling
+    layers after them, then keep that layout, which oneDNN convolves ~1.2-2x faster on CPU than NCHW (same maths;
+    the summation order, hence the rounding, differs)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
 
 class NonFiniteLossError(BestformerError):
@@ -226,7 +236,10 @@ class Trainer:
         self.dev = self.ctx.device
         self.train_set, self.val_set = train_set, val_set
         self.module = model.to(self.dev)
-        self.model = wrap_ddp(self.module, self.ctx)
+        if cfg.channels_last and self.dev.type == "cpu":
+            channels_last_convolutions(self.module)
+        self.model = wrap_ddp(self.module, self.ctx, sync_bn=cfg.sync_bn)
+        self.module = unwrap_model(self.model)
         self.distiller = distiller.to(self.dev) if distiller is not None else None
         self.config_extra = config_extra or {}
         decay = [p for p in self.module.parameters() if p.requires_grad and p.ndim > 1]
@@ -262,6 +275,11 @@ class Trainer:
         if trained_on != len(self.train_set):
             raise ConfigError(f"{state.path}: the run was trained on {trained_on} training samples, the training "
                               f"split now has {len(self.train_set)}; resume with the same data")
+        saved_batch = state.progress.get("global_batch", self.global_batch)
+        if saved_batch != self.global_batch:
+            raise ConfigError(f"{state.path}: the run was trained with global batch {saved_batch}, this trainer's is "
+                              f"{self.global_batch} (batch size x accumulation x processes); resume with the same "
+                              "global batch")
         check_fits(self.module, state.model, f"resume state {state.path}")
         try:
             self.optimizer.load_state_dict(state.optimizer)

@@ -7,16 +7,25 @@ teacher (a checkpoint, or a registered architecture trained first in ``<run>/tea
 the student; train with model selection on the validation split; evaluate the best weights once on the test
 split. Seeds are reset before each model is built, so the student starts from the same weights whether its
 teacher was trained in this process or loaded from disk (which exact resume needs).
+
+Under torchrun every process runs the same code (ours, docs/distributed.md): :func:`train` / :func:`resume` join
+the process group of torchrun's environment and leave it at the end and on error; rank 0 names the run folder
+(broadcast) and is the only writer; a teacher named by architecture is trained first by all ranks together, the
+same distributed way as the student (no rank idles, and no rank waits at a collective for hours while rank 0
+trains alone, which the collective timeout would end), then rank 0 reads its best weights and broadcasts them;
+a resumed run keeps its global batch on another number of processes (:func:`~.distributed.replan_batches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,14 @@ from ..quant import weight_bits_of
 from .checkpoint import load_checkpoint, load_weights
 from .config import TrainConfig, config_from_dict, load_recipe
 from .distill import Distiller, get_distiller, list_distillers
-from .distributed import DistContext, resolve_device
+from .distributed import (
+    DistContext,
+    broadcast_module,
+    broadcast_object,
+    distributed,
+    replan_batches,
+    timeout_from_env,
+)
 from .engine import Trainer, _log, evaluate
 from .runs import RunFolder, default_run_name, resolve_run_folder
 from .state import load_resume_state
@@ -45,8 +61,10 @@ LAZY_DISTILLERS = {"fgd": "bestformer.training.fgd"}
 #: options that may change on resume: the run's length, its checkpointing and where / how fast it executes (another
 #: device or thread count can change float rounding); the others define the experiment and must stay
 RESUMABLE = ("epochs", "cooldown_epochs", "patience", "ckpt_every_steps", "monitor_every", "skip_nonfinite",
-             "device", "workers", "threads", "neuron_backend", "data_dir", "download")
+             "device", "workers", "threads", "neuron_backend", "channels_last", "sync_bn", "data_dir", "download")
 DATA_FIELDS = ("num_classes", "in_channels", "img_size", "time_steps")
+#: options that a resume on another number of processes adjusts (keeping batch_size x accum_steps x processes)
+BATCH_LAYOUT = ("batch_size", "accum_steps")
 
 
 def distill_choices() -> list[str]:
@@ -172,14 +190,18 @@ class _Run:
     def execute(self, bundle: Any = None) -> TrainResult:
         cfg, folder, ctx = self.cfg, self.folder, self.ctx
         t0 = time.perf_counter()
-        state = load_resume_state(folder.resume_path) if folder.has_checkpoint() else None
+        state = load_resume_state(folder.resume_path) if _agreed_checkpoint(folder) else None
         if state is not None:
             _check_same_run(state.progress, cfg, folder)
             p, summary = state.progress, folder.path / "summary.json"
-            if p.get("finished") and summary.is_file() and (
-                    p.get("stopped_early") or p.get("epoch", 0) >= cfg.epochs + cfg.cooldown_epochs):
+            done = p.get("finished") and summary.is_file() and (
+                p.get("stopped_early") or p.get("epoch", 0) >= cfg.epochs + cfg.cooldown_epochs)
+            # rank 0's verdict and summary for every rank (only it is sure to see the run folder's latest files)
+            final = broadcast_object(read_json(summary, "run summary") if done and ctx.is_main else None)
+            if final is not None:
                 _log(ctx, f"{folder.path} has already finished")
-                return TrainResult.from_summary(read_json(summary, "run summary"), p.get("history", []))
+                return TrainResult.from_summary(final, p.get("history", []))
+            cfg = self.cfg = _keep_global_batch(cfg, state.progress, ctx)
         time_steps = cfg.time_steps or get_input_config(cfg.model).time_steps  # also: an unknown model fails here
         folder.prepare()  # a read-only or missing folder fails now, before the data are read
         if cfg.threads is not None:  # torch's kernels and the fused LIF kernels' thread pool follow it
@@ -228,7 +250,8 @@ class _Run:
         if status == "interrupted":
             return result
         # the best weights, evaluated once on validation (for the table) and on the test split
-        load_weights(student, folder.weights_path("best"))
+        _load_on_main(ctx, lambda: load_weights(student, folder.weights_path("best")))
+        broadcast_module(student)
         kw = dict(num_classes=bundle.num_classes, batch_size=cfg.batch_size, ctx=ctx, amp=cfg.amp,
                   workers=cfg.workers)
         if bundle.val is not None:
@@ -247,9 +270,9 @@ class _Run:
         spec = str(cfg.teacher)
         path = Path(spec)
         if path.suffix == ".safetensors" or path.is_file():
-            teacher, meta = load_checkpoint(path)
+            teacher = _shared_checkpoint(path, self.ctx)
             _check_teacher_fits(teacher, bundle, path)
-            _log(self.ctx, f"teacher: {meta['model_name']} from {path}")
+            _log(self.ctx, f"teacher: {teacher.model_name} from {path}")
             return teacher, None
         if not is_model(spec):
             from ..models import list_models
@@ -265,8 +288,7 @@ class _Run:
         result = run.execute(bundle)
         if result.status == "interrupted":
             return nn.Identity(), result
-        teacher, _ = load_checkpoint(self.folder.teacher.weights_path("best"))
-        return teacher, result
+        return _shared_checkpoint(self.folder.teacher.weights_path("best"), self.ctx), result
 
 
 def _write_profile(model: nn.Module, bundle: Any, path: Path, batches: int = 4) -> str:
@@ -299,29 +321,86 @@ def _check_teacher_fits(teacher: nn.Module, bundle: Any, path: Path) -> None:
 
 def _check_same_run(progress: dict[str, Any], cfg: TrainConfig, folder: RunFolder) -> None:
     saved = progress.get("config", {})
-    changed = [k for k in saved if k not in RESUMABLE and saved.get(k) != cfg.to_dict().get(k)]
+    # the per-process layout follows the number of processes (a teacher's is derived from its student's): what
+    # must stay is the global batch, which _keep_global_batch and Trainer.load_state check
+    changed = [k for k in saved if k not in (*RESUMABLE, *BATCH_LAYOUT) and saved.get(k) != cfg.to_dict().get(k)]
     if changed:
         k = changed[0]
         raise ConfigError(f"{folder.resume_path} was trained with {k}={saved[k]!r}, not {getattr(cfg, k)!r}: "
                           f"only {', '.join(RESUMABLE)} may change on --resume")
 
 
-def _context(cfg: TrainConfig, ctx: DistContext | None) -> DistContext:
-    return ctx or DistContext(device=resolve_device(cfg.device))
+def _load_on_main(ctx: DistContext, load: Callable[[], Any]) -> Any:
+    """``load()`` on rank 0; its failure is raised on every rank (the others would otherwise wait for rank 0's
+    broadcast until the collective timeout). Returns rank 0's result (``None`` elsewhere)."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = load()
+        except BestformerError as err:
+            error = err
+    message = broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ConfigError(f"rank 0 failed: {message}")
+    return result
+
+
+def _shared_checkpoint(path: Path, ctx: DistContext) -> nn.Module:
+    """A model checkpoint that rank 0 reads; the other ranks build the same architecture and receive its weights
+    (so the file need only be on rank 0's file system, and no rank reads it before rank 0 finished writing)."""
+    loaded = _load_on_main(ctx, lambda: load_checkpoint(path))
+    name, args = broadcast_object((loaded[1]["model_name"], loaded[1]["model_args"]) if ctx.is_main else None)
+    model = loaded[0] if ctx.is_main else create_model(name, **args)
+    return broadcast_module(model)
+
+
+def _agreed_checkpoint(folder: RunFolder) -> bool:
+    """Whether ``folder`` holds a resume state, as rank 0 sees it; every rank must see the same (they all read it)."""
+    here = folder.has_checkpoint()
+    there = broadcast_object(here)
+    if here != there:
+        raise ConfigError(f"rank 0 {'finds' if there else 'does not find'} a checkpoint in {folder.path} but this "
+                          "rank does not agree: every node must see the run folder (put --out on a shared file "
+                          "system)")
+    return here
+
+
+def _keep_global_batch(cfg: TrainConfig, progress: dict[str, Any], ctx: DistContext) -> TrainConfig:
+    """On resume, the run's global batch on this run's number of processes (see
+    :func:`~.distributed.replan_batches`); the batch size and accumulation are adjusted, and recorded."""
+    saved = progress.get("global_batch")
+    if saved is None or saved == cfg.batch_size * cfg.accum_steps * ctx.world_size:
+        return cfg
+    plan = replan_batches(saved, ctx.world_size, cfg.batch_size)
+    _log(ctx, f"resuming on {ctx.world_size} process(es) instead of {progress.get('world_size')}: global batch "
+              f"{saved} kept as batch size {plan.batch_size} x accumulation {plan.accum_steps} x "
+              f"{ctx.world_size} process(es)")
+    return cfg.replace(batch_size=plan.batch_size, accum_steps=plan.accum_steps)
+
+
+def _session(cfg: TrainConfig, ctx: DistContext | None) -> contextlib.AbstractContextManager[DistContext]:
+    """The given context, else the process group of torchrun's environment (joined now, left at the end and on
+    error; backend failures become :class:`~.distributed.DistributedError`), else a single process."""
+    if ctx is not None:
+        return contextlib.nullcontext(ctx)
+    return distributed(cfg.device, timeout_from_env())
 
 
 def train(cfg: TrainConfig, *, recipe: str | None = None, ctx: DistContext | None = None) -> TrainResult:
     """Start a new run in ``cfg.out / cfg.name`` (a folder that already holds a checkpoint is refused:
-    resume it instead)."""
-    ctx = _context(cfg, ctx)
-    name = cfg.name or default_run_name(cfg.model, cfg.dataset)
-    folder = RunFolder(Path(cfg.out) / name, enabled=ctx.is_main)
-    if folder.has_checkpoint():
-        raise ConfigError(f"run folder {folder.path} already holds a checkpoint: continue it with --resume "
-                          f"{folder.path}, or choose another --name")
-    if cfg.name is None:
-        cfg = cfg.replace(name=name)
-    return _Run(cfg, folder, ctx, recipe).execute()
+    resume it instead). Under torchrun (no ``ctx`` given) every process calls it; they join the process group,
+    rank 0 names the run folder and writes it."""
+    with _session(cfg, ctx) as ctx:
+        name = broadcast_object(cfg.name or default_run_name(cfg.model, cfg.dataset))
+        folder = RunFolder(Path(cfg.out) / name, enabled=ctx.is_main)
+        if broadcast_object(folder.has_checkpoint()):
+            raise ConfigError(f"run folder {folder.path} already holds a checkpoint: continue it with --resume "
+                              f"{folder.path}, or choose another --name")
+        if cfg.name is None:
+            cfg = cfg.replace(name=name)
+        return _Run(cfg, folder, ctx, recipe).execute()
 
 
 def resume(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs", *, ctx: DistContext | None = None,
@@ -340,9 +419,9 @@ def resume(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs", *
         saved = load_recipe(str(folder.config_path))
     cfg = config_from_dict({**saved, **overrides}, f"run {folder.path}")
     info = read_json(folder.path / "run.json", "run description") if (folder.path / "run.json").is_file() else {}
-    ctx = _context(cfg, ctx)
-    folder.enabled = ctx.is_main
-    return _Run(cfg, folder, ctx, info.get("recipe")).execute()
+    with _session(cfg, ctx) as ctx:
+        folder.enabled = ctx.is_main
+        return _Run(cfg, folder, ctx, info.get("recipe")).execute()
 
 
 def results_table(result: TrainResult) -> str:
