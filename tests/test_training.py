@@ -286,12 +286,13 @@ def _interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
 
 def test_two_plus_one_epochs_with_resume_equal_three_straight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    straight = train(tiny_config(tmp_path / "a", mixup=0.5, crop_padding=1, flip=0.5))
+    aug = dict(mixup=0.5, crop_padding=1, flip=0.5, rand_augment="m9-n1-mstd0.5")  # every augmentation at once
+    straight = train(tiny_config(tmp_path / "a", **aug))
     assert straight.status == "finished" and straight.epochs_done == 3
     steps = len(straight.history) and straight.history[0]["step"]  # optimizer steps per epoch
     with monkeypatch.context() as m:
         _interrupt_at_step(m, 2 * steps)  # the last step of epoch 2, before its validation and checkpoint
-        first = train(tiny_config(tmp_path / "b", mixup=0.5, crop_padding=1, flip=0.5))
+        first = train(tiny_config(tmp_path / "b", **aug))
     assert first.status == "interrupted" and first.epochs_done == 1
     assert "SIGINT received" in capsys.readouterr().err
     progress = load_resume_state(first.run_dir / "resume.safetensors").progress
@@ -304,6 +305,11 @@ def test_two_plus_one_epochs_with_resume_equal_three_straight(tmp_path: Path, mo
     assert metrics_without_time(straight.run_dir / "metrics.csv") == metrics_without_time(
         second.run_dir / "metrics.csv")
     assert straight.test == second.test
+
+
+def test_rand_augment_spec_is_checked_with_the_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="x3"):
+        tiny_config(tmp_path, rand_augment="m9-x3")
 
 
 def test_run_folder_and_resume_rules(tmp_path: Path) -> None:

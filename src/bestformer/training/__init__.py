@@ -4,10 +4,12 @@ from .checkpoint import load_checkpoint, load_weights, read_checkpoint, save_che
 from .config import TrainConfig, list_recipes, load_recipe, resolve_config
 from .distill import list_distillers, register_distiller
 from .engine import NonFiniteLossError, Trainer, evaluate
+from .randaugment import RandAugment
 from .runner import TrainResult, parameter_counts, results_table, resume, train
 
 __all__ = [
     "NonFiniteLossError",
+    "RandAugment",
     "TrainConfig",
     "TrainResult",
     "Trainer",

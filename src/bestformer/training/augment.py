@@ -1,5 +1,8 @@
-"""Batch augmentation in torch, on the device that holds the batch: random crop, horizontal flip, random
-erasing, mixup and cutmix.
+"""Batch augmentation in torch, on the device that holds the batch: RandAugment, random crop, horizontal flip,
+random erasing, mixup and cutmix, in this order. timm runs RandAugment after its crop and flip; we run it
+first, on the images as the dataset gives them, so that the zero padding of the crop does not enter the image
+statistics of AutoContrast, Equalize and Contrast (the flip commutes with the ops in distribution: their signs
+are random).
 
 Images are ``[B, C, H, W]``; event frames ``[T, B, C, H, W]`` get one crop / flip / erased box per sample,
 shared by all its frames. The random numbers of step ``s`` come from generators seeded with
@@ -9,7 +12,8 @@ exactly as an uninterrupted run did.
 Sources: mixup (Zhang et al., ICLR 2018) and cutmix (Yun et al., ICCV 2019) as in timm's batch mode (one
 ``lambda ~ Beta(alpha, alpha)`` per batch, the batch mixed with its reverse, cutmix's ``lambda`` corrected
 to the box actually cut); random erasing (Zhong et al., AAAI 2020) with per-pixel normal noise (timm's
-``remode='pixel'``), one box per sample clipped to the image (timm retries up to 10 times instead).
+``remode='pixel'``), one box per sample clipped to the image (timm retries up to 10 times instead);
+RandAugment as in :mod:`bestformer.training.randaugment` (static images only).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from .randaugment import RandAugment
 
 
 def _as_images(x: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
@@ -62,7 +68,9 @@ class BatchAugment:
     """The training-time transform of a batch: ``(x, y) -> (x', target)``.
 
     ``target`` is ``y`` (class indices) when no mixing happened, else soft targets ``[B, num_classes]``.
-    Label smoothing is applied by the loss, not here.
+    Label smoothing is applied by the loss, not here. ``rand_augment`` (normalized ``[B, C, H, W]`` images
+    only: it raises :class:`~bestformer.errors.ConfigError` on event frames) runs first, on the step's generator,
+    so that its draws, like all the others, are a function of ``(seed, rank, step)``.
     """
 
     num_classes: int
@@ -75,15 +83,19 @@ class BatchAugment:
     mixup_switch_prob: float = 0.5
     seed: int = 0
     rank: int = 0
+    rand_augment: RandAugment | None = None
 
     @property
     def enabled(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.random_erasing or self.mixup or self.cutmix)
+        return bool(self.rand_augment is not None or self.crop_padding or self.flip or self.random_erasing
+                    or self.mixup or self.cutmix)
 
     def __call__(self, x: Tensor, y: Tensor, step: int, mix: bool = True) -> tuple[Tensor, Tensor]:
         if not self.enabled:
             return x, y
         rng = np.random.Generator(np.random.PCG64([self.seed, self.rank, step]))
+        if self.rand_augment is not None:
+            x = self.rand_augment(x, rng)
         imgs, shape = _as_images(x)
         b, dev = imgs.shape[0], imgs.device
         if self.crop_padding:

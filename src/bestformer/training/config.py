@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, close_matches
+from .randaugment import parse_spec
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -75,6 +76,8 @@ class TrainConfig:
     crop_padding: int = field(default=0, metadata=_opt("random crop after zero padding by this many pixels"))
     flip: float = field(default=0.0, metadata=_opt("probability of a horizontal flip"))
     random_erasing: float = field(default=0.0, metadata=_opt("probability of erasing a random rectangle"))
+    rand_augment: str | None = field(default=None, metadata=_opt(
+        "RandAugment as timm's spec string, e.g. m9-n1-mstd0.4-inc1 (static images only; default: off)"))
     amp: str = field(default="auto", metadata=_opt(
         "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 (with loss scaling) or off",
         ("auto", "bf16", "fp16", "off")))
@@ -151,6 +154,8 @@ class TrainConfig:
             val = getattr(self, key)
             if val not in choices:
                 raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {val!r}")
+        if self.rand_augment is not None:
+            parse_spec(self.rand_augment)  # a bad spec fails here, in one line
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +54,7 @@ from .distributed import (
     wrap_ddp,
 )
 from .monitor import FiringRateMonitor, layer_health
+from .randaugment import RandAugment
 from .runs import RunFolder
 from .schedule import CosineSchedule
 from .state import ResumeState
@@ -225,12 +226,14 @@ class Trainer:
             config's batch size, accumulation and seed); it must yield the micro-batches of
             ``sampler.micro_batches()``.
         config_extra: more to store in every checkpoint's sidecar (e.g. the recipe's name).
+        mean, std: the normalization of ``train_set``'s images (RandAugment works on un-normalized pixels).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_set: Dataset, val_set: Dataset | None, *,
                  num_classes: int, run: RunFolder, distiller: Distiller | None = None,
                  ctx: DistContext | None = None, sampler: ShardedBatchSampler | None = None,
-                 config_extra: dict[str, Any] | None = None) -> None:
+                 config_extra: dict[str, Any] | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
         self.cfg, self.run, self.num_classes = cfg, run, num_classes
         self.ctx = ctx or DistContext()
         self.dev = self.ctx.device
@@ -258,8 +261,12 @@ class Trainer:
                                  generator=torch.Generator().manual_seed(cfg.seed))
         self.schedule = CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.warmup_epochs, cfg.epochs,
                                        cfg.cooldown_epochs, self.sampler.steps_per_epoch)
+        if cfg.rand_augment and (mean is None or std is None):
+            raise ConfigError("rand_augment needs the normalization (mean, std) of the training images")
+        rand_augment = RandAugment.from_spec(cfg.rand_augment, mean=mean, std=std) if cfg.rand_augment else None
         self.augment = BatchAugment(num_classes, cfg.crop_padding, cfg.flip, cfg.random_erasing, cfg.mixup,
-                                    cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.seed, self.ctx.rank)
+                                    cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.seed, self.ctx.rank,
+                                    rand_augment)
         self.monitor = FiringRateMonitor(self.module)
         self.progress = Progress()
         self.last_checkpoint: str | None = None

@@ -212,6 +212,8 @@ class _Run:
             _log(ctx, f"data: {bundle.describe()}")
         if len(bundle.train) == 0:
             raise InputError(f"{bundle.name}: the training split is empty")
+        if cfg.rand_augment and bundle.is_event:
+            raise ConfigError(f"rand_augment works on static images; {bundle.name} has event frames (set it to null)")
         info = {"recipe": self.recipe, "role": self.role, "world_size": ctx.world_size,
                 "global_batch": cfg.batch_size * cfg.accum_steps * ctx.world_size, "device": str(ctx.device),
                 "neuron_backend": backend, "library_version": __version__, "torch_version": torch.__version__,
@@ -230,7 +232,7 @@ class _Run:
         distiller = None if teacher is None else make_distiller(distill, teacher, student, cfg.label_smoothing)
         extra = {"recipe": self.recipe, "dataset": cfg.dataset, "distill": distill, "role": self.role}
         trainer = Trainer(student, cfg, bundle.train, bundle.val, num_classes=bundle.num_classes, run=folder,
-                          distiller=distiller, ctx=ctx, config_extra=extra)
+                          distiller=distiller, ctx=ctx, config_extra=extra, mean=bundle.mean, std=bundle.std)
         if state is not None:
             trainer.load_state(state)
             p = trainer.progress
