@@ -45,6 +45,27 @@ def budgeted(dataset: str, budget: float, limit: int | None, data_dir: str | Non
     return scaled
 
 
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every budgeted benchmark shares (``dataset`` and ``--data-dir`` are the caller's)."""
+    p.add_argument("--budget", type=float, default=1.0, help="scale of epochs and subset (1: the full recipe)")
+    p.add_argument("--limit", type=int, default=None, help="samples per split (overrides the budget's; 0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine)")
+    p.add_argument("--out", default="runs/benchmarks", help="root of the run folders")
+
+
+def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchmark: str) -> dict:
+    """:func:`budgeted` options of the parsed ``args``, run folders under ``<out>/<benchmark>-<dataset>-<time>``."""
+    if not args.budget > 0:
+        p.error("--budget must be > 0")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = budgeted(args.dataset, args.budget, args.limit, args.data_dir,
+                    Path(args.out) / f"{benchmark}-{args.dataset}-{stamp}", args.seed)
+    if args.threads:
+        base["threads"] = args.threads
+    return base
+
+
 def checked(result: TrainResult) -> TrainResult:
     """Stop the benchmark when a run was interrupted (Ctrl-C / SIGTERM): its numbers would be partial."""
     if result.status == "interrupted":
@@ -56,19 +77,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", choices=("digits", "mnist", "nmnist"))
     p.add_argument("--data-dir", default=None, help="dataset folder (MNIST IDX files / N-MNIST archive)")
-    p.add_argument("--budget", type=float, default=1.0, help="scale of epochs and subset (1: the full recipe)")
-    p.add_argument("--limit", type=int, default=None, help="samples per split (overrides the budget's; 0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine)")
-    p.add_argument("--out", default="runs/benchmarks", help="root of the run folders")
+    add_budget_arguments(p)
     args = p.parse_args()
-    if not args.budget > 0:
-        p.error("--budget must be > 0")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = budgeted(args.dataset, args.budget, args.limit, args.data_dir,
-                    Path(args.out) / f"accuracy-{args.dataset}-{stamp}", args.seed)
-    if args.threads:
-        base["threads"] = args.threads
+    base = budget_options(p, args, "accuracy")
     recipe = load_recipe(args.dataset)
     t0 = time.perf_counter()
     rows = {}

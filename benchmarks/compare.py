@@ -11,9 +11,10 @@ BESTformer topology (ReLU, full precision, T = 1) as the reference. Every model 
 ``bestformer.training.train`` with the dataset's shipped recipe (``bestformer/recipes/<dataset>.yaml``, scaled by
 ``--budget`` as in ``benchmarks/accuracy.py``), without distillation so that every family gets the same training;
 the recipe's model options (width, stem pooling, LIF charge) go to the families that share the BESTformer
-backbone, the others keep their registered tiny defaults. Each trained model is profiled by
-``bestformer.analysis.profile_model`` on held-out batches (size in the paper's convention, SOPs, energy at 45 nm,
-NS-ACE at the layers' own bit-widths). Prints the table, writes ``benchmarks/results/compare_<dataset>.json`` and
+backbone, the others keep their registered tiny defaults. The table reads the profile each run writes of its best
+weights (``profile.json``: ``bestformer.analysis.profile_model`` on held-out batches; for CSDformer the converted
+model is profiled the same way into ``profile_converted.json``): size in the paper's convention, SOPs, energy at 45 nm,
+NS-ACE at the layers' own bit-widths. Prints the table, writes ``benchmarks/results/compare_<dataset>.json`` and
 ``.png``, and prints last the ratios of BESTformer to the full-precision Spikformer.
 """
 
@@ -26,17 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from accuracy import RESULTS, budgeted, checked
+from accuracy import RESULTS, add_budget_arguments, budget_options, checked
 from bestformer import load_checkpoint
-from bestformer.analysis import profile_model
 from bestformer.analysis.report import energy_str, si
 from bestformer.convert import convert
-from bestformer.data import time_first
 from bestformer.training import load_recipe, resolve_config, train
 from bestformer.training.engine import evaluate
-from bestformer.training.runner import load_bundle
+from bestformer.training.runner import load_bundle, write_profile
 
 #: family -> (model, takes the recipe's model options)
 FAMILIES: dict[str, tuple[str, bool]] = {
@@ -47,7 +45,6 @@ FAMILIES: dict[str, tuple[str, bool]] = {
     "CSDformer (converted)": ("csd_tiny", False),
     "ANN (reference)": ("ann_tiny", True),
 }
-PROFILE_BATCHES = 4
 
 
 def ann_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -55,47 +52,41 @@ def ann_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k != "neuron_kwargs"}
 
 
-def profile_row(model: torch.nn.Module, bundle: Any) -> dict[str, Any]:
-    split, which = (bundle.val, "validation") if bundle.val is not None else (bundle.test, "test")
-    loader = DataLoader(split, batch_size=16, shuffle=False)
-    prof = profile_model(model, (time_first(x) for x, _ in loader), batches=PROFILE_BATCHES,
-                         measured_on=f"{bundle.name} ({which})", progress=False)
-    by_bits = prof.size.params_by_bits
+def profile_row(path: Path) -> dict[str, Any]:
+    """The table's columns from a profile JSON (``bestformer.training.runner.write_profile``)."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: the run could not profile its model (see its log)")
+    prof = json.loads(path.read_text())
+    by_bits = {int(b): n for b, n in prof["size"]["params_by_bits"].items()}
     low = sum(n for bits, n in by_bits.items() if bits <= 8)
-    return {"params": prof.params, "low_bit_params": low, "low_bit_share": low / prof.params,
-            "bits": {str(b): n for b, n in sorted(by_bits.items())}, "size_mb": prof.model_size_mb,
-            "size_bytes": prof.size.paper_bytes, "macs": prof.macs, "real_macs": prof.real_macs, "sops": prof.sops,
-            "energy_pj": prof.energy_pj, "ns_ace": prof.ns_ace, "firing_rate": prof.mean_firing_rate}
+    return {"params": prof["params"], "low_bit_params": low, "low_bit_share": low / prof["params"],
+            "bits": {str(b): n for b, n in sorted(by_bits.items())}, "size_mb": prof["model_size_mb"],
+            "size_bytes": prof["size"]["paper_bytes"], "macs": prof["macs"], "real_macs": prof["real_macs"],
+            "sops": prof["sops"], "energy_pj": prof["energy_pj"], "ns_ace": prof["ns_ace"],
+            "firing_rate": prof["mean_firing_rate"]}
 
 
-def converted_row(run_dir: Path, cfg: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """CSDformer: convert the best ANN checkpoint at T = L with full delay (exact) and test the spiking model."""
+def converted_row(run_dir: Path, cfg: Any) -> dict[str, Any]:
+    """CSDformer: convert the best ANN checkpoint at T = L with full delay (exact), test the spiking model and
+    profile it as the run profiled the ANN (``profile_converted.json`` beside it)."""
     ann, _ = load_checkpoint(run_dir / "best.safetensors")
     snn = convert(ann)
     bundle = load_bundle(cfg, snn.time_steps)
     test = evaluate(snn, bundle.test, num_classes=bundle.num_classes, desc="test (converted)")
-    return snn, {"test_acc": test["acc1"], "conversion": f"T = L = {snn.time_steps}, delay {snn.delay}"}
+    print(write_profile(snn, bundle, run_dir / "profile_converted.json"))
+    return {"test_acc": test["acc1"], "conversion": f"T = L = {snn.time_steps}, delay {snn.delay}",
+            **profile_row(run_dir / "profile_converted.json")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dataset", choices=("digits", "mnist"))
     p.add_argument("--data-dir", default=None, help="dataset folder (MNIST IDX files)")
-    p.add_argument("--budget", type=float, default=1.0, help="scale of epochs and subset (1: the full recipe)")
-    p.add_argument("--limit", type=int, default=None, help="samples per split (overrides the budget's; 0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES), metavar="FAMILY",
                    help=f"subset of: {', '.join(FAMILIES)}")
-    p.add_argument("--out", default="runs/benchmarks", help="root of the run folders")
+    add_budget_arguments(p)
     args = p.parse_args()
-    if not args.budget > 0:
-        p.error("--budget must be > 0")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = budgeted(args.dataset, args.budget, args.limit, args.data_dir,
-                    Path(args.out) / f"compare-{args.dataset}-{stamp}", args.seed)
-    if args.threads:
-        base["threads"] = args.threads
+    base = budget_options(p, args, "compare")
     recipe = load_recipe(args.dataset)
     recipe_args = recipe.pop("model_args", {})  # given per family below (a recipe's mapping would merge in)
     t0 = time.perf_counter()
@@ -110,11 +101,9 @@ def main() -> None:
                "test_acc": res.test["acc1"] if res.test else None, "train_minutes": res.seconds / 60,
                "model_args": options}
         if model_name.startswith("csd_"):
-            model, extra = converted_row(res.run_dir, cfg)
-            row.update(extra, ann_test_acc=row["test_acc"])
-        else:
-            model, _ = load_checkpoint(res.run_dir / "best.safetensors")
-        row.update(profile_row(model, load_bundle(cfg, getattr(model, "time_steps", None) or 1)))
+            row.update(converted_row(res.run_dir, cfg), ann_test_acc=row["test_acc"])
+        else:  # the run profiled its best weights on held-out batches
+            row.update(profile_row(res.run_dir / "profile.json"))
         rows[family] = row
     seconds = time.perf_counter() - t0
 

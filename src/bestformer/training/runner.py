@@ -263,7 +263,7 @@ class _Run:
         result.seconds = time.perf_counter() - t0
         folder.write_summary(result.summary())
         if self.role == "model" and ctx.is_main:
-            _log(ctx, _write_profile(student, bundle, folder.path / "profile.json"))
+            _log(ctx, write_profile(student, bundle, folder.path / "profile.json"))
         return result
 
     def _teacher(self, bundle: Any, time_steps: int) -> tuple[nn.Module, TrainResult | None]:
@@ -293,9 +293,10 @@ class _Run:
         return _shared_checkpoint(self.folder.teacher.weights_path("best"), self.ctx), result
 
 
-def _write_profile(model: nn.Module, bundle: Any, path: Path, batches: int = 4) -> str:
-    """Issue 4: size, SOPs, energy and NS-ACE of the trained model, measured on a few held-out batches and
-    written to ``profile.json`` beside the checkpoints; returns the line of totals to print."""
+def write_profile(model: nn.Module, bundle: Any, path: Path, batches: int = 4) -> str:
+    """Issue 4: size, SOPs, energy and NS-ACE of the trained model, measured on a few held-out batches of
+    ``bundle`` and written as JSON to ``path`` (``profile.json`` beside a run's checkpoints); returns the line of
+    totals to print (a line saying why, and no file, when it cannot be measured)."""
     from ..analysis import profile_model
     from ..data import time_first
 
