@@ -9,14 +9,20 @@ each over several seeds, mean and standard deviation of the validation and test 
 
     python benchmarks/ablation.py digits --seeds 3
     python benchmarks/ablation.py mnist --data-dir ../shared/data/mnist --budget 0.05
-    python benchmarks/ablation.py cifar10 --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz --budget 0.01
+    python benchmarks/ablation.py cifar10 --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz \
+        --model bestformer_tiny --budget 0.08 --set epochs=3 --set batch_size=64 --set accum_steps=1 \
+        --set lr=0.005 --set warmup_lr=0.0005 --set warmup_epochs=0.3 --set cooldown_epochs=0 --set mixup=0 \
+        --set rand_augment=null --set random_erasing=0 --set teacher_epochs=6     # the 2-core CPU run, ~1 hour
 
 Options come from the dataset's shipped recipe (``cifar10``: the paper's 400-epoch recipe on bestformer_4_384);
 ``--budget B`` scales its epochs and, below 1, the samples per split, so a CPU run fits in about an hour while
-``--budget 1`` is the full recipe for a GPU. CIFAR-10 here has no test split (the JPEG training split only; its
-test split is held out), so its table reports validation accuracy only. One ANN teacher (the counterpart of the
-student's size, ``ann_*``) is trained first with the first seed and shared by the distilled variants. Prints the
-table (with the budget) and one line of results, the ratio of the full method to the baseline last; writes
+``--budget 1`` is the full recipe for a GPU. ``--limit``, ``--seed``, ``--threads``, ``--out`` and ``--set`` are
+those of ``benchmarks/accuracy.py``: ``--set KEY=VALUE`` (repeatable) overrides any recipe key after the
+budget (e.g. a CPU batch size and learning rate for ``bestformer_tiny``); the table names every override. CIFAR-10
+here has no test split (the JPEG training split only; its test split is held out), so its table reports validation
+accuracy only. One ANN teacher (the counterpart of the student's size, ``ann_*``) is trained first with the first
+seed and shared by the distilled variants. Prints the table (with the budget) and one line of results, the ratio of
+the full method to the baseline last; writes
 ``benchmarks/results/ablation_<dataset>.json`` and ``.png``.
 """
 
@@ -24,14 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
+from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text, checked
 from bestformer.training import load_recipe, resolve_config, train
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: variant -> (model options, distilled)
 VARIANTS: dict[str, tuple[dict, bool]] = {
     "baseline": ({"reversible": False, "distill_head": False}, False),
@@ -39,7 +45,6 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
     "+IED": ({"reversible": False, "distill_head": True}, True),
     "+RF +IED": ({"reversible": True, "distill_head": True}, True),
 }
-FULL_SIZES = {"digits": 1797, "mnist": 70000, "cifar10": 50000}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -48,44 +53,32 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("dataset", choices=sorted(FULL_SIZES))
+    p.add_argument("dataset", choices=("cifar10", "digits", "mnist"))
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--budget", type=float, default=1.0, help="scale of epochs and subset (1: the full recipe)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (>= 3 for the table)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant, from --seed on (>= 3 for the table)")
     p.add_argument("--model", default=None, help="override the recipe's model (e.g. bestformer_tiny for cifar10)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine)")
-    p.add_argument("--out", default="runs/benchmarks")
+    add_budget_arguments(p)
     args = p.parse_args()
-    if not args.budget > 0 or args.seeds < 1:
-        p.error("--budget must be > 0 and --seeds >= 1")
-    recipe = load_recipe(args.dataset)
-    epochs = max(1, math.ceil(recipe["epochs"] * args.budget))
-    base = {"epochs": epochs, "data_dir": args.data_dir, "warmup_epochs": min(recipe.get("warmup_epochs", 0),
-                                                                              epochs - 1),
-            "cooldown_epochs": math.ceil(recipe.get("cooldown_epochs", 0) * args.budget),
-            "mixup_off_epoch": math.ceil(recipe.get("mixup_off_epoch", 0) * args.budget),
-            "teacher_epochs": max(1, math.ceil(recipe.get("teacher_epochs", recipe["epochs"]) * args.budget))}
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    base = budget_options(p, args, "ablation")
     if args.model:
         base["model"] = args.model
-    if args.threads:
-        base["threads"] = args.threads
-    if args.budget < 1:
-        base["limit"] = max(200, math.ceil(FULL_SIZES[args.dataset] * args.budget))
-    model = args.model or recipe["model"]
-    root = Path(args.out) / f"ablation-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    recipe = load_recipe(args.dataset)
+    model = base.get("model", recipe["model"])
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     teacher_ckpt: str | None = None
-    for seed in range(args.seeds):
+    seeds = range(args.seed, args.seed + args.seeds)
+    for seed in seeds:
         for name, (options, distilled) in VARIANTS.items():
             # the ANN counterpart of the student's size, trained once (first seed), then shared
             teacher = (teacher_ckpt or model.replace("bestformer", "ann")) if distilled else None
+            model_args = {**recipe.get("model_args", {}), **base.get("model_args", {}), **options}
             cfg, _ = resolve_config(args.dataset, {
-                **base, "seed": seed, "out": str(root), "name": f"{name.replace(' ', '').replace('+', 'p')}-s{seed}",
-                "model_args": {**recipe.get("model_args", {}), **options}, "teacher": teacher})
-            res = train(cfg)
-            if res.status == "interrupted":  # partial numbers would be wrong: stop here
-                raise SystemExit(f"interrupted; continue that run with: bestformer train --resume {res.run_dir}")
+                **base, "seed": seed, "name": f"{name.replace(' ', '').replace('+', 'p')}-s{seed}",
+                "model_args": model_args, "teacher": teacher})
+            res = checked(train(cfg))
             if distilled and teacher_ckpt is None:
                 teacher_ckpt = str(res.run_dir / "teacher" / "best.safetensors")
             results[name].append({"seed": seed, "val": res.val["acc1"] if res.val else None,
@@ -98,9 +91,7 @@ def main() -> None:
         if all(r["test"] is not None for r in runs):
             row["test"] = mean_std([r["test"] for r in runs])
         summary[name] = row
-    budget_txt = (f"budget {args.budget:g}: {epochs} epochs (+{base['cooldown_epochs']} cool-down)"
-                  + (f", at most {base['limit']} samples per split" if "limit" in base else ", full data")
-                  + f", model {model}, {args.seeds} seeds, {seconds / 60:.1f} min")
+    budget_txt = f"{budget_text(args, base)}, model {model}, {args.seeds} seeds, {seconds / 60:.1f} min"
     lines = [f"Table 4 on {args.dataset} ({budget_txt})", f"{'variant':<10}  {'val acc (%)':>16}  {'test acc (%)':>16}"]
     for name, row in summary.items():
         test = f"{row['test'][0]:6.2f} +- {row['test'][1]:5.2f}" if "test" in row else f"{'-':>16}"
@@ -136,7 +127,7 @@ def _plot(summary: dict, path: Path, title: str) -> None:
     lows = [summary[n]["val"][0] for n in names]
     ax.set_ylim(max(0.0, min(lows) - 10), 100)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, 110), fontsize=7)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -22,22 +22,27 @@ from pathlib import Path
 
 import torch
 
+from bestformer.cli.train import key_value
 from bestformer.training import TrainResult, load_recipe, resolve_config, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-FULL_SIZES = {"digits": 1797, "mnist": 70000, "nmnist": 1100}
+FULL_SIZES = {"digits": 1797, "mnist": 70000, "nmnist": 1100, "cifar10": 50000}
 
 
 def budgeted(dataset: str, budget: float, limit: int | None, data_dir: str | None, out: Path, seed: int) -> dict:
-    """The dataset's recipe scaled by ``budget``: its epochs, and below 1 the samples per split (unless
-    ``limit`` is given: 0 keeps every sample)."""
+    """The dataset's recipe scaled by ``budget``: its epochs (teacher, cool-down and mixup-off epochs too; the
+    warm-up stays the recipe's, kept below the epochs), and below 1 the samples per split (unless ``limit`` is
+    given: 0 keeps every sample)."""
     recipe = load_recipe(dataset)
     epochs = max(1, math.ceil(recipe["epochs"] * budget))
     scaled = {"epochs": epochs, "data_dir": data_dir, "seed": seed, "out": str(out),
               "warmup_epochs": min(recipe.get("warmup_epochs", 0), epochs - 1),
               "teacher_epochs": max(1, math.ceil(recipe.get("teacher_epochs", recipe["epochs"]) * budget))}
+    for key in ("cooldown_epochs", "mixup_off_epoch"):
+        if key in recipe:
+            scaled[key] = math.ceil(recipe[key] * budget)
     if limit is None and budget < 1:
         limit = max(200, math.ceil(FULL_SIZES[dataset] * budget))
     if limit:
@@ -52,10 +57,13 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a shared machine)")
     p.add_argument("--out", default="runs/benchmarks", help="root of the run folders")
+    p.add_argument("--set", dest="overrides", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="override a recipe key after the budget (repeatable), e.g. --set batch_size=64")
 
 
 def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchmark: str) -> dict:
-    """:func:`budgeted` options of the parsed ``args``, run folders under ``<out>/<benchmark>-<dataset>-<time>``."""
+    """:func:`budgeted` options of the parsed ``args`` then its ``--set`` overrides, run folders under
+    ``<out>/<benchmark>-<dataset>-<time>``."""
     if not args.budget > 0:
         p.error("--budget must be > 0")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -63,7 +71,16 @@ def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchma
                     Path(args.out) / f"{benchmark}-{args.dataset}-{stamp}", args.seed)
     if args.threads:
         base["threads"] = args.threads
+    base.update(args.overrides)
     return base
+
+
+def budget_text(args: argparse.Namespace, base: dict) -> str:
+    """The budget of a run in words, for the tables: epochs, subset, every ``--set`` override."""
+    return (f"budget {args.budget:g}: {base['epochs']} epochs"
+            + (f" (+{base['cooldown_epochs']} cool-down)" if base.get("cooldown_epochs") else "")
+            + (f", at most {base['limit']} samples per split" if base.get("limit") else ", full data")
+            + "".join(f", {key} {value}" for key, value in args.overrides))
 
 
 def checked(result: TrainResult) -> TrainResult:

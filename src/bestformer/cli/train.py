@@ -37,7 +37,8 @@ def _typed(base: type, nullable: bool, key: str) -> Any:
     return parse
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def key_value(text: str) -> tuple[str, Any]:
+    """argparse type of ``KEY=VALUE`` options: the key and its value parsed as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -80,9 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if "choices" not in kw:
                 kw["metavar"] = key.upper()
             opts.add_argument(flag, type=_typed(base, nullable, key), **kw)
-    opts.add_argument("--model-arg", dest="model_args", action="append", type=_key_value, metavar="KEY=VALUE",
+    opts.add_argument("--model-arg", dest="model_args", action="append", type=key_value, metavar="KEY=VALUE",
                       default=argparse.SUPPRESS, help="a model option, e.g. depth=2 (repeatable)")
-    opts.add_argument("--teacher-arg", dest="teacher_args", action="append", type=_key_value,
+    opts.add_argument("--teacher-arg", dest="teacher_args", action="append", type=key_value,
                       metavar="KEY=VALUE", default=argparse.SUPPRESS,
                       help="an option of a teacher trained in this run (repeatable)")
 
