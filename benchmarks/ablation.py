@@ -69,8 +69,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     teacher_ckpt: str | None = None
-    seeds = range(args.seed, args.seed + args.seeds)
-    for seed in seeds:
+    for seed in range(args.seed, args.seed + args.seeds):
         for name, (options, distilled) in VARIANTS.items():
             # the ANN counterpart of the student's size, trained once (first seed), then shared
             teacher = (teacher_ckpt or model.replace("bestformer", "ann")) if distilled else None

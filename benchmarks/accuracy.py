@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 import time
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def main() -> None:
             "seconds": seconds, "torch_threads": torch.get_num_threads(), "results": table}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"accuracy_{args.dataset}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _plot(table, RESULTS / f"accuracy_{args.dataset}.png", f"{args.dataset}, budget {args.budget:g}")
+    _plot(table, RESULTS / f"accuracy_{args.dataset}.png", f"{args.dataset}, {budget_text(args, base)}")
 
     def acc(name: str) -> float:
         return table[name]["test_acc"] if table[name]["test_acc"] is not None else table[name]["val_acc"]
@@ -133,7 +134,7 @@ def main() -> None:
     ratio = acc("bestformer + distillation") / acc("spikformer (full precision)")
     minutes = " | ".join(f"{name} {row['train_minutes']:.1f}" for name, row in table.items())
     print(f"minutes per run: {minutes}")
-    print(f"accuracy {args.dataset} (budget {args.budget:g}, {base['epochs']} epochs, {seconds:.0f} s): "
+    print(f"accuracy {args.dataset} ({budget_text(args, base)}, {seconds:.0f} s): "
           f"test top-1 teacher {acc('teacher (' + recipe['teacher'] + ')'):.2f}% | bestformer+KD "
           f"{acc('bestformer + distillation'):.2f}% | bestformer {acc('bestformer'):.2f}% | spikformer FP "
           f"{acc('spikformer (full precision)'):.2f}% | ratio bestformer+KD / spikformer {ratio:.3f}")
@@ -150,7 +151,7 @@ def _plot(table: dict, path: Path, title: str) -> None:
         ax.plot(range(1, len(row["val_curve"]) + 1), row["val_curve"], "o-", label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

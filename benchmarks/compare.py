@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from accuracy import RESULTS, add_budget_arguments, budget_options, checked
+from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text, checked
 from bestformer import load_checkpoint
 from bestformer.analysis.report import energy_str, si
 from bestformer.convert import convert
@@ -111,9 +112,9 @@ def main() -> None:
     meta = {"dataset": args.dataset, "budget": args.budget, "options": base, "seconds": seconds,
             "torch_threads": torch.get_num_threads(), "results": rows}
     (RESULTS / f"compare_{args.dataset}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _plot(rows, RESULTS / f"compare_{args.dataset}.png", f"{args.dataset}, budget {args.budget:g}")
+    _plot(rows, RESULTS / f"compare_{args.dataset}.png", f"{args.dataset}, {budget_text(args, base)}")
     print(markdown_table(rows))
-    print(f"compare {args.dataset} (budget {args.budget:g}, {base['epochs']} epochs, {seconds:.0f} s)")
+    print(f"compare {args.dataset} ({budget_text(args, base)}, {seconds:.0f} s)")
     if {"BESTformer", "Spikformer (FP)"} <= rows.keys():
         b, s = rows["BESTformer"], rows["Spikformer (FP)"]
         print(f"BESTformer / Spikformer (FP): test accuracy {b['test_acc'] / s['test_acc']:.3f}, size "
@@ -148,7 +149,7 @@ def _plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("energy per sample (nJ, 45 nm; log)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"tiny models, {title} (marker area ~ size)")
+    ax.set_title(textwrap.fill(f"tiny models, {title} (marker area ~ size)", 100), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
