@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # e.g. `make TORCH_SPEC="torch" install`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo test lint clean
+.PHONY: install install-dev demo test lint clean gpu-check gpu-check-prepare
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,15 @@ lint: $(VENV)/.dev
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# GPU readiness (docs/performance.md). Prepare here: the CIFAR-10 archive and the wheels the GPU image lacks go into
+# git-ignored folders that the device call carries (.device-data, .whl); then run the check there.
+gpu-check-prepare:
+	mkdir -p .device-data .whl
+	cp -f ../shared/data/cifar10/cifar10-train-jpeg.tar.gz .device-data/
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl "nir>=1.0"
+
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --target /tmp/bf-site .whl/*.whl; fi
+	PYTHONPATH=/tmp/bf-site:src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out "$${OUT:-gpu-check}"

@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="samples per batch")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many samples per split")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                        help="autocast (auto: bf16 on CUDA)")
+    parser.add_argument("--amp", default=None, choices=("auto", "fast", "bf16", "fp16", "off"),
+                        help="autocast (default: the checkpoint's training run's; auto: bf16 on CUDA)")
+    parser.add_argument("--flip", default=None, action=argparse.BooleanOptionalAction,
+                        help="flip test-time augmentation (default: the training run's eval_flip)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
 
 
@@ -51,8 +53,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{dataset} has no {args.split} split here; choose another --split")
     ctx = DistContext(device=resolve_device(args.device))
     model.to(ctx.device)
-    res = evaluate(model, split, num_classes=bundle.num_classes, batch_size=args.batch_size, ctx=ctx, amp=args.amp,
-                   workers=args.workers, desc=f"{dataset} {args.split}", where=f"{dataset} {args.split} split")
+    # by default the training run's own evaluation settings, so that its recorded validation accuracy is reproduced
+    amp = args.amp or config.get("amp", "auto")
+    flip = bool(config.get("eval_flip", False)) if args.flip is None else args.flip
+    res = evaluate(model, split, num_classes=bundle.num_classes, batch_size=args.batch_size, ctx=ctx, amp=amp,
+                   workers=args.workers, desc=f"{dataset} {args.split}", where=f"{dataset} {args.split} split",
+                   flip=flip)
     print(f"{meta['model_name']} on {dataset} {args.split} ({res['count']} samples): top-1 {res['acc1']:.2f}%  "
-          f"top-5 {res['acc5']:.2f}%  loss {res['loss']:.4f}")
+          f"top-5 {res['acc5']:.2f}%  loss {res['loss']:.4f}  (amp {amp}{', flip TTA' if flip else ''})")
     return 0

@@ -22,18 +22,21 @@ from .registry import (
 )
 from .sources import cache_dir
 from .splits import interleave_classes, stratified_split
-from .static import ImageArrayDataset, ImageFileDataset
+from .static import BatchedView, ImageArrayDataset, ImageBatch, ImageFileDataset, batched, collate
 
 __all__ = [
-    "BuildOptions",
+    "BatchedView",    "BuildOptions",
     "DatasetBundle",
     "EventFileDataset",
     "Events",
     "ImageArrayDataset",
+    "ImageBatch",
     "ImageFileDataset",
+    "batched",
     "build_datasets",
     "cache_dir",
     "cifar",
+    "collate",
     "dataset_summary",
     "decode_aedat",
     "decode_nmnist",

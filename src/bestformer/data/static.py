@@ -10,12 +10,13 @@ import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ..errors import FileFormatError
 from .registry import BuildOptions, DatasetBundle, register_dataset
@@ -31,9 +32,48 @@ DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3760,)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 
 
+class ImageBatch(NamedTuple):
+    """A batch fetched whole (:meth:`ImageArrayDataset.fetch`): ``x [B, C, H, W]``, ``y [B]``."""
+
+    x: Tensor
+    y: Tensor
+
+
+def collate(batch: Any) -> Any:
+    """DataLoader ``collate_fn``: a batch fetched whole passes through, a list of samples is stacked."""
+    return batch if isinstance(batch, ImageBatch) else default_collate(batch)
+
+
+class BatchedView(Dataset):
+    """A dataset whose DataLoader fetches each batch with one call to ``dataset.fetch(indices)`` (PyTorch's
+    ``__getitems__`` protocol); use it with ``collate_fn=collate``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def fetch(self, indices: Sequence[int]) -> ImageBatch:
+        """The samples ``indices`` as one batch (equal to stacking ``self[i]``)."""
+        return self.dataset.fetch(indices)
+
+
+def batched(dataset: Any) -> Any:
+    """``dataset`` seen through :class:`BatchedView` when it can fetch whole batches, else itself."""
+    return BatchedView(dataset) if callable(getattr(dataset, "fetch", None)) else dataset
+
+
 class ImageArrayDataset(Dataset):
     """Images held in memory as ``uint8 [N, H, W, C]`` (decoded once, or read from the decoded-data cache);
     ``indices`` select the samples of a split.
+
+    The split's pixels are kept as one ``uint8 [n, C, H, W]`` tensor, so a DataLoader fetches a whole batch with
+    one indexing and one normalization (:meth:`fetch`, through :func:`batched` and :func:`collate`) instead of a
+    Python call per image; both paths give identical tensors.
 
     Args:
         images, labels: the whole pool; ``indices`` the samples of this split, in order.
@@ -47,14 +87,22 @@ class ImageArrayDataset(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(c, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(c, 1, 1)
         self.max_value = float(max_value)
+        self.pixels = torch.from_numpy(np.ascontiguousarray(images[self.indices])).permute(0, 3, 1, 2).contiguous()
+        self.targets = torch.from_numpy(np.asarray(labels)[self.indices].astype(np.int64))
 
     def __len__(self) -> int:
         return int(self.indices.size)
 
+    def _normalize(self, pixels: Tensor) -> Tensor:
+        return (pixels.float() / self.max_value - self.mean) / self.std
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        j = self.indices[i]
-        x = torch.from_numpy(np.ascontiguousarray(self.images[j])).permute(2, 0, 1).float()
-        return (x / self.max_value - self.mean) / self.std, int(self.labels[j])
+        return self._normalize(self.pixels[i]), int(self.targets[i])
+
+    def fetch(self, indices: Sequence[int]) -> ImageBatch:
+        """The samples ``indices`` as one batch (equal to stacking ``self[i]``)."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return ImageBatch(self._normalize(self.pixels[idx]), self.targets[idx])
 
 
 def decode_image(data: bytes, source: str, mode: str = "RGB") -> Image.Image:

@@ -83,12 +83,13 @@ class SpikingSelfAttention(nn.Module):
         """The attention product of the chosen mode, per head, ``[T, B, heads, N, d]``."""
         if self.mode == "ssa":
             return (q @ k.transpose(-1, -2)) @ v * self.attn_scale
-        if q.shape[0] != self.lam.shape[0]:
+        if q.shape[0] > self.lam.shape[0]:
             raise InputError(
                 f"attention was built for time_steps={self.lam.shape[0]} (lambda of Eq. 9 is per step), "
                 f"got T={q.shape[0]}"
             )
-        scale = self.lam * self.attn_scale
+        # fewer steps than built (a time-step schedule's early phase): the first T lambdas
+        scale = self.lam[: q.shape[0]] * self.attn_scale
         if self.mode == "token":
             return (self.attn_neuron(q @ k.transpose(-1, -2)) @ v) * scale  # Eq. 8-9
         return (q @ self.attn_neuron(k.transpose(-1, -2) @ v)) * scale

@@ -26,6 +26,10 @@ class PatchSplitting(nn.Module):
     with channels ``D/8 -> D/4 -> D/2 -> D -> D`` (the reference's BSPS; binary convolutions when
     ``weight_bits=1``). Returns real-valued tokens ``[T, B, N, D]``.
 
+    ``widths`` replaces the reference channels (five numbers: the first convolution's output, then each
+    stage's; the last must be ``D``), e.g. a narrow stem that pools early (``pool_stages=(True, True, False,
+    False)``) so that no binary convolution runs at full resolution (ours, for CPU training; ``cifar10-fast``).
+
     A static image ``[B, C, H, W]`` goes through the first convolution once and is then repeated over
     ``T`` (direct encoding: the first layer's output is identical at every step, so computing it once is
     exact, BatchNorm batch statistics included; only the running variance's ``n / (n - 1)`` correction
@@ -34,14 +38,20 @@ class PatchSplitting(nn.Module):
 
     def __init__(self, in_channels: int, embed_dim: int, time_steps: int, neuron_layer: Callable[..., nn.Module],
                  weight_bits: int | str | None = 1, first_bits: int | str | None = 32,
-                 pool_stages: Sequence[bool] = (False, False, True, True)) -> None:
+                 pool_stages: Sequence[bool] = (False, False, True, True),
+                 widths: Sequence[int] | None = None) -> None:
         super().__init__()
-        if embed_dim % 8:
-            raise ConfigError(f"embed_dim must be divisible by 8 (stem widths D/8..D), got {embed_dim}")
+        if widths is None:
+            if embed_dim % 8:
+                raise ConfigError(f"embed_dim must be divisible by 8 (stem widths D/8..D), got {embed_dim}")
+            widths = [embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim, embed_dim]
+        widths = list(widths)
+        if len(widths) != 5 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths) \
+                or widths[-1] != embed_dim:
+            raise ConfigError(f"stem widths must be 5 integers >= 1 ending with embed_dim={embed_dim}, got {widths!r}")
         if len(pool_stages) != 4:
             raise ConfigError(f"pool_stages needs 4 booleans, got {pool_stages!r}")
         self.time_steps = time_steps
-        widths = [embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim, embed_dim]
         self.proj = ConvBN(in_channels, widths[0], weight_bits=first_bits)
         self.stages = nn.ModuleList()
         for i in range(4):

@@ -42,6 +42,7 @@ class SpikingTransformer(nn.Module):
             the two streams (our choice: reading only ``X^{S,0}`` would leave the last MLP without gradient).
         pool_stages: which of the four stem stages max-pool; ``None`` chooses from ``img_size``.
         attn_scale: the attention's constant factor (0.125 in the reference).
+        stem_widths: the stem's five channel counts (default: the reference's ``D/8, D/4, D/2, D, D``).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32, time_steps: int = 4,
@@ -49,7 +50,7 @@ class SpikingTransformer(nn.Module):
                  weight_bits: int = 1, first_bits: int = 32, head_bits: int = 32, attention: str = "token",
                  neuron: str = "lif", neuron_kwargs: dict[str, Any] | None = None, reversible: bool = True,
                  distill_head: bool = True, pool_stages: Sequence[bool] | None = None,
-                 attn_scale: float = 0.125) -> None:
+                 attn_scale: float = 0.125, stem_widths: Sequence[int] | None = None) -> None:
         super().__init__()
         for key, val in (("num_classes", num_classes), ("in_channels", in_channels), ("img_size", img_size),
                          ("time_steps", time_steps), ("embed_dim", embed_dim), ("depth", depth),
@@ -58,12 +59,13 @@ class SpikingTransformer(nn.Module):
                 raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
         self.num_classes, self.in_channels, self.img_size = num_classes, in_channels, img_size
         self.time_steps, self.num_features, self.embed_dim = time_steps, embed_dim, embed_dim
+        self.built_time_steps = time_steps
         self.weight_bits, self.reversible, self.distill_head = weight_bits, reversible, distill_head
         self.attention = attention
         neuron_layer = get_neuron(neuron, **(neuron_kwargs or {}))
         pools = tuple(pool_stages) if pool_stages is not None else auto_pool_stages(img_size)
         self.patch_embed = PatchSplitting(in_channels, embed_dim, time_steps, neuron_layer, weight_bits,
-                                          first_bits, pools)
+                                          first_bits, pools, stem_widths)
         attn_factory = get_attention(attention)
         block_cls = ReversibleBlock if reversible else ResidualBlock
         self.blocks = nn.ModuleList(
@@ -84,6 +86,15 @@ class SpikingTransformer(nn.Module):
         if num_classes == 0:
             return nn.Identity()
         return QuantLinear(self.embed_dim, num_classes, weight_quantizer=bits_to_quantizer(self.head_bits))
+
+    def set_time_steps(self, time_steps: int) -> None:
+        """Run static images for ``time_steps`` steps, at most the built ``T`` (a time-step schedule trains at a
+        smaller ``T`` first; the attention then uses the first ``time_steps`` lambdas of Eq. 9)."""
+        if not isinstance(time_steps, int) or isinstance(time_steps, bool) \
+                or not 1 <= time_steps <= self.built_time_steps:
+            raise ConfigError(f"time_steps must be an integer in [1, {self.built_time_steps}] (the model was built "
+                              f"for T={self.built_time_steps}), got {time_steps!r}")
+        self.time_steps = self.patch_embed.time_steps = time_steps
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each encoder block in backward instead of keeping its activations (timm's method): only the
@@ -168,6 +179,10 @@ _SIZES: dict[str, tuple[dict[str, Any], InputConfig]] = {
     "6_384": (dict(embed_dim=384, depth=6, num_heads=8), InputConfig(32, 3, 10, 4, "cifar10")),
     "8_512": (dict(embed_dim=512, depth=8, num_heads=8, attention="channel"),
               InputConfig(224, 3, 1000, 4, "imagenet")),
+    # ours, for time-to-accuracy on a CPU (recipe cifar10-fast, docs/training.md): a narrow stem that pools in its
+    # first three stages, so no binary convolution runs at 32 x 32, then 4 x 4 tokens of width 256
+    "cifar_fast": (dict(embed_dim=256, depth=2, num_heads=8, pool_stages=(True, True, True, False),
+                        stem_widths=(32, 64, 128, 256, 256)), InputConfig(32, 3, 10, 4, "cifar10")),
 }
 
 _FAMILIES: dict[str, dict[str, Any]] = {

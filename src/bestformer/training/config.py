@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, close_matches
+from .budget import parse_duration, parse_time_step_schedule
 from .randaugment import parse_spec
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -66,6 +67,12 @@ class TrainConfig:
     weight_decay: float = field(default=0.05, metadata=_opt("AdamW weight decay (not on norms, biases, lambda)"))
     batch_size: int = field(default=64, metadata=_opt("samples per step and process"))
     accum_steps: int = field(default=1, metadata=_opt("gradient accumulation: micro-batches per optimizer step"))
+    cuda_batch_size: int | None = field(default=None, metadata=_opt(
+        "batch_size to use instead when the device is CUDA (a recipe's GPU size; the lr follows lr_scaling)"))
+    lr_scaling: str = field(default="none", metadata=_opt(
+        "scale lr and warmup_lr with the global batch: linear or sqrt of global batch / lr_base_batch",
+        ("none", "linear", "sqrt")))
+    lr_base_batch: int = field(default=128, metadata=_opt("the global batch at which lr is given (lr_scaling)"))
     clip_grad: float | None = field(default=None, metadata=_opt("clip the gradient norm to this value"))
     label_smoothing: float = field(default=0.1, metadata=_opt("label smoothing of the cross-entropy"))
     mixup: float = field(default=0.0, metadata=_opt("mixup alpha (0: off)"))
@@ -79,8 +86,8 @@ class TrainConfig:
     rand_augment: str | None = field(default=None, metadata=_opt(
         "RandAugment as timm's spec string, e.g. m9-n1-mstd0.4-inc1 (static images only; default: off)"))
     amp: str = field(default="auto", metadata=_opt(
-        "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 (with loss scaling) or off",
-        ("auto", "bf16", "fp16", "off")))
+        "mixed precision: auto (bf16 on CUDA, off on CPU), fast (bf16 on CUDA and on CPUs with native bf16), bf16, "
+        "fp16 (with loss scaling) or off", ("auto", "fast", "bf16", "fp16", "off")))
     seed: int = field(default=0, metadata=_opt("random seed (initialisation, data order, augmentation)"))
     deterministic: bool = field(default=False, metadata=_opt(
         "deterministic algorithms only (bit-identical reruns and resumes)"))
@@ -88,6 +95,16 @@ class TrainConfig:
     workers: int = field(default=0, metadata=_opt("data-loading worker processes"))
     threads: int | None = field(default=None, metadata=_opt(
         "CPU threads of torch and of the fused neuron kernels; default: torch's choice"))
+    time_budget: str | None = field(default=None, metadata=_opt(
+        "wall-clock budget of the whole run, e.g. 60m, 1.5h, 900s (data, teacher and evaluations included): the "
+        "step count is planned from the measured step time so that the schedule ends with the budget"))
+    max_steps: int | None = field(default=None, metadata=_opt(
+        "optimizer steps of the run; the cosine schedule ends there (default: epochs; --time-budget plans it)"))
+    time_step_schedule: str | None = field(default=None, metadata=_opt(
+        "train static images at fewer time steps first, as T:fraction pairs of the steps, e.g. 1:0.6,4:0.4 "
+        "(the last T is the model's; evaluation always uses it)"))
+    eval_flip: bool = field(default=False, metadata=_opt(
+        "test-time augmentation: average the logits of each image and its horizontal mirror"))
     patience: int = field(default=0, metadata=_opt(
         "stop after this many epochs without a better validation accuracy (0: never)"))
     # distillation
@@ -121,7 +138,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Range checks that the types alone do not express; raises :class:`ConfigError`."""
-        for key in ("epochs", "batch_size", "accum_steps"):
+        for key in ("epochs", "batch_size", "accum_steps", "lr_base_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("cooldown_epochs", "warmup_epochs", "crop_padding", "workers", "patience",
@@ -156,7 +173,21 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {val!r}")
         if self.rand_augment is not None:
             parse_spec(self.rand_augment)  # a bad spec fails here, in one line
+        if self.cuda_batch_size is not None and self.cuda_batch_size < 1:
+            raise ConfigError(f"cuda_batch_size must be >= 1, got {self.cuda_batch_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+        if self.time_step_schedule is not None:
+            parse_time_step_schedule(self.time_step_schedule)
         return self
+
+    def lr_factor(self, global_batch: int) -> float:
+        """The factor on ``lr`` and ``warmup_lr`` of :attr:`lr_scaling` at ``global_batch`` (Goyal et al. 2017's
+        linear rule, or the square-root rule usual for Adam-type optimizers)."""
+        ratio = global_batch / self.lr_base_batch
+        return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,9 +38,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data import time_first
+from ..data import batched, collate, time_first
 from ..errors import BestformerError, ConfigError, FileFormatError, InputError
 from .augment import BatchAugment
+from .budget import TimeStepSchedule, parse_time_step_schedule
 from .checkpoint import check_fits
 from .config import TrainConfig
 from .distill import Distiller, soft_cross_entropy, split_outputs
@@ -74,10 +76,23 @@ class NonFiniteLossError(BestformerError):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 products in hardware (AVX512-BF16 or AMX-BF16; Linux flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of an ``amp`` option: ``"auto"`` is bf16 on CUDA and off elsewhere."""
+    """The autocast dtype of an ``amp`` option: ``"auto"`` is bf16 on CUDA and off elsewhere; ``"fast"`` is bf16 on
+    CUDA and on CPUs with native bf16 products (where it is ~1.3-1.5x faster), off elsewhere."""
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "fast":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
@@ -112,15 +127,17 @@ def _log(ctx: DistContext, msg: str, err: bool = False) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 256,
              ctx: DistContext | None = None, amp: str = "off", workers: int = 0, desc: str = "eval",
-             where: str = "dataset") -> dict[str, float]:
+             where: str = "dataset", flip: bool = False) -> dict[str, float]:
     """Top-1 / top-5 accuracy (in %) and mean cross-entropy of ``model`` on ``dataset`` (eval mode; with two
-    heads the prediction is their mean). Sums are reduced over ranks. Returns ``loss, acc1, acc5, count``."""
+    heads the prediction is their mean). Sums are reduced over ranks. Returns ``loss, acc1, acc5, count``.
+    ``flip``: test-time augmentation, the logits averaged over each image and its horizontal mirror."""
     ctx = ctx or DistContext()
     net = unwrap_model(model)
     was_training = net.training
     net.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardedSampler(dataset, ctx.world_size, ctx.rank),
-                        num_workers=workers, pin_memory=ctx.device.type == "cuda")
+    loader = DataLoader(batched(dataset), batch_size=batch_size,
+                        sampler=ShardedSampler(dataset, ctx.world_size, ctx.rank), num_workers=workers,
+                        pin_memory=ctx.device.type == "cuda", collate_fn=collate)
     dtype = amp_dtype(amp, ctx.device)
     k = min(5, num_classes)
     sums = {"loss": 0.0, "correct1": 0.0, "correct5": 0.0, "count": 0.0}
@@ -130,6 +147,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
             x, y = time_first(x).to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with autocast(ctx.device, dtype):
                 logits = merged_logits(net(x)).float()
+                if flip:
+                    logits = (logits + merged_logits(net(x.flip(-1))).float()) / 2
             top = logits.topk(k, dim=-1).indices
             sums["loss"] += float(F.cross_entropy(logits, y, reduction="sum"))
             sums["correct1"] += float((top[:, 0] == y).sum())
@@ -256,11 +275,13 @@ class Trainer:
         self.sampler = sampler or ShardedBatchSampler(train_set, cfg.batch_size, cfg.accum_steps,
                                                       self.ctx.world_size, self.ctx.rank, shuffle=True, seed=cfg.seed)
         # a private generator: creating the loader's iterator must not draw from the global torch RNG
-        self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=cfg.workers,
-                                 pin_memory=self.dev.type == "cuda",
+        self.loader = DataLoader(batched(train_set), batch_sampler=self.sampler, num_workers=cfg.workers,
+                                 pin_memory=self.dev.type == "cuda", collate_fn=collate,
                                  generator=torch.Generator().manual_seed(cfg.seed))
-        self.schedule = CosineSchedule(cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.warmup_epochs, cfg.epochs,
-                                       cfg.cooldown_epochs, self.sampler.steps_per_epoch)
+        self.set_max_steps(cfg.max_steps)
+        self.time_schedule = self._time_step_schedule()
+        self.deadline: float | None = None  # perf_counter time at which a budgeted run must stop training
+        self.clock0 = time.perf_counter()  # the run's start, for the wall-clock column of the history
         if cfg.rand_augment and (mean is None or std is None):
             raise ConfigError("rand_augment needs the normalization (mean, std) of the training images")
         rand_augment = RandAugment.from_spec(cfg.rand_augment, mean=mean, std=std) if cfg.rand_augment else None
@@ -274,6 +295,73 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         return self.sampler.global_batch
+
+    def set_max_steps(self, steps: int | None) -> None:
+        """End the run (and its cosine schedule) after ``steps`` optimizer steps; ``None``: after ``epochs +
+        cooldown_epochs`` epochs."""
+        cfg, spe = self.cfg, self.sampler.steps_per_epoch
+        epochs, cooldown = (cfg.epochs, cfg.cooldown_epochs) if steps is None else (steps / spe, 0)
+        k = cfg.lr_factor(self.sampler.global_batch)
+        self.schedule = CosineSchedule(cfg.lr * k, cfg.min_lr, cfg.warmup_lr * k, cfg.warmup_epochs, epochs, cooldown,
+                                       spe)
+        self.total_steps = (cfg.epochs + cfg.cooldown_epochs) * spe if steps is None else steps
+
+    def _time_step_schedule(self) -> TimeStepSchedule | None:
+        if self.cfg.time_step_schedule is None:
+            return None
+        if not hasattr(self.module, "set_time_steps"):
+            raise ConfigError(f"time_step_schedule: {self.module.model_name} cannot change its time steps")
+        return parse_time_step_schedule(self.cfg.time_step_schedule, self.module.built_time_steps)
+
+    def _set_time_steps(self, step: int | None) -> None:
+        """``T`` of the time-step schedule at ``step`` (``None``: the model's own, for evaluation)."""
+        if self.time_schedule is None:
+            return
+        t = self.time_schedule.final if step is None else self.time_schedule.at(step, self.total_steps)
+        if t != self.module.time_steps:
+            self.module.set_time_steps(t)
+
+    def measure_costs(self, steps: int = 2, eval_batches: int = 2) -> tuple[dict[int, float], float]:
+        """Seconds of one training step at each ``T`` of the schedule (forward, backward, data and augmentation
+        on the first batches of the real training split; the fastest of ``steps`` after a warm-up step) and of
+        one validation pass (extrapolated from ``eval_batches`` batches). Weights, BatchNorm statistics and
+        gradients are restored: the run starts as if nothing was measured."""
+        saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        times = [t for t in (self.time_schedule.time_steps if self.time_schedule else [self.module.time_steps])]
+        step_s: dict[int, float] = {}
+        self.model.train()
+        try:
+            batches = iter(self.loader)
+            for t in times:
+                if self.time_schedule is not None:
+                    self.module.set_time_steps(t)
+                best = math.inf
+                for i in range(steps + 1):
+                    t0 = time.perf_counter()
+                    x, y = next(batches)
+                    x, target = self.augment(time_first(x).to(self.dev), y.to(self.dev), 0, True)
+                    with autocast(self.dev, self.dtype):
+                        loss = self.loss(x, target, self.model(x))
+                    self.scaler.scale(loss).backward()
+                    if self.dev.type == "cuda":
+                        torch.cuda.synchronize(self.dev)
+                    if i:
+                        best = min(best, time.perf_counter() - t0)
+                    self.optimizer.zero_grad(set_to_none=True)
+                step_s[t] = best
+        finally:
+            self.module.load_state_dict(saved)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._set_time_steps(None)
+        eval_s = 0.0
+        if self.val_set is not None:
+            n = min(len(self.val_set), eval_batches * self.cfg.batch_size)
+            subset = torch.utils.data.Subset(self.val_set, range(n))
+            t0 = time.perf_counter()
+            evaluate(self.model, subset, num_classes=self.num_classes, batch_size=self.cfg.batch_size,
+                     amp=self.cfg.amp, flip=self.cfg.eval_flip, desc="timing")
+            eval_s = (time.perf_counter() - t0) * len(self.val_set) / max(n, 1)
+        return step_s, eval_s
 
     # ------------------------------------------------------------------------------------------- state
     def load_state(self, state: ResumeState) -> None:
@@ -382,6 +470,7 @@ class Trainer:
                     # a skipped step must not leave NaN in the BatchNorm statistics either
                     saved_buffers = [b.detach().clone() for b in self.module.buffers()]
                 check_labels(y, self.num_classes, "training split")
+                self._set_time_steps(p.global_step)
                 x = time_first(x).to(self.dev, non_blocking=True)
                 y = y.to(self.dev, non_blocking=True)
                 x, target = self.augment(x, y, p.global_step, mix)
@@ -431,6 +520,14 @@ class Trainer:
                 if self._stop_requested(stop):
                     self.checkpoint()
                     return "interrupted"
+                if p.global_step >= self.total_steps:
+                    break
+                if self.deadline is not None and time.perf_counter() > self.deadline:
+                    _log(self.ctx, f"warning: the time budget ran out at step {p.global_step} of the planned "
+                                   f"{self.total_steps} (the machine was slower than measured); training stops "
+                                   "here, before the schedule's end", err=True)
+                    self.total_steps = p.global_step
+                    break
                 if cfg.ckpt_every_steps and p.global_step % cfg.ckpt_every_steps == 0 \
                         and sums.steps + sums.skipped < steps_per_epoch:
                     self.checkpoint()
@@ -450,10 +547,12 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         sums = dict(p.sums)
         val = None
+        trained_t = self.module.time_steps if hasattr(self.module, "time_steps") else None
+        self._set_time_steps(None)  # evaluation at the model's own T
         if self.val_set is not None:
             val = evaluate(self.model, self.val_set, num_classes=self.num_classes, batch_size=cfg.batch_size,
                            ctx=self.ctx, amp=cfg.amp, workers=cfg.workers, desc="validate",
-                           where="validation split")
+                           where="validation split", flip=cfg.eval_flip)
         train = all_reduce_sums({k: sums[k] for k in ("loss", "correct", "count")})
         counts = self.monitor.counts()
         reduced = all_reduce_sums({f"{k}\0{i}": v[i] for k, v in counts.items() for i in (0, 1)})
@@ -472,7 +571,7 @@ class Trainer:
             "grad_norm": sums["grad_norm"] / steps, "grad_norm_max": sums["grad_norm_max"],
             "firing_rate": sum(rates.values()) / len(rates) if rates else math.nan,
             "dead_layers": len(dead), "saturated_layers": len(saturated), "skipped_steps": sums["skipped"],
-            "time_s": sums["seconds"],
+            "time_s": sums["seconds"], "wall_s": time.perf_counter() - self.clock0, "time_steps": trained_t,
         }
         p.history.append(row)
         if rates:
@@ -496,7 +595,7 @@ class Trainer:
         p.epoch += 1
         p.sums = asdict(EpochSums())
         early = bool(cfg.patience) and p.bad_epochs >= cfg.patience
-        p.finished = early or p.epoch >= self.schedule.total_epochs
+        p.finished = early or p.epoch >= self.schedule.total_epochs or p.global_step >= self.total_steps
         p.stopped_early = early and p.epoch < self.schedule.total_epochs
         self.run.write_history(p.history, p.firing)
         self.checkpoint(best=improved)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import math
 import os
 import platform
 import random
@@ -41,6 +42,7 @@ from ..fileio import read_json
 from ..models import create_model, get_input_config, is_model
 from ..neurons import set_backend, supported_backends
 from ..quant import weight_bits_of
+from .budget import parse_duration, parse_time_step_schedule, plan_budget
 from .checkpoint import load_checkpoint, load_weights
 from .config import TrainConfig, config_from_dict, load_recipe
 from .distill import Distiller, get_distiller, list_distillers
@@ -58,6 +60,8 @@ from .state import load_resume_state
 
 #: distillers that live in modules imported only when chosen
 LAZY_DISTILLERS = {"fgd": "bestformer.training.fgd"}
+#: seconds set aside after training for the profile written beside the checkpoints
+PROFILE_SECONDS = 10.0
 #: options that may change on resume: the run's length, its checkpointing and where / how fast it executes (another
 #: device or thread count can change float rounding); the others define the experiment and must stay
 RESUMABLE = ("epochs", "cooldown_epochs", "patience", "ckpt_every_steps", "monitor_every", "skip_nonfinite",
@@ -184,8 +188,9 @@ class _Run:
     """One training run in ``folder`` (a teacher run is another ``_Run`` in ``folder/teacher``)."""
 
     def __init__(self, cfg: TrainConfig, folder: RunFolder, ctx: DistContext, recipe: str | None,
-                 role: str = "model") -> None:
+                 role: str = "model", started: float | None = None) -> None:
         self.cfg, self.folder, self.ctx, self.recipe, self.role = cfg, folder, ctx, recipe, role
+        self.started = time.perf_counter() if started is None else started  # a time budget counts from here
 
     def execute(self, bundle: Any = None) -> TrainResult:
         cfg, folder, ctx = self.cfg, self.folder, self.ctx
@@ -202,6 +207,8 @@ class _Run:
                 _log(ctx, f"{folder.path} has already finished")
                 return TrainResult.from_summary(final, p.get("history", []))
             cfg = self.cfg = _keep_global_batch(cfg, state.progress, ctx)
+        if cfg.cuda_batch_size is not None and ctx.device.type == "cuda" and cfg.batch_size != cfg.cuda_batch_size:
+            cfg = self.cfg = cfg.replace(batch_size=cfg.cuda_batch_size)  # the recipe's GPU size (lr_scaling follows)
         time_steps = cfg.time_steps or get_input_config(cfg.model).time_steps  # also: an unknown model fails here
         folder.prepare()  # a read-only or missing folder fails now, before the data are read
         if cfg.threads is not None:  # torch's kernels and the fused LIF kernels' thread pool follow it
@@ -239,6 +246,9 @@ class _Run:
             if not p.finished:
                 _log(ctx, f"resuming {folder.path} at epoch {p.epoch + 1}, step {p.global_step} "
                           f"({p.samples_seen} samples seen)")
+        trainer.clock0 = self.started
+        if cfg.time_budget is not None and state is None:
+            cfg = self.cfg = self._plan_budget(trainer, bundle, info)
         p = trainer.progress
         if p.finished and p.epoch < trainer.schedule.total_epochs and not p.stopped_early:
             p.finished = False  # more epochs were asked for on resume
@@ -255,8 +265,13 @@ class _Run:
         _load_on_main(ctx, lambda: load_weights(student, folder.weights_path("best")))
         broadcast_module(student)
         kw = dict(num_classes=bundle.num_classes, batch_size=cfg.batch_size, ctx=ctx, amp=cfg.amp,
-                  workers=cfg.workers)
-        if bundle.val is not None:
+                  workers=cfg.workers, flip=cfg.eval_flip)
+        best = next((row for row in p.history if row["epoch"] == p.best_epoch), None)
+        if bundle.val is not None and best is not None and math.isfinite(best["val_acc"]):
+            # the best weights were validated at the end of their epoch (the history holds it): no second pass
+            result.val = {"loss": best["val_loss"], "acc1": best["val_acc"], "acc5": best["val_top5"],
+                          "count": len(bundle.val)}
+        elif bundle.val is not None:
             result.val = evaluate(trainer.model, bundle.val, desc="validate (best)", where="validation split", **kw)
         if bundle.test is not None:
             result.test = evaluate(trainer.model, bundle.test, desc="test", where="test split", **kw)
@@ -265,6 +280,30 @@ class _Run:
         if self.role == "model" and ctx.is_main:
             _log(ctx, write_profile(student, bundle, folder.path / "profile.json"))
         return result
+
+    def _plan_budget(self, trainer: Trainer, bundle: Any, info: dict[str, Any]) -> TrainConfig:
+        """Measure this machine's step and validation times, then fix ``max_steps`` so that the run ends within
+        ``time_budget`` (counted from the start of the run, teacher included); records the plan in
+        ``config.yaml`` / ``run.json`` and arms the trainer's deadline."""
+        cfg = self.cfg
+        budget = parse_duration(str(cfg.time_budget))
+        if bundle.is_event and cfg.time_step_schedule:
+            raise ConfigError("time_step_schedule works on static images; event frames fix T")
+        # every rank must plan the same step count: rank 0's measurement counts
+        step_s, eval_s = broadcast_object(trainer.measure_costs())
+        test_s = eval_s * len(bundle.test) / max(len(bundle.val), 1) if bundle.test is not None and bundle.val \
+            else 0.0
+        final_s = test_s + PROFILE_SECONDS  # the best epoch's validation is reused, not repeated
+        plan = plan_budget(budget, time.perf_counter() - self.started, step_s,
+                           trainer.time_schedule or parse_time_step_schedule(None, trainer.module.time_steps),
+                           trainer.sampler.steps_per_epoch, eval_s, final_s)
+        cfg = cfg.replace(max_steps=plan.total_steps)
+        trainer.cfg = cfg
+        trainer.set_max_steps(plan.total_steps)
+        trainer.deadline = self.started + budget - final_s
+        self.folder.write_config(cfg.to_dict(), {**info, "budget_plan": plan.to_dict()})
+        _log(self.ctx, plan.describe())
+        return cfg
 
     def _teacher(self, bundle: Any, time_steps: int) -> tuple[nn.Module, TrainResult | None]:
         """The frozen teacher: a checkpoint, or a registered architecture trained in ``<run>/teacher``."""
@@ -285,8 +324,9 @@ class _Run:
         tcfg = cfg.replace(model=spec, model_args=dict(cfg.teacher_args), epochs=epochs,
                            lr=cfg.teacher_lr or cfg.lr, teacher=None, distill=None, teacher_args={},
                            teacher_epochs=None, teacher_lr=None, time_steps=time_steps if bundle.is_event else None,
-                           cooldown_epochs=0, warmup_epochs=min(cfg.warmup_epochs, epochs))
-        run = _Run(tcfg, self.folder.teacher, self.ctx, self.recipe, role="teacher")
+                           cooldown_epochs=0, warmup_epochs=min(cfg.warmup_epochs, epochs), time_budget=None,
+                           max_steps=None, time_step_schedule=None)
+        run = _Run(tcfg, self.folder.teacher, self.ctx, self.recipe, role="teacher", started=self.started)
         result = run.execute(bundle)
         if result.status == "interrupted":
             return nn.Identity(), result

@@ -18,7 +18,8 @@ class CosineSchedule:
     """``lr(step)``: warm-up ``warmup_lr -> lr`` over ``warmup_epochs``, cosine ``lr -> min_lr`` until
     ``epochs``, then ``min_lr`` during the ``cooldown_epochs`` that follow.
 
-    Epochs are fractional (``step / steps_per_epoch``). A warm-up as long as the whole schedule simply
+    Epochs are fractional (``step / steps_per_epoch``), ``epochs`` too when a run is given as a step count
+    (``max_steps``: the cosine then ends at that step). A warm-up as long as the whole schedule simply
     ramps up to ``lr`` at the end.
     """
 
@@ -26,13 +27,14 @@ class CosineSchedule:
     min_lr: float
     warmup_lr: float
     warmup_epochs: float
-    epochs: int
+    epochs: float
     cooldown_epochs: int
     steps_per_epoch: int
 
     @property
     def total_epochs(self) -> int:
-        return self.epochs + self.cooldown_epochs
+        """Epochs the run lasts (the last one partial when ``epochs`` is fractional: a planned step count)."""
+        return math.ceil(self.epochs + self.cooldown_epochs - 1e-9)
 
     def __call__(self, step: int) -> float:
         e = step / self.steps_per_epoch

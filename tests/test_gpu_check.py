@@ -1,0 +1,30 @@
+"""The GPU readiness script's dry run: every stage on the CPU at tiny sizes, so CI proves the plumbing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_passes_every_stage_in_under_a_minute(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    stages = {s["stage"]: s for s in doc["stages"]}
+    assert list(stages) == ["env", "cuda_tests", "smoke", "train_step", "time_to_accuracy", "torchrun",
+                            "torchrun_resume"]
+    failed = {k: s["tail"] for k, s in stages.items() if s["status"] != "passed"}
+    assert not failed and proc.returncode == 0, (failed, proc.stdout[-2000:])
+    smoke = stages["smoke"]["measured"]
+    assert len(smoke) == 12 and all(v["finite"] and v["falling"] for v in smoke.values())
+    assert "tests collected" in " ".join(stages["cuda_tests"]["result_lines"])
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "dry run" in summary and "7 passed, 0 failed" in proc.stdout
+    assert seconds < 90, seconds  # about a minute on the 2-core CI machine
