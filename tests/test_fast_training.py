@@ -24,6 +24,7 @@ from bestformer.training.augment import BatchAugment
 from bestformer.training.budget import parse_duration, parse_time_step_schedule, plan_budget
 from bestformer.training.engine import evaluate
 from bestformer.training.schedule import CosineSchedule
+from bestformer.training.state import load_resume_state
 
 TINY = {"embed_dim": 16, "num_heads": 2, "depth": 1, "pool_stages": [False, False, True, True]}
 
@@ -198,7 +199,9 @@ def test_budgeted_run_plans_its_steps_and_ends_within_the_budget(tmp_path: Path)
     plan = run["budget_plan"]
     cfg = load_recipe(str(tmp_path / "run" / "config.yaml"))
     assert cfg["max_steps"] == plan["total_steps"] >= 10 and set(plan["step_s"]) == {"1", "4"}
-    assert result.status == "finished" and result.history[-1]["step"] == plan["total_steps"]
+    # after each epoch the remaining steps are re-fitted to the time left; the run ends at the last plan's step
+    final_plan = load_resume_state(tmp_path / "run" / "resume.safetensors").progress["config"]["max_steps"]
+    assert result.status == "finished" and result.history[-1]["step"] == final_plan
     assert wall <= budget + 3.0  # the budget counts from the run's start; a little slack for the test machine
     assert result.history[-1]["wall_s"] <= budget and result.val is not None
 
@@ -235,3 +238,40 @@ def test_lr_scaling_rules_and_the_cuda_batch_size(tmp_path: Path) -> None:
         TrainConfig(cuda_batch_size=0)
     recipe = load_recipe("cifar10-fast")
     assert recipe["cuda_batch_size"] > recipe["batch_size"] and recipe["lr_scaling"] == "sqrt"
+
+
+def test_refit_after_an_epoch_by_hand() -> None:
+    from bestformer.training.budget import planned_seconds, refit_steps
+
+    sched = parse_time_step_schedule("1:0.5,4:0.5", final=4)
+    step_s = {1: 1.0, 4: 3.0}
+    # 100 steps: 50 at 1 s then 50 at 3 s; steps 40..60 cost 10 * 1 + 10 * 3
+    assert planned_seconds(step_s, sched, 40, 60, 100) == 40.0
+    assert planned_seconds(step_s, sched, 0, 100, 100) == 200.0
+    # after 10 of 100 planned steps (epochs of 10), steps ran as planned: 190 s of steps and 9 end-of-epoch passes of
+    # 2 s remain; with exactly 208 s left the plan holds, with less it shrinks, with more it grows
+    args = dict(step_s=step_s, schedule=sched, done=10, total_steps=100, steps_per_epoch=10, epochs_done=1)
+    assert refit_steps(**args, slowdown=1.0, overhead_s=2.0, left_s=208.0) == 100
+    assert refit_steps(**args, slowdown=1.0, overhead_s=2.0, left_s=150.0) < 100
+    assert refit_steps(**args, slowdown=1.0, overhead_s=2.0, left_s=300.0) > 100
+    # twice as slow as measured: about half the remaining steps fit
+    slow = refit_steps(**args, slowdown=2.0, overhead_s=0.0, left_s=380.0)
+    assert 2.0 * planned_seconds(step_s, sched, 10, slow, slow) <= 380.0 < 2.0 * planned_seconds(
+        step_s, sched, 10, slow + 1, slow + 1)
+    assert refit_steps(**args, slowdown=1.0, overhead_s=2.0, left_s=0.0) == 10  # no time left: stop now
+
+
+def test_measuring_the_costs_leaves_the_run_untouched(tmp_path: Path) -> None:
+    from bestformer.training import Trainer
+    from bestformer.training.runs import RunFolder
+
+    data = torch.utils.data.TensorDataset(torch.randn(96, 1, 8, 8), torch.arange(96) % 2)
+    model = bestformer.create_model("bestformer_tiny", **TINY, img_size=8, in_channels=1, num_classes=2, time_steps=4)
+    trainer = Trainer(model, _digits_config(tmp_path, time_step_schedule="1:0.5,4:0.5"), data, data, num_classes=2,
+                      run=RunFolder(tmp_path / "r"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step_s, eval_s = trainer.measure_costs(steps=1, eval_batches=1)
+    assert set(step_s) == {1, 4} and all(v > 0 for v in step_s.values()) and eval_s > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not trainer.optimizer.state and all(p.grad is None for p in model.parameters())
+    assert model.time_steps == 4

@@ -67,7 +67,7 @@ def _finish(proc: subprocess.Popen) -> str:
 
 def _metrics(run: Path) -> list[dict[str, str]]:
     with open(run / "metrics.csv") as fh:
-        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(fh)]
+        return [{k: v for k, v in row.items() if k not in ("time_s", "wall_s")} for row in csv.DictReader(fh)]
 
 
 def _same_run(a: Path, b: Path) -> None:

@@ -63,7 +63,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def metrics_without_time(path: Path) -> list[dict[str, str]]:
     with open(path) as fh:
-        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(fh)]
+        return [{k: v for k, v in row.items() if k not in ("time_s", "wall_s")} for row in csv.DictReader(fh)]
 
 
 # ---------------------------------------------------------------------------------------------- schedule

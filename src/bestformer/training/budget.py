@@ -156,3 +156,33 @@ def plan_budget(budget_s: float, elapsed_s: float, step_seconds: Mapping[int, fl
                           f"give at least {math.ceil(need)} s")
     return BudgetPlan(budget_s, elapsed_s, dict(step_seconds), eval_s, final_s, reserve_s, steps_per_epoch, steps,
                       math.ceil(steps / steps_per_epoch))
+
+
+def planned_seconds(step_s: Mapping[int, float], schedule: TimeStepSchedule, start: int, stop: int,
+                    total_steps: int) -> float:
+    """Planned seconds of steps ``[start, stop)`` in a run of ``total_steps`` steps (each phase at its ``T``)."""
+    edges = [0, *schedule.boundaries(total_steps), max(total_steps, stop)]
+    seconds = 0.0
+    for (t, _), lo, hi in zip(schedule.phases, edges[:-1], edges[1:]):
+        seconds += max(0, min(hi, stop) - max(lo, start)) * step_s[t]
+    return seconds
+
+
+def refit_steps(step_s: Mapping[int, float], schedule: TimeStepSchedule, done: int, total_steps: int,
+                slowdown: float, overhead_s: float, left_s: float, steps_per_epoch: int, epochs_done: int) -> int:
+    """Re-plan after an epoch from what it really cost: the largest step count whose remaining steps (at the planned
+    step times times ``slowdown``, the measured / planned ratio of the epoch just run) and remaining end-of-epoch
+    passes (``overhead_s`` each: validation, checkpoint, logs) fit in ``left_s``. At least ``done`` (stop now)."""
+
+    def cost(total: int) -> float:
+        evals = max(0, math.ceil(total / steps_per_epoch) - epochs_done)
+        return slowdown * planned_seconds(step_s, schedule, done, total, total) + evals * overhead_s
+
+    lo, hi = done, done + max(1, math.ceil(left_s / (slowdown * min(step_s.values()))))
+    while lo < hi:  # the largest total with cost(total) <= left_s (cost grows with total)
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= left_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

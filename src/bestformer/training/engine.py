@@ -22,6 +22,8 @@ Design (ours; the papers train with timm's script):
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import math
 import signal
 import sys
@@ -41,7 +43,7 @@ from tqdm import tqdm
 from ..data import batched, collate, time_first
 from ..errors import BestformerError, ConfigError, FileFormatError, InputError
 from .augment import BatchAugment
-from .budget import TimeStepSchedule, parse_time_step_schedule
+from .budget import BudgetPlan, TimeStepSchedule, parse_time_step_schedule, planned_seconds, refit_steps
 from .checkpoint import check_fits
 from .config import TrainConfig
 from .distill import Distiller, soft_cross_entropy, split_outputs
@@ -281,6 +283,9 @@ class Trainer:
         self.set_max_steps(cfg.max_steps)
         self.time_schedule = self._time_step_schedule()
         self.deadline: float | None = None  # perf_counter time at which a budgeted run must stop training
+        self.plan: BudgetPlan | None = None  # a budgeted run's plan, re-fitted after every epoch until plan_end
+        self.plan_end = math.inf
+        self._ckpt_s = 0.0
         self.clock0 = time.perf_counter()  # the run's start, for the wall-clock column of the history
         if cfg.rand_augment and (mean is None or std is None):
             raise ConfigError("rand_augment needs the normalization (mean, std) of the training images")
@@ -323,15 +328,17 @@ class Trainer:
 
     def measure_costs(self, steps: int = 2, eval_batches: int = 2) -> tuple[dict[int, float], float]:
         """Seconds of one training step at each ``T`` of the schedule (forward, backward, data and augmentation
-        on the first batches of the real training split; the fastest of ``steps`` after a warm-up step) and of
-        one validation pass (extrapolated from ``eval_batches`` batches). Weights, BatchNorm statistics and
-        gradients are restored: the run starts as if nothing was measured."""
+        on the first batches of the real training split, and the optimizer's step; the fastest of ``steps`` after a
+        warm-up step) and of one validation pass (extrapolated from ``eval_batches`` batches). Weights, BatchNorm
+        statistics, the optimizer's state and the gradients are restored: the run starts as if nothing was
+        measured (a test checks the weights)."""
         saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        saved_opt = copy.deepcopy(self.optimizer.state_dict())
         times = [t for t in (self.time_schedule.time_steps if self.time_schedule else [self.module.time_steps])]
         step_s: dict[int, float] = {}
         self.model.train()
         try:
-            batches = iter(self.loader)
+            batches = itertools.cycle(self.loader)  # a small split may hold fewer batches than the measurement
             for t in times:
                 if self.time_schedule is not None:
                     self.module.set_time_steps(t)
@@ -343,6 +350,8 @@ class Trainer:
                     with autocast(self.dev, self.dtype):
                         loss = self.loss(x, target, self.model(x))
                     self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)  # the optimizer's time counts too (its state is restored)
+                    self.scaler.update()
                     if self.dev.type == "cuda":
                         torch.cuda.synchronize(self.dev)
                     if i:
@@ -351,6 +360,7 @@ class Trainer:
                 step_s[t] = best
         finally:
             self.module.load_state_dict(saved)
+            self.optimizer.load_state_dict(saved_opt)
             self.optimizer.zero_grad(set_to_none=True)
             self._set_time_steps(None)
         eval_s = 0.0
@@ -408,11 +418,13 @@ class Trainer:
                 "config": self.cfg.to_dict(), **self.config_extra}
         if p.history:
             meta["metrics"] = p.history[-1]
+        t0 = time.perf_counter()
         if best:
             self.run.save_model("best", self.module, meta)
         self.run.save_resume(self.module, self.optimizer, self.scaler, self._progress_json())
         self.run.save_model("last", self.module, meta)
         self.last_checkpoint = str(self.run.resume_path)
+        self._ckpt_s = time.perf_counter() - t0
 
     # -------------------------------------------------------------------------------------------- steps
     def loss(self, x: Tensor, target: Tensor, out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
@@ -547,6 +559,7 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         sums = dict(p.sums)
         val = None
+        t_end = time.perf_counter()
         trained_t = self.module.time_steps if hasattr(self.module, "time_steps") else None
         self._set_time_steps(None)  # evaluation at the model's own T
         if self.val_set is not None:
@@ -594,12 +607,30 @@ class Trainer:
                        f"{row['time_s']:.1f} s")
         p.epoch += 1
         p.sums = asdict(EpochSums())
+        self._refit(sums["seconds"], time.perf_counter() - t_end + self._ckpt_s)
         early = bool(cfg.patience) and p.bad_epochs >= cfg.patience
         p.finished = early or p.epoch >= self.schedule.total_epochs or p.global_step >= self.total_steps
         p.stopped_early = early and p.epoch < self.schedule.total_epochs
         self.run.write_history(p.history, p.firing)
         self.checkpoint(best=improved)
         return early
+
+    def _refit(self, train_s: float, overhead_s: float) -> None:
+        """A budgeted run: fit the remaining steps to the time left, from what this epoch really cost."""
+        p, plan = self.progress, self.plan
+        if plan is None or p.global_step >= self.total_steps:
+            return
+        sched = self.time_schedule or parse_time_step_schedule(None, self.module.time_steps)
+        first = p.history[-2]["step"] if len(p.history) > 1 else 0  # this epoch's first step
+        planned = planned_seconds(plan.step_s, sched, first, p.global_step, self.total_steps)
+        slowdown = train_s / planned if planned > 0 and train_s > 0 else 1.0
+        total = refit_steps(plan.step_s, sched, p.global_step, self.total_steps, slowdown, overhead_s,
+                            self.plan_end - time.perf_counter(), self.sampler.steps_per_epoch, p.epoch)
+        if total != self.total_steps:
+            _log(self.ctx, f"budget: re-planned to {total} steps (was {self.total_steps}; steps took x{slowdown:.2f} "
+                           f"the measured time, an epoch's end {overhead_s:.1f} s)")
+            self.cfg = self.cfg.replace(max_steps=total)
+            self.set_max_steps(total)
 
     def fit(self) -> str:
         """Train until the last epoch, early stopping or a stop signal. Returns ``"finished"``,

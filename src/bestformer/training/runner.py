@@ -301,6 +301,7 @@ class _Run:
         trainer.cfg = cfg
         trainer.set_max_steps(plan.total_steps)
         trainer.deadline = self.started + budget - final_s
+        trainer.plan, trainer.plan_end = plan, trainer.deadline - plan.reserve_s
         self.folder.write_config(cfg.to_dict(), {**info, "budget_plan": plan.to_dict()})
         _log(self.ctx, plan.describe())
         return cfg
