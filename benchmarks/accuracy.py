@@ -141,15 +141,21 @@ def main() -> None:
 
 
 def _plot(table: dict, path: Path, title: str) -> None:
+    curves = {name: (range(1, len(row["val_curve"]) + 1), row["val_curve"]) for name, row in table.items()}
+    plot_curves(curves, path, title, "epoch")
+
+
+def plot_curves(curves: dict, path: Path, title: str, xlabel: str) -> None:
+    """One line per ``label: (xs, validation accuracies)``, written as a PNG to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, row in table.items():
-        ax.plot(range(1, len(row["val_curve"]) + 1), row["val_curve"], "o-", label=name)
-    ax.set_xlabel("epoch")
+    for label, (xs, ys) in curves.items():
+        ax.plot(list(xs), list(ys), "o-", label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title(textwrap.fill(title, 100), fontsize=8)
     ax.grid(alpha=0.3)

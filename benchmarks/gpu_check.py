@@ -42,10 +42,6 @@ DATA = REPO / ".device-data"
 FAMILIES = ("bestformer_tiny", "spikformer_tiny", "ann_tiny", "a2os2a_tiny", "qsd_tiny", "csd_tiny")
 
 
-def _python() -> list[str]:
-    return [sys.executable]
-
-
 #: the whole check ends within this many seconds (the issue's 9 minutes, less a margin for writing the results)
 TOTAL_SECONDS = 530.0
 _DEADLINE = [time.perf_counter() + TOTAL_SECONDS]
@@ -180,7 +176,7 @@ def main() -> None:
     print(f"[env] {json.dumps(results[0])}", flush=True)
     if not dry and not results[0].get("cuda_available"):
         print("warning: no CUDA device visible; the stages will fail (use --dry-run on a CPU)", flush=True)
-    py = _python()
+    py = [sys.executable]
     kernels = [*py, "-m", "pytest", "tests/test_kernels.py", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     results.append(run_stage("cuda_tests", kernels + (["--co"] if dry else []), 120, out,
                              parse=_last_lines(2)))

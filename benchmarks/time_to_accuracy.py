@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import textwrap
 import time
 from pathlib import Path
 
+from accuracy import plot_curves
 from bestformer.cli.train import key_value
 from bestformer.training import resolve_config, train
 from bestformer.training.budget import parse_duration
@@ -54,8 +55,6 @@ def cpu_description() -> dict[str, object]:
                 flags |= set(value.split())
     except OSError:
         pass
-    import os
-
     return {"model": name, "cpus": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
@@ -110,23 +109,9 @@ def main() -> None:
 
 
 def _plot(runs: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in runs.items():
-        mins, accs = zip(*r["curve_minutes_acc"]) if r["curve_minutes_acc"] else ((), ())
-        ax.plot(mins, accs, "o-", label=f"{name}: {r['model']} ({r['val_acc']:.1f}%)")
-    ax.set_xlabel("wall-clock minutes since the start of the run")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title(textwrap.fill(title, 100), fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    curves = {f"{name}: {r['model']} ({r['val_acc']:.1f}%)": tuple(zip(*r["curve_minutes_acc"])) or ((), ())
+              for name, r in runs.items()}
+    plot_curves(curves, path, title, "wall-clock minutes since the start of the run")
 
 
 if __name__ == "__main__":

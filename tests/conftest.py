@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA} (set BESTFORMER_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def plain_neurons() -> Iterator[None]:
+    """The reference LIF path (not the fused kernels) for tests about training, restored afterwards."""
+    from bestformer.neurons import get_backend, set_backend
+
+    before = get_backend()
+    set_backend("plain")
+    yield
+    set_backend(before)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from torch.utils.data import DataLoader
 import bestformer
 from bestformer.data import ImageArrayDataset, ImageBatch, batched, collate
 from bestformer.errors import ConfigError
-from bestformer.neurons import get_backend, set_backend
 from bestformer.training import TrainConfig, load_recipe, train
 from bestformer.training.augment import BatchAugment
 from bestformer.training.budget import parse_duration, parse_time_step_schedule, plan_budget
@@ -29,12 +27,8 @@ from bestformer.training.state import load_resume_state
 TINY = {"embed_dim": 16, "num_heads": 2, "depth": 1, "pool_stages": [False, False, True, True]}
 
 
-@pytest.fixture(autouse=True)
-def _plain_neurons() -> Iterator[None]:
-    before = get_backend()
-    set_backend("plain")
-    yield
-    set_backend(before)
+# these tests are about training, not kernels: the reference LIF path (conftest's plain_neurons)
+pytestmark = pytest.mark.usefixtures("plain_neurons")
 
 
 # ------------------------------------------------------------------------------------------------ planner
@@ -147,8 +141,12 @@ def test_batched_fetch_equals_the_per_image_path() -> None:
             / torch.tensor([0.2, 0.25, 0.3], dtype=torch.float64).view(3, 1, 1)
         assert torch.equal(batch.x[row], x) and int(batch.y[row]) == y == labels[ds.indices[i]]
         assert torch.allclose(x.double(), ref, atol=1e-6)
+    calls: list[list[int]] = []
+    fetch = ds.fetch
+    ds.fetch = lambda idx: calls.append(list(idx)) or fetch(idx)  # type: ignore[method-assign]
     loader = DataLoader(batched(ds), batch_size=2, collate_fn=collate)
     xs, ys = zip(*loader)
+    assert calls == [[0, 1], [2, 3], [4]]  # the loader fetched each batch whole, not image by image
     assert torch.equal(torch.cat(xs), torch.stack([ds[i][0] for i in range(5)]))
     assert torch.equal(torch.cat(ys), ds.targets)
     plain = DataLoader(ds, batch_size=5)  # any other loader still gets single samples

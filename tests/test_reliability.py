@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,12 +40,8 @@ RUN_ARGS = ["train", "--recipe", "none", "--dataset", "digits", "--limit", "64",
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 
 
-@pytest.fixture(autouse=True)
-def _plain_neurons() -> Iterator[None]:
-    before = get_backend()
-    set_backend("plain")
-    yield
-    set_backend(before)
+# these tests are about training, not kernels: the reference LIF path (conftest's plain_neurons)
+pytestmark = pytest.mark.usefixtures("plain_neurons")
 
 
 def _launch(out: Path, *extra: str) -> subprocess.Popen:

@@ -6,7 +6,6 @@ import csv
 import math
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 import bestformer
 from bestformer.errors import ConfigError, InputError
-from bestformer.neurons import LIF, get_backend, set_backend
+from bestformer.neurons import LIF
 from bestformer.training import (
     NonFiniteLossError,
     TrainConfig,
@@ -40,13 +39,8 @@ from bestformer.training.state import load_resume_state
 TINY = {"embed_dim": 16, "num_heads": 2, "depth": 1, "pool_stages": [False, False, True, True]}
 
 
-@pytest.fixture(autouse=True)
-def _plain_neurons() -> Iterator[None]:
-    """These tests are about training, not kernels: the reference LIF path, restored afterwards."""
-    before = get_backend()
-    set_backend("plain")
-    yield
-    set_backend(before)
+# these tests are about training, not kernels: the reference LIF path (conftest's plain_neurons)
+pytestmark = pytest.mark.usefixtures("plain_neurons")
 
 
 def tiny_config(tmp_path: Path, **kw: object) -> TrainConfig:

@@ -25,7 +25,8 @@ from .splits import interleave_classes, stratified_split
 from .static import BatchedView, ImageArrayDataset, ImageBatch, ImageFileDataset, batched, collate
 
 __all__ = [
-    "BatchedView",    "BuildOptions",
+    "BatchedView",
+    "BuildOptions",
     "DatasetBundle",
     "EventFileDataset",
     "Events",

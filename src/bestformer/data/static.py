@@ -57,8 +57,7 @@ class BatchedView(Dataset):
     def __getitem__(self, i: int) -> Any:
         return self.dataset[i]
 
-    def fetch(self, indices: Sequence[int]) -> ImageBatch:
-        """The samples ``indices`` as one batch (equal to stacking ``self[i]``)."""
+    def __getitems__(self, indices: Sequence[int]) -> ImageBatch:
         return self.dataset.fetch(indices)
 
 

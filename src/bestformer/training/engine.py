@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import signal
@@ -78,6 +79,7 @@ class NonFiniteLossError(BestformerError):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 products in hardware (AVX512-BF16 or AMX-BF16; Linux flags)."""
     try:
@@ -318,6 +320,11 @@ class Trainer:
             raise ConfigError(f"time_step_schedule: {self.module.model_name} cannot change its time steps")
         return parse_time_step_schedule(self.cfg.time_step_schedule, self.module.built_time_steps)
 
+    @property
+    def planned_schedule(self) -> TimeStepSchedule:
+        """The time-step schedule a budget is planned with (one phase at the model's T without a schedule)."""
+        return self.time_schedule or parse_time_step_schedule(None, self.module.time_steps)
+
     def _set_time_steps(self, step: int | None) -> None:
         """``T`` of the time-step schedule at ``step`` (``None``: the model's own, for evaluation)."""
         if self.time_schedule is None:
@@ -334,7 +341,7 @@ class Trainer:
         measured (a test checks the weights)."""
         saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         saved_opt = copy.deepcopy(self.optimizer.state_dict())
-        times = [t for t in (self.time_schedule.time_steps if self.time_schedule else [self.module.time_steps])]
+        times = self.planned_schedule.time_steps
         step_s: dict[int, float] = {}
         self.model.train()
         try:
@@ -620,7 +627,7 @@ class Trainer:
         p, plan = self.progress, self.plan
         if plan is None or p.global_step >= self.total_steps:
             return
-        sched = self.time_schedule or parse_time_step_schedule(None, self.module.time_steps)
+        sched = self.planned_schedule
         first = p.history[-2]["step"] if len(p.history) > 1 else 0  # this epoch's first step
         planned = planned_seconds(plan.step_s, sched, first, p.global_step, self.total_steps)
         slowdown = train_s / planned if planned > 0 and train_s > 0 else 1.0

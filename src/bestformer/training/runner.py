@@ -42,7 +42,7 @@ from ..fileio import read_json
 from ..models import create_model, get_input_config, is_model
 from ..neurons import set_backend, supported_backends
 from ..quant import weight_bits_of
-from .budget import parse_duration, parse_time_step_schedule, plan_budget
+from .budget import parse_duration, plan_budget
 from .checkpoint import load_checkpoint, load_weights
 from .config import TrainConfig, config_from_dict, load_recipe
 from .distill import Distiller, get_distiller, list_distillers
@@ -295,7 +295,7 @@ class _Run:
             else 0.0
         final_s = test_s + PROFILE_SECONDS  # the best epoch's validation is reused, not repeated
         plan = plan_budget(budget, time.perf_counter() - self.started, step_s,
-                           trainer.time_schedule or parse_time_step_schedule(None, trainer.module.time_steps),
+                           trainer.planned_schedule,
                            trainer.sampler.steps_per_epoch, eval_s, final_s)
         cfg = cfg.replace(max_steps=plan.total_steps)
         trainer.cfg = cfg
