@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # e.g. `make TORCH_SPEC="torch" install`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo test lint clean gpu-check gpu-check-prepare
+.PHONY: install install-dev demo test lint fuzz clean gpu-check gpu-check-prepare
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: $(VENV)/.core
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -n 2 --dist loadfile -q
+
+# The fuzzers of the suite (checkpoints, sidecars, resume files, .bst files, data parsers, CLI options, hostile
+# model options) with many more, randomized examples than CI runs: FUZZ_EXAMPLES per test (about 15 min at 2000).
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(VENV)/.dev
+	BESTFORMER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -n 2 -q -p no:cacheprovider -k fuzz \
+		tests/test_reliability.py tests/test_deploy_fuzz.py tests/test_data_fuzz.py tests/test_hostile.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -167,7 +167,7 @@ def test_ctrl_c_saves_and_prints_how_to_resume(tmp_path: Path, monkeypatch: pyte
         return done
 
     monkeypatch.setattr(Trainer, "end_epoch", end_epoch)
-    assert main(["train", *SMALL, "--epochs", "2", "--out", str(tmp_path), "--name", "x"]) == 0
+    assert main(["train", *SMALL, "--epochs", "2", "--out", str(tmp_path), "--name", "x"]) == 130  # 128 + SIGINT
     captured = capsys.readouterr()
     assert "SIGINT received: finishing the current step and writing a checkpoint" in captured.err
     assert f"continue with\n  bestformer train --resume {tmp_path / 'x'}" in captured.out

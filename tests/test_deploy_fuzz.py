@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import zlib
 
 import numpy as np
@@ -19,7 +20,9 @@ from bestformer.deploy.packfile import DIGEST_SIZE, MAX_HEADER_BYTES
 from bestformer.deploy.runtime import PackedModel
 from bestformer.errors import FileFormatError
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_LONG_RUN = int(os.environ.get("BESTFORMER_FUZZ_EXAMPLES", "0"))  # `make fuzz`: a longer, randomized run
+FUZZ = settings(max_examples=_LONG_RUN or 120, deadline=None, derandomize=not _LONG_RUN, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 @functools.cache

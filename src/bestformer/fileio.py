@@ -1,5 +1,9 @@
 """Crash-safe file writing: everything the library writes goes to a temporary file in the same folder,
-is flushed to disk, then renamed over the target, so a crash leaves either the old or the new file."""
+is flushed to disk, then renamed over the target, so a crash leaves either the old or the new file.
+
+Only regular files are ever replaced: a target that is a folder, a device node, a FIFO or a socket (or a link to
+one) is refused, so that ``--output /dev/full`` cannot replace the device. New files get the permissions of the
+umask, as ``open()`` would give them; a replaced file keeps its own."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .errors import FileFormatError
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``."""
     path = Path(path)
+    refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -26,9 +31,45 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+            # mkstemp creates 0600; a new file follows the umask, a replaced one keeps its mode
+            os.fchmod(fh.fileno(), path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask())
+        refuse_special(path)  # checked again: the target may have appeared while the data were written
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; it is restored at once
+    os.umask(mask)
+    return mask
+
+
+def refuse_special(path: Path) -> None:
+    """Refuse to write over anything but a regular file (folders, devices, FIFOs, sockets, links to them)."""
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO, socket or broken link)"
+        raise FileFormatError(f"{path} is {kind}; give the path of a file to write")
+
+
+def check_output(path: str | os.PathLike[str], what: str = "output", parents: bool = False) -> Path:
+    """Check, before any compute, that ``path`` can be written: a regular file or a new name, in an existing
+    (or, with ``parents``, creatable) writable folder. Returns it as a :class:`Path`."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise FileFormatError(f"the {what} path is empty; give a file name")
+    refuse_special(path)
+    folder = path.parent
+    if not folder.is_dir():
+        if not parents:
+            raise FileFormatError(f"cannot write the {what} {path}: the folder {folder} does not exist (create it "
+                                  "first)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FileFormatError(f"cannot create the folder {folder} of the {what}: {err.strerror or err}") from None
+    check_writable(folder)
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import argparse
 
+from .options import integer, number, output_file
+
 HELP = "benchmark the packed runtime against PyTorch"
+DEFAULT_PLOT = "runs/bench/deploy.png"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="bestformer_4_384", help="registered 1-bit model (random weights)")
     parser.add_argument("--checkpoint", default=None, help="benchmark this checkpoint instead of --model")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="batch sizes to time")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine and batch size")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--batch-sizes", type=integer(1, 65536), nargs="+", default=[1, 32], help="batch sizes to time")
+    parser.add_argument("--threads", type=integer(1), default=2, help="CPU threads for both engines")
+    parser.add_argument("--repeats", type=integer(1), default=5, help="timed runs per engine and batch size")
+    parser.add_argument("--budget", type=number(positive=True), default=None,
                         help="seconds of timed runs per batch size instead of --repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--plot", default="runs/bench/deploy.png", help="PNG chart of the latencies ('' for none)")
-    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--plot", default=None, type=output_file("plot"),
+                        help=f"PNG chart of the latencies (default: {DEFAULT_PLOT})")
+    parser.add_argument("--no-plot", action="store_true", help="draw no chart")
+    parser.add_argument("--json", default=None, type=output_file("JSON file"),
+                        help="also write the numbers to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,12 +34,13 @@ def run(args: argparse.Namespace) -> int:
     # collapse (5x slower, measured) when other processes share the cores, which would flatter the packed runtime
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from ..deploy.bench import format_report, plot_report, run_benchmark
-    from ..fileio import atomic_write_json
+    from ..fileio import atomic_write_json, check_output
 
+    plot = None if args.no_plot else args.plot or check_output(DEFAULT_PLOT, "plot", parents=True)
     res = run_benchmark(args.model, args.checkpoint, args.batch_sizes, args.threads, args.repeats, args.budget,
                         memory=not args.no_memory)
-    if args.plot:
-        print(f"plot: {plot_report(res, args.plot)}")
+    if plot is not None:
+        print(f"plot: {plot_report(res, plot)}")
     if args.json:
         atomic_write_json(args.json, res)
     print(format_report(res))

@@ -17,33 +17,34 @@ from torch import Tensor
 
 from ..convert import ConversionResult, SpikingCSD, conversion_errors, convert, plot_delay_sweep, sweep_delays
 from ..errors import ConfigError
-from ..fileio import check_writable
+from ..fileio import check_output
 from ..training import load_checkpoint, save_checkpoint
+from .options import integer, output_file
 
 HELP = "convert a trained CSDformer ANN checkpoint into a spike-driven model"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint of a trained csd_* ANN (bestformer train --model csd_tiny)")
-    p.add_argument("-o", "--output", required=True, help="spiking model to write (.safetensors, plus a .json)")
-    p.add_argument("--time-steps", "-T", type=int, default=None,
+    p.add_argument("-o", "--output", required=True, type=output_file("spiking model"),
+                   help="spiking model to write (.safetensors, plus a .json)")
+    p.add_argument("--time-steps", "-T", type=integer(1, 4096), default=None,
                    help="time steps T (default: the ANN's activation levels L, the exact setting)")
-    p.add_argument("--delay", type=int, default=None,
+    p.add_argument("--delay", type=integer(0, 4096), default=None,
                    help="delay d of the DIF neurons, 0 (plain IF) to T (default T: exact)")
     p.add_argument("--dataset", default=None,
                    help="measure on this dataset's test split (e.g. digits, mnist); default: random inputs")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the dataset's default location)")
-    p.add_argument("--limit", type=int, default=1000, help="samples to evaluate (default 1000)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--limit", type=integer(1), default=1000, help="samples to evaluate (default 1000)")
+    p.add_argument("--batch-size", type=integer(1), default=100)
     p.add_argument("--no-sweep", action="store_true", help="measure only the chosen delay, not 0..T")
-    p.add_argument("--plot", default=None, help="PNG of the delay sweep (default: OUTPUT.delays.png)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs used without --dataset")
+    p.add_argument("--plot", default=None, type=output_file("plot"),
+                   help="PNG of the delay sweep (default: OUTPUT.delays.png)")
+    p.add_argument("--seed", type=integer(0), default=0, help="seed of the random inputs used without --dataset")
 
 
 def _batches(args: argparse.Namespace, snn: SpikingCSD) -> tuple[list[tuple[Tensor, Tensor | None]], str]:
     """The evaluation batches and a description of them."""
-    if args.limit < 1 or args.batch_size < 1:
-        raise ConfigError(f"--limit and --batch-size must be >= 1, got {args.limit} and {args.batch_size}")
     if args.dataset is None:
         gen = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.limit, snn.in_channels, snn.img_size, snn.img_size, generator=gen)
@@ -74,8 +75,8 @@ def _print_sweep(results: list[ConversionResult], chosen: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    check_writable(out.parent)
+    out = args.output
+    check_output(out.with_suffix(".json"), "sidecar")
     ann, meta = load_checkpoint(args.checkpoint)
     snn = convert(ann, args.time_steps, args.delay)
     steps, delay = snn.time_steps, snn.delay

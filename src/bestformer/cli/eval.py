@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import integer
+
 HELP = "evaluate a checkpoint on a dataset (top-1 / top-5)"
 
 
@@ -17,14 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=("test", "val", "train"),
                         help="which split to evaluate (val: the seeded split carved from the training data, "
                              "with the checkpoint's seed and val_fraction)")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per batch")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many samples per split")
+    parser.add_argument("--batch-size", type=integer(1), default=256, help="samples per batch")
+    parser.add_argument("--limit", type=integer(1), default=None, help="evaluate at most this many samples per split")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--amp", default=None, choices=("auto", "fast", "bf16", "fp16", "off"),
                         help="autocast (default: the checkpoint's training run's; auto: bf16 on CUDA)")
     parser.add_argument("--flip", default=None, action=argparse.BooleanOptionalAction,
                         help="flip test-time augmentation (default: the training run's eval_flip)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--workers", type=integer(0), default=0, help="data-loading worker processes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,8 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from ..training import evaluate, load_checkpoint
     from ..training.distributed import DistContext, resolve_device
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     model, meta = load_checkpoint(args.checkpoint)
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     dataset = args.dataset or meta.get("dataset") or config.get("dataset")

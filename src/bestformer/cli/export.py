@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import integer, number, output_file
+
 HELP = "write a deployment file (packed 1-bit model or NIR graph) from a checkpoint"
 
 
@@ -14,28 +16,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="a .safetensors checkpoint written by bestformer")
     parser.add_argument("--format", choices=("packed", "nir"), default="packed",
                         help="packed: .bst file for `bestformer predict`; nir: NIR graph (HDF5)")
-    parser.add_argument("-o", "--output", required=True, help="file to write (e.g. model.bst or model.nir)")
+    parser.add_argument("-o", "--output", required=True, type=output_file(),
+                        help="file to write (e.g. model.bst or model.nir)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="packed: storage of the full-precision tensors (float32 reproduces PyTorch exactly; "
                              "float16 is smaller and approximate)")
-    parser.add_argument("--verify", type=int, default=0, metavar="N",
+    parser.add_argument("--verify", type=integer(0, 100_000), default=0, metavar="N",
                         help="packed: run N random inputs through the file and PyTorch and report the difference")
     parser.add_argument("--subgraphs", action="store_true",
                         help="nir: export the NIR-expressible sub-graphs (stem, MLPs, heads) of a model with "
                              "spiking self-attention instead of failing")
-    parser.add_argument("--dt", type=float, default=1e-4,
+    parser.add_argument("--dt", type=number(positive=True), default=1e-4,
                         help="nir: the time step one model step stands for (snnTorch's importer assumes 1e-4 s)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..errors import ConfigError
-    from ..fileio import check_writable
     from ..training import load_checkpoint
 
-    out = Path(args.output)
-    check_writable(out.parent if str(out.parent) else Path("."))
+    out = args.output
     model, meta = load_checkpoint(args.checkpoint)
     name = meta["model_name"]
     if args.format == "nir":

@@ -8,6 +8,9 @@ INPUTS is a ``.npy`` array of images ``[B, C, H, W]`` (or event frames ``[T, B, 
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from .options import integer, output_file
 
 HELP = "run a packed model file on inputs with the bit-packed runtime"
 
@@ -17,31 +20,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", metavar="INPUTS", help=".npy / .npz file of inputs, or a dataset name")
     parser.add_argument("--data-dir", default=None, help="dataset folder (when INPUTS is a dataset name)")
     parser.add_argument("--split", default="test", choices=("test", "val", "train"), help="dataset split")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many samples")
-    parser.add_argument("--batch-size", type=int, default=32, help="samples per batch")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--output", default=None, help="write logits and predictions to this .npz file")
-    parser.add_argument("--show", type=int, default=10, help="print the first N predictions")
+    parser.add_argument("--limit", type=integer(1), default=None, help="at most this many samples")
+    parser.add_argument("--batch-size", type=integer(1), default=32, help="samples per batch")
+    parser.add_argument("--threads", type=integer(1), default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--output", type=output_file("predictions file"), default=None,
+                        help="write logits and predictions to this .npz file")
+    parser.add_argument("--show", type=integer(0), default=10, help="print the first N predictions")
 
 
 def _load_arrays(path: str):  # -> tuple[np.ndarray, np.ndarray | None]
+    import zipfile
+    import zlib
+
     import numpy as np
 
     from ..errors import FileFormatError
 
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise FileFormatError(f"cannot read inputs {path}: {err}") from None
-    if isinstance(data, np.ndarray):
-        return data, None
-    with data:
-        keys = list(data.keys())
-        xk = next((k for k in ("x", "images", "inputs") if k in keys), keys[0] if len(keys) == 1 else None)
-        if xk is None:
-            raise FileFormatError(f"{path} holds {keys}; name the inputs 'x' (and labels 'y')")
-        yk = next((k for k in ("y", "labels", "targets") if k in keys), None)
-        return data[xk], (data[yk] if yk else None)
+        if isinstance(data, np.ndarray):
+            return data, None
+        with data:  # an .npz decompresses its members on access: damage shows here
+            keys = list(data.keys())
+            xk = next((k for k in ("x", "images", "inputs") if k in keys), keys[0] if len(keys) == 1 else None)
+            if xk is None:
+                raise FileFormatError(f"{path} holds {keys}; name the inputs 'x' (and labels 'y')")
+            yk = next((k for k in ("y", "labels", "targets") if k in keys), None)
+            return data[xk], (data[yk] if yk else None)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise FileFormatError(f"cannot read inputs {path}: {type(err).__name__}: {err}") from None
+
+
+def _check_labels(y: Any, num_classes: int, where: str) -> None:
+    """Labels must be class indices of the model (scoring label 700 against a 10-class model means nothing)."""
+    import numpy as np
+
+    from ..errors import InputError
+
+    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes):
+        raise InputError(f"the labels of {where} must be integers in [0, {num_classes}) for this {num_classes}-class "
+                         f"model; got {y.dtype} values in [{y.min()}, {y.max()}]")
 
 
 def _dataset_batches(name: str, args: argparse.Namespace, time_steps: int, batch: int):
@@ -76,16 +94,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..deploy.runtime import PackedModel
-    from ..errors import ConfigError, InputError
+    from ..errors import InputError
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     model = PackedModel.load(args.model, threads=args.threads)
     is_file = Path(args.inputs).suffix in (".npy", ".npz") or Path(args.inputs).is_file()
     if is_file:
         x, y = _load_arrays(args.inputs)
+        if y is not None:
+            _check_labels(np.asarray(y), model.num_classes, args.inputs)
         axis = 1 if np.ndim(x) == 5 else 0
         if args.limit is not None:
             x = np.take(x, range(min(args.limit, x.shape[axis])), axis=axis)
@@ -115,11 +131,12 @@ def run(args: argparse.Namespace) -> int:
         y = np.concatenate(labels)
         if y.shape != pred.shape:
             raise InputError(f"{len(y)} labels for {len(pred)} inputs")
+        _check_labels(y, model.num_classes, args.inputs)
         print(f"top-1 accuracy: {(pred == y).mean():.2%} ({int((pred == y).sum())}/{len(y)})")
     if args.output:
         from ..fileio import atomic_path
 
-        with atomic_path(args.output) as tmp, open(tmp, "wb") as fh:
+        with atomic_path(args.output) as tmp, open(tmp, "wb") as fh:  # checked at parsing, before the compute
             np.savez(fh, logits=out, predictions=pred)
         print(f"wrote {args.output}")
     return 0

@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from .options import integer, output_file
+
 HELP = "model size, MACs, firing rates, SOPs, energy and NS-ACE of a model or checkpoint"
 
 _MODEL_OPTIONS = ("num_classes", "in_channels", "img_size", "time_steps")
@@ -19,30 +21,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_OR_CKPT",
                         help="a registered model name (see bestformer.list_models()) or a checkpoint path")
     opts = parser.add_argument_group("model options (with a model name)")
-    opts.add_argument("--num-classes", type=int)
-    opts.add_argument("--in-channels", type=int)
-    opts.add_argument("--img-size", type=int)
-    opts.add_argument("--time-steps", type=int)
+    opts.add_argument("--num-classes", type=integer(1))
+    opts.add_argument("--in-channels", type=integer(1))
+    opts.add_argument("--img-size", type=integer(1, 4096))
+    opts.add_argument("--time-steps", type=integer(1, 4096))
     data = parser.add_argument_group("input")
     data.add_argument("--dataset", help="dataset to measure firing rates on (default: the model's own)")
     data.add_argument("--data-dir", help="folder of the dataset files")
-    data.add_argument("--batches", type=int, default=4, help="batches to run (default 4)")
-    data.add_argument("--batch-size", type=int, default=16, help="samples per batch (default 16)")
+    data.add_argument("--batches", type=integer(1), default=4, help="batches to run (default 4)")
+    data.add_argument("--batch-size", type=integer(1), default=16, help="samples per batch (default 16)")
     data.add_argument("--synthetic", action="store_true",
                       help="random input instead of data (the output says firing rates were measured on it)")
-    data.add_argument("--seed", type=int, default=0, help="seed of the synthetic input")
+    data.add_argument("--seed", type=integer(0), default=0, help="seed of the synthetic input")
     data.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     acct = parser.add_argument_group("accounting")
     acct.add_argument("--energy", default="45nm", choices=("45nm", "fp16", "int8"),
                       help="energy per MAC / AC: 45nm 4.6 / 0.9 pJ (default), fp16 1.5 / 0.4, int8 0.23 / 0.03")
-    acct.add_argument("--fp-bits", type=int, default=32,
+    acct.add_argument("--fp-bits", type=integer(1, 64), default=32,
                       help="bits NS-ACE charges a full-precision weight (default 32; BESTformer's Table 3 uses 16)")
     acct.add_argument("--representation", action="store_true",
                       help="also measure each encoder block's value-set size and entropy (paper Fig. 2 / 5b)")
     out = parser.add_argument_group("output")
-    out.add_argument("--json", nargs="?", const="-", metavar="PATH",
+    out.add_argument("--json", nargs="?", const="-", metavar="PATH", type=output_file("JSON file", stdout=True),
                      help="the profile as JSON: to stdout instead of the table, or written to PATH")
-    out.add_argument("--plot", metavar="PNG", help="write per-layer firing rate and energy bars to this PNG")
+    out.add_argument("--plot", metavar="PNG", type=output_file("plot"),
+                     help="write per-layer firing rate and energy bars to this PNG")
 
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:

@@ -12,12 +12,10 @@ its shard (docs/distributed.md); ``--nproc N`` starts that torchrun on this mach
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 from typing import Any
 
 import yaml
-
-from ..errors import ConfigError
 
 HELP = "train a model (no arguments: the demo, bestformer_tiny on scikit-learn digits)"
 
@@ -29,10 +27,15 @@ def _typed(base: type, nullable: bool, key: str) -> Any:
         if nullable and text.lower() in ("none", "null"):
             return None
         try:
-            return base(text)
+            value = base(text)
         except ValueError:
+            value = None
+        finite = value is not None and not (base is float and not math.isfinite(value))  # NaN passes range checks
+        if not finite:
             raise argparse.ArgumentTypeError(f"--{key.replace('_', '-')} expects {base.__name__}"
-                                             f"{' or none' if nullable else ''}, got {text!r}") from None
+                                             f"{' or none' if nullable else ''}{' (finite)' if value else ''}, "
+                                             f"got {text!r}")
+        return value
     parse.__name__ = base.__name__  # argparse names the type in its messages
     return parse
 
@@ -43,9 +46,12 @@ def key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"cannot parse the value of {text!r}") from None
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise argparse.ArgumentTypeError(f"{key.strip()} must be a finite number, got {value!r}")
+    return key.strip(), parsed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,11 +134,9 @@ def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     from ..training import train as train_run
     from ..training.distributed import launch_rank
 
-    if args.resume is not None:
-        if args.recipe is not None:
-            raise ConfigError("--recipe cannot be combined with --resume (the run keeps its own options)")
+    if args.resume is not None:  # the original command may be repeated: only changed values are checked
         out = overrides.pop("out", "runs")
-        return resume_run(args.resume, out, **overrides)
+        return resume_run(args.resume, out, recipe=args.recipe, **overrides)
     cfg, recipe = resolve_config(args.recipe, overrides)
     if launch_rank() == 0:
         print(f"recipe: {recipe or 'none (defaults)'}")
@@ -145,17 +149,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc is not None:
         return launch_torchrun(args.nproc, command_line(args))
-    try:
-        result = _train(args, overrides_from(args))
-    except KeyboardInterrupt:  # before or after the training loop, which handles the signal itself
-        print("bestformer train: interrupted outside the training loop; nothing more to save", file=sys.stderr)
-        return 130
+    result = _train(args, overrides_from(args))
     if launch_rank() != 0:  # rank 0 reports for the whole run
-        return 0
-    if result.status == "interrupted":
-        print(f"\ninterrupted: the checkpoint is saved in {result.run_dir}; continue with\n"
+        return result.exit_code
+    if result.status == "interrupted":  # exit 130 / 143, so that `train ... && export ...` stops here
+        print(f"\ninterrupted by {result.stopped_by}: the checkpoint is saved in {result.run_dir}; continue with\n"
               f"  bestformer train --resume {result.run_dir}")
-        return 0
+        return result.exit_code
     if result.status == "stopped_early":
         print(f"stopped early at epoch {result.epochs_done} (best validation at epoch {result.best_epoch})")
     print()

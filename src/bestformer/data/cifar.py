@@ -2,9 +2,12 @@
 
 Pickle batches are untrusted data: they are read by :func:`safe_unpickle`, which (1) walks the opcode stream
 first without executing it, allowing only the opcodes a dict of lists, strings and numpy arrays needs, with
-memo indices that cannot ask for huge tables, and (2) runs the unpickler with a ``find_class`` that maps the
+memo indices that cannot ask for huge tables, (2) runs the unpickler with a ``find_class`` that maps the
 only globals a CIFAR batch references (numpy's array reconstruction, ``dtype``, ``_codecs.encode``) to inert
-stand-ins. No numpy code runs on file data until the final, checked ``np.frombuffer``.
+stand-ins, fresh for each load, that BUILD cannot change, and (3) replaces the array stand-ins in one pass that
+visits every shared object once (a few hundred bytes of pickle can reference one list 2**30 times), refuses
+cycles and stops after as many objects as the pickle has bytes. No numpy code runs on file data until the final,
+checked ``np.frombuffer``.
 """
 
 from __future__ import annotations
@@ -138,6 +141,25 @@ def _checked_array(raw: Any, dtype: Any, shape: Any, fortran: bool, source: str)
     return np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if fortran else "C")
 
 
+class _StandIn:
+    """A global of the pickle mapped to one of the checked functions above. BUILD cannot change it (a pickle could
+    otherwise set attributes on this library's own functions for the rest of the process)."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError("the pickle tries to change a function it references")
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("the pickle tries to change a function it references (BUILD)")
+
+
 class _CifarUnpickler(pickle.Unpickler):
     _GLOBALS: ClassVar[dict[tuple[str, str], Any]] = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
@@ -151,10 +173,11 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self._GLOBALS[(module, name)]
+            found = self._GLOBALS[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR batch never "
                                          "contains; refusing to load it") from None
+        return found if found is _NDARRAY else _StandIn(found)
 
 
 def _check_opcodes(data: bytes) -> None:
@@ -168,19 +191,42 @@ def _check_opcodes(data: bytes) -> None:
                 raise pickle.UnpicklingError(f"memo index {arg!r} out of range")
 
 
-def _resolve(obj: Any, source: str, depth: int = 0) -> Any:
-    """Replace array stand-ins by checked arrays, through dicts, lists and tuples."""
-    if depth > _MAX_DEPTH:
-        raise FileFormatError(f"{source}: the pickle nests deeper than a CIFAR batch does")
-    if isinstance(obj, _ArrayStub):
-        return obj.build(source)
-    if isinstance(obj, (_DtypeStub, _NdarrayToken)):
-        raise FileFormatError(f"{source}: a dtype or type object where data was expected")
-    if isinstance(obj, dict):
-        return {_resolve(k, source, depth + 1): _resolve(v, source, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_resolve(v, source, depth + 1) for v in obj)
-    return obj
+class _Resolver:
+    """Replaces array stand-ins by checked arrays through dicts, lists and tuples, visiting each shared object once
+    (sharing is kept), refusing cycles, nesting deeper than :data:`_MAX_DEPTH` and more than ``budget`` objects."""
+
+    def __init__(self, source: str, budget: int) -> None:
+        self.source, self.budget = source, budget
+        self.done: dict[int, Any] = {}
+        self.active: set[int] = set()
+        self.keep: list[Any] = []  # holds the originals, so that their ids stay unique during the pass
+
+    def __call__(self, obj: Any, depth: int = 0) -> Any:
+        if depth > _MAX_DEPTH:
+            raise FileFormatError(f"{self.source}: the pickle nests deeper than a CIFAR batch does")
+        if isinstance(obj, (_DtypeStub, _NdarrayToken, _StandIn)):
+            raise FileFormatError(f"{self.source}: a dtype, type or function object where data was expected")
+        if not isinstance(obj, (_ArrayStub, dict, list, tuple)):
+            return obj
+        key = id(obj)
+        if key in self.done:
+            return self.done[key]
+        if key in self.active:
+            raise FileFormatError(f"{self.source}: the pickle holds a container that contains itself")
+        self.budget -= 1
+        if self.budget < 0:
+            raise FileFormatError(f"{self.source}: the pickle holds more objects than its size allows")
+        self.active.add(key)
+        self.keep.append(obj)
+        if isinstance(obj, _ArrayStub):
+            out: Any = obj.build(self.source)
+        elif isinstance(obj, dict):
+            out = {self(k, depth + 1): self(v, depth + 1) for k, v in obj.items()}
+        else:
+            out = type(obj)(self(v, depth + 1) for v in obj)
+        self.active.discard(key)
+        self.done[key] = out
+        return out
 
 
 def safe_unpickle(data: bytes, source: str = "<bytes>") -> Any:
@@ -196,7 +242,7 @@ def safe_unpickle(data: bytes, source: str = "<bytes>") -> Any:
         raise
     except Exception as err:  # any failure of the pickle machine on file bytes means a bad file
         raise FileFormatError(f"{source} is not a readable CIFAR pickle ({type(err).__name__}: {err})") from None
-    return _resolve(obj, source)
+    return _Resolver(source, budget=len(data))(obj)
 
 
 def _str_keys(obj: Any, source: str) -> dict[Any, Any]:

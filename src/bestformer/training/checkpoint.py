@@ -1,30 +1,35 @@
 """Model checkpoints: weights in safetensors plus a JSON sidecar that rebuilds the model on its own.
 
 ``save_checkpoint(model, "runs/x/best.safetensors", epoch=3)`` writes ``best.safetensors`` (weights, with the
-header embedded as safetensors metadata) and ``best.json`` (the same header, readable). Every write is atomic.
-``load_checkpoint(path)`` validates the file completely before returning a model: a truncated or corrupt
-file, non-finite weights, another architecture or a newer format each give one :class:`FileFormatError`.
+header embedded as safetensors metadata, and the SHA-256 of the tensor data in it) and ``best.json`` (the same
+header, readable). Every write is atomic. ``load_checkpoint(path)`` validates the file completely before
+returning a model. The embedded header is the truth about the architecture: a sidecar that disagrees with it is
+refused, naming the key. Before anything is allocated, the model the header describes is built on PyTorch's
+``meta`` device (no memory) under a budget tied to the file's own size, and its tensor names, shapes and dtypes
+must match the file's. A truncated or corrupt file, a wrong hash, non-finite weights, another architecture or a
+newer format each give one :class:`FileFormatError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from .. import __version__
 from ..errors import BestformerError, FileFormatError
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_json
 from ..models import create_model
+from .container import check_header, read_container, write_container
 
 CHECKPOINT_FORMAT = "bestformer-checkpoint"
-CHECKPOINT_VERSION = 1
+#: 2: the header records the SHA-256 of the tensor data (format 1 files, without it, still load)
+CHECKPOINT_VERSION = 2
 _META_KEY = "bestformer"
 
 
@@ -50,25 +55,13 @@ def checkpoint_header(model: nn.Module, **meta: Any) -> dict[str, Any]:
 def save_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> Path:
     """Write ``model``'s weights and header atomically; returns the weights path."""
     path = Path(path)
-    header = checkpoint_header(model, **meta)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, st_save(state, metadata={_META_KEY: json.dumps(header)}))
+    header = write_container(path, model.state_dict(), _META_KEY, checkpoint_header(model, **meta))
     atomic_write_json(sidecar_path(path), header)
     return path
 
 
 def _check_header(header: Any, path: Path) -> dict[str, Any]:
-    if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
-        raise FileFormatError(f"{path} is not a bestformer checkpoint (no '{CHECKPOINT_FORMAT}' header)")
-    version = header.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise FileFormatError(f"{path}: invalid checkpoint format_version {version!r}")
-    if version > CHECKPOINT_VERSION:
-        raise FileFormatError(
-            f"{path} was written by a newer bestformer (checkpoint format {version}, library "
-            f"{header.get('library_version')}); this version {__version__} reads format <= {CHECKPOINT_VERSION}: "
-            "upgrade bestformer"
-        )
+    header = check_header(header, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", hashed_from=2)
     if not isinstance(header.get("model_name"), str) or not isinstance(header.get("model_args"), dict):
         raise FileFormatError(f"{path}: checkpoint header lacks model_name/model_args")
     if not isinstance(header.get("meta", {}), dict):
@@ -76,22 +69,53 @@ def _check_header(header: Any, path: Path) -> dict[str, Any]:
     return header
 
 
-def read_safetensors(path: str | Path, meta_key: str, what: str = "checkpoint"
-                     ) -> tuple[dict[str, torch.Tensor], Any]:
-    """Tensors of a safetensors file and the JSON value stored under ``meta_key`` in its metadata (``None``
-    when absent); a missing, truncated or corrupt file gives one :class:`FileFormatError` naming it."""
+def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    """The dotted key at which two JSON values first differ (``None`` when equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}{key}"
+            found = _first_difference(a[key], b[key], f"{where}{key}.")
+            if found is not None:
+                return found
+        return None
+    same = json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # as written (NaN equals NaN)
+    return None if same else where.rstrip(".") or "(the whole header)"
+
+
+def _lookup(header: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(header, dict) or key not in header:
+            return "(absent)"
+        header = header[key]
+    return header
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and validate weights and header. The header embedded in the weights file is authoritative; the JSON
+    sidecar, when present, must say exactly the same (a sidecar edited or copied from another run is refused)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{what} not found: {path}")
-    data = path.read_bytes()
-    try:
-        state = st_load(data)
-        n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-        embedded = json.loads(meta.get(meta_key, "null"))
-    except (SafetensorError, ValueError, TypeError, UnicodeDecodeError, AttributeError, RecursionError) as err:
-        raise FileFormatError(f"{what} {path} is truncated or corrupt ({err})") from None
-    return state, embedded
+    state, header = read_container(path, _META_KEY)
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            sidecar = json.loads(side.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise FileFormatError(f"cannot read checkpoint sidecar {side}: {err.strerror or err}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise FileFormatError(f"checkpoint sidecar {side} is corrupt ({err})") from None
+        if header is None:  # weights saved without an embedded header: the sidecar is all there is
+            header = sidecar
+        else:
+            key = _first_difference(header, sidecar)
+            if key is not None:
+                raise FileFormatError(
+                    f"checkpoint sidecar {side} disagrees with the header embedded in {path.name} on {key!r} "
+                    f"({_lookup(sidecar, key)!r} in the sidecar, {_lookup(header, key)!r} in the weights file); "
+                    "the weights were saved with the embedded one: delete the sidecar or restore it")
+    header = _check_header(header, path)
+    check_finite(state, path)
+    return state, header
 
 
 def check_finite(state: dict[str, torch.Tensor], path: Path, what: str = "checkpoint") -> None:
@@ -99,21 +123,6 @@ def check_finite(state: dict[str, torch.Tensor], path: Path, what: str = "checkp
     for key, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise FileFormatError(f"{what} {path} has non-finite values (NaN/inf) in {key!r}")
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and validate weights and header (the sidecar when present, else the embedded copy)."""
-    path = Path(path)
-    state, header = read_safetensors(path, _META_KEY)
-    side = sidecar_path(path)
-    if side.is_file():
-        try:
-            header = json.loads(side.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise FileFormatError(f"checkpoint sidecar {side} is corrupt ({err})") from None
-    header = _check_header(header, path)
-    check_finite(state, path)
-    return state, header
 
 
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
@@ -130,21 +139,87 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
 
 
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Raise :class:`FileFormatError` (naming ``what``) unless ``state`` has exactly the model's tensors and shapes."""
+    """Raise :class:`FileFormatError` (naming ``what``) unless ``state`` has exactly the model's tensors, shapes and
+    dtypes (``load_state_dict`` would otherwise cast, e.g. float data relabelled as int32 in the file's header)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if missing or extra or bad:
+    cast = sorted(k for k in own.keys() & state.keys() if own[k].dtype != state[k].dtype)
+    if missing or extra or bad or cast:
         detail = []
         if bad:
             k = sorted(bad)[0]
             detail.append(f"{k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model")
+        if cast:
+            k = cast[0]
+            detail.append(f"{k} is stored as {state[k].dtype} in the file, the model holds {own[k].dtype}")
         if missing:
             detail.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
         if extra:
             detail.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
         raise FileFormatError(f"{what} does not fit this model: " + "; ".join(detail))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _construction_budget(elements: int, modules: int) -> Iterator[None]:
+    """While active, building more than ``elements`` tensor elements or ``modules`` modules raises ``_TooLarge``
+    (an architecture option such as ``depth=10**9`` would otherwise loop or allocate until memory runs out)."""
+    from torch.nn.modules import module as nn_module
+
+    count = {"elements": 0, "modules": 0}
+
+    def on_tensor(_module: nn.Module, _name: str, tensor: torch.Tensor | None) -> None:
+        count["elements"] += 0 if tensor is None else tensor.numel()
+        if count["elements"] > elements:
+            raise _TooLarge(f"more than {elements:,} weight elements")
+
+    def on_module(_module: nn.Module, _name: str, _sub: nn.Module | None) -> None:
+        count["modules"] += 1
+        if count["modules"] > modules:
+            raise _TooLarge(f"more than {modules:,} modules")
+
+    handles = [nn_module.register_module_parameter_registration_hook(on_tensor),
+               nn_module.register_module_buffer_registration_hook(on_tensor),
+               nn_module.register_module_module_registration_hook(on_module)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def build_for_state(name: str, args: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """Build model ``name(**args)`` for the weights ``state`` only once it is known to fit them: first on the
+    ``meta`` device (nothing allocated) under a budget of a few times the file's own size, then for real."""
+    held = sum(t.numel() for t in state.values())
+    budget = (4 * held + 2**20, 16 * len(state) + 4096)
+    try:
+        try:
+            with _construction_budget(*budget), torch.device("meta"):
+                shape_model = create_model(name, **args)
+        except (NotImplementedError, RuntimeError) as err:
+            if "meta" not in str(err):
+                raise
+            # a model that reads values while it is built (e.g. a converted CSDformer's thresholds) cannot be built
+            # on "meta": build it for real, still under the budget (tensors are counted as they are registered)
+            with _construction_budget(*budget):
+                shape_model = create_model(name, **args)
+    except _TooLarge as err:
+        raise FileFormatError(f"{what} describes a model far larger than the {held:,} values the file holds "
+                              f"({err}); its options {args} are damaged") from None
+    except BestformerError as err:
+        raise FileFormatError(f"{what} names a model this library cannot build: {err}") from None
+    except (TypeError, ValueError, ArithmeticError, RecursionError, RuntimeError) as err:  # a damaged header's
+        raise FileFormatError(f"{what} has invalid model options {args}: {err}") from None
+    check_fits(shape_model, state, what)
+    if next(iter(shape_model.state_dict().values()), torch.empty(0)).is_meta:
+        return create_model(name, **args)
+    return shape_model
 
 
 def load_checkpoint(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -154,19 +229,12 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict
     ``model_name``, ``model_args`` and ``library_version``. The model is in eval mode.
     """
     path = Path(path)
-    _, header = read_checkpoint(path)
+    state, header = read_checkpoint(path)
     args = {**header["model_args"], **overrides}
-    try:
-        model = create_model(header["model_name"], **args)
-    except BestformerError as err:
-        raise FileFormatError(f"checkpoint {path} names a model this library cannot build: {err}") from None
-    except (TypeError, ValueError, ArithmeticError, RecursionError) as err:  # options of a damaged header
-        raise FileFormatError(f"checkpoint {path} has invalid model options {args}: {err}") from None
-    load_weights(model, path)
+    model = build_for_state(header["model_name"], args, state, f"checkpoint {path}")
+    model.load_state_dict(state)
     model.eval()
     meta = dict(header.get("meta", {}))
     meta.update(model_name=header["model_name"], model_args=header["model_args"],
                 library_version=header.get("library_version"))
     return model, meta
-
-

@@ -138,6 +138,12 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Range checks that the types alone do not express; raises :class:`ConfigError`."""
+        for key, val in self.to_dict().items():  # NaN passes every comparison below, so refuse it first
+            bad = _non_finite(val)
+            if bad is not None:
+                raise ConfigError(f"{key}{bad} must be a finite number, got {val if not bad else 'nan/inf'}")
+        if self.name is not None:
+            check_run_name(self.name)
         for key in ("epochs", "batch_size", "accum_steps", "lr_base_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -195,6 +201,27 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (checked like a recipe)."""
         return config_from_dict({**self.to_dict(), **changes}, "options")
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """Where (``""`` for the value itself, else ``.key``) a NaN or infinity sits in a config value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one folder inside ``out``: no path separators, not ``.`` or ``..``, no NUL or control chars."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
+            or any(ord(c) < 32 for c in name) or len(name) > 255):
+        raise ConfigError(f"name must be one folder name inside --out (no '/', not '.' or '..', at most 255 "
+                          f"characters), got {name!r}")
+    return name
 
 
 _FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}

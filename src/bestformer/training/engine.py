@@ -260,6 +260,7 @@ class Trainer:
         self.cfg, self.run, self.num_classes = cfg, run, num_classes
         self.ctx = ctx or DistContext()
         self.dev = self.ctx.device
+        self.stopped_by: str | None = None  # the signal (SIGINT / SIGTERM) that interrupted fit()
         self.train_set, self.val_set = train_set, val_set
         self.module = model.to(self.dev)
         if cfg.channels_last and self.dev.type == "cpu":
@@ -646,12 +647,14 @@ class Trainer:
         self.run.write_history(p.history, p.firing)  # drop rows of epochs a crash left unfinished
         with StopSignals(self.ctx) as stop:
             while not p.finished:
-                if self.train_epoch(stop) == "interrupted":
-                    return "interrupted"
-                if self.end_epoch():
-                    _log(self.ctx, f"early stopping: no better validation accuracy in {self.cfg.patience} "
-                                   f"epochs (best {p.best_acc:.2f}% at epoch {p.best_epoch})")
-                    break
-                if self._stop_requested(stop):
+                interrupted = self.train_epoch(stop) == "interrupted"
+                if not interrupted:
+                    if self.end_epoch():
+                        _log(self.ctx, f"early stopping: no better validation accuracy in {self.cfg.patience} "
+                                       f"epochs (best {p.best_acc:.2f}% at epoch {p.best_epoch})")
+                        break
+                    interrupted = self._stop_requested(stop)
+                if interrupted:  # the signal sets the exit code; a rank that saw none was sent torchrun's SIGTERM
+                    self.stopped_by = stop.received or "SIGTERM"
                     return "interrupted"
         return "stopped_early" if p.stopped_early else "finished"

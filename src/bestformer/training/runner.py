@@ -25,8 +25,9 @@ import math
 import os
 import platform
 import random
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,14 @@ class TrainResult:
     seconds: float = 0.0
     teacher: TrainResult | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_by: str | None = None  #: the signal of an interrupted run (SIGINT or SIGTERM)
+
+    @property
+    def exit_code(self) -> int:
+        """The command's exit status: 0, or 128 + the signal number after an interruption (130 / 143)."""
+        if self.status != "interrupted":
+            return 0
+        return 128 + int(getattr(signal, self.stopped_by or "SIGTERM", signal.SIGTERM))
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any], history: list[dict[str, Any]]) -> TrainResult:
@@ -176,7 +185,7 @@ class TrainResult:
                    cls.from_summary(teacher, []) if teacher else None, history)
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("teacher", "history", "run_dir")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("teacher", "history", "run_dir", "stopped_by")}
         out["run_dir"] = str(self.run_dir)
         out["one_bit_params"], out["full_precision_params"] = out.pop("params")
         if self.teacher is not None:
@@ -232,7 +241,8 @@ class _Run:
         if cfg.teacher is not None:
             teacher, teacher_result = self._teacher(bundle, time_steps)
             if teacher_result is not None and teacher_result.status == "interrupted":
-                return TrainResult(folder.path, "interrupted", cfg.model, 0, teacher=teacher_result)
+                return TrainResult(folder.path, "interrupted", cfg.model, 0, teacher=teacher_result,
+                                   stopped_by=teacher_result.stopped_by)
 
         seed_everything(cfg.seed, cfg.deterministic)
         student = create_model(cfg.model, **model_options(cfg.model, bundle, time_steps, cfg.model_args))
@@ -258,7 +268,7 @@ class _Run:
                   f"on {ctx.device} (neuron backend {backend}) -> {folder.path}")
         status = trainer.fit() if not p.finished else ("stopped_early" if p.stopped_early else "finished")
         result = TrainResult(folder.path, status, cfg.model, p.epoch, p.best_epoch, teacher=teacher_result,
-                             params=parameter_counts(student), history=p.history)
+                             params=parameter_counts(student), history=p.history, stopped_by=trainer.stopped_by)
         if status == "interrupted":
             return result
         # the best weights, evaluated once on validation (for the table) and on the test split
@@ -432,6 +442,14 @@ def _session(cfg: TrainConfig, ctx: DistContext | None) -> contextlib.AbstractCo
     return distributed(cfg.device, timeout_from_env())
 
 
+@contextlib.contextmanager
+def _locked(folder: RunFolder, ctx: DistContext) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock; its refusal is raised on every rank."""
+    with contextlib.ExitStack() as stack:
+        _load_on_main(ctx, lambda: stack.enter_context(folder.lock()))
+        yield
+
+
 def train(cfg: TrainConfig, *, recipe: str | None = None, ctx: DistContext | None = None) -> TrainResult:
     """Start a new run in ``cfg.out / cfg.name`` (a folder that already holds a checkpoint is refused:
     resume it instead). Under torchrun (no ``ctx`` given) every process calls it; they join the process group,
@@ -439,33 +457,48 @@ def train(cfg: TrainConfig, *, recipe: str | None = None, ctx: DistContext | Non
     with _session(cfg, ctx) as ctx:
         name = broadcast_object(cfg.name or default_run_name(cfg.model, cfg.dataset))
         folder = RunFolder(Path(cfg.out) / name, enabled=ctx.is_main)
-        if broadcast_object(folder.has_checkpoint()):
-            raise ConfigError(f"run folder {folder.path} already holds a checkpoint: continue it with --resume "
-                              f"{folder.path}, or choose another --name")
-        if cfg.name is None:
-            cfg = cfg.replace(name=name)
-        return _Run(cfg, folder, ctx, recipe).execute()
+        with _locked(folder, ctx):
+            if broadcast_object(folder.has_checkpoint()):
+                raise ConfigError(f"run folder {folder.path} already holds a checkpoint: continue it with --resume "
+                                  f"{folder.path}, or choose another --name")
+            if cfg.name is None:
+                cfg = cfg.replace(name=name)
+            return _Run(cfg, folder, ctx, recipe).execute()
 
 
 def resume(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs", *, ctx: DistContext | None = None,
-           **overrides: Any) -> TrainResult:
+           recipe: str | None = None, **overrides: Any) -> TrainResult:
     """Continue the run ``spec`` (a run folder, a file in it, or ``"last"``) exactly where its last complete
-    checkpoint left it; only the options in :data:`RESUMABLE` may be overridden. A folder without a checkpoint
-    yet (a run killed during start-up) starts from the beginning with its saved config."""
+    checkpoint left it. ``overrides`` (and ``recipe``: the original command's ``--recipe``) may repeat the run's
+    own options; only the options in :data:`RESUMABLE` may take another value. A folder without a checkpoint yet
+    (a run killed during start-up) starts from the beginning with its saved config."""
     folder = resolve_run_folder(spec, out)
-    bad = [k for k in overrides if k not in RESUMABLE]
-    if bad:
-        raise ConfigError(f"--{bad[0].replace('_', '-')} cannot change on --resume (the continuation would not be "
-                          f"exact); changeable: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}")
     if folder.has_checkpoint():
         saved = load_resume_state(folder.resume_path).progress.get("config")
     else:
         saved = load_recipe(str(folder.config_path))
-    cfg = config_from_dict({**saved, **overrides}, f"run {folder.path}")
+    given = dict(overrides)
+    if recipe is not None:  # the original command repeated: its recipe's values count as given
+        given = {**load_recipe(recipe), **given}
+        for key in ("model_args", "teacher_args"):
+            if key in overrides:
+                given[key] = {**load_recipe(recipe).get(key, {}), **overrides[key]}
+    asked = config_from_dict({**saved, **given}, "options").to_dict()
+    # a run on CUDA trained at its recipe's cuda_batch_size: the recipe's CPU batch_size repeated is no change
+    on_cuda = saved.get("cuda_batch_size") is not None and saved.get("batch_size") == saved.get("cuda_batch_size")
+    changed = [k for k in given if asked[k] != saved.get(k) and not (k == "batch_size" and on_cuda)]
+    bad = [k for k in changed if k not in RESUMABLE]
+    if bad:
+        k = bad[0]
+        raise ConfigError(f"--{k.replace('_', '-')} cannot change on --resume (the run has {saved.get(k)!r}, the "
+                          f"command {asked[k]!r}; the continuation would not be exact); changeable: "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}")
+    cfg = config_from_dict({**saved, **{k: asked[k] for k in changed}}, f"run {folder.path}")
     info = read_json(folder.path / "run.json", "run description") if (folder.path / "run.json").is_file() else {}
     with _session(cfg, ctx) as ctx:
         folder.enabled = ctx.is_main
-        return _Run(cfg, folder, ctx, info.get("recipe")).execute()
+        with _locked(folder, ctx):
+            return _Run(cfg, folder, ctx, info.get("recipe")).execute()
 
 
 def results_table(result: TrainResult) -> str:

@@ -10,6 +10,7 @@
 ``resume.safetensors`` weights, optimizer, RNG, position and history for ``--resume``
 ``summary.json``     final validation / test results (when the run finished)
 ``teacher/``         the run folder of a teacher trained first
+``.lock``            held (``flock``) while a run writes the folder: a second run on it is refused
 ===================  =====================================================================================
 
 Only the main process (rank 0) writes; every write is atomic. A write that fails (full disk, read-only
@@ -18,12 +19,14 @@ folder) raises one :class:`~bestformer.errors.FileFormatError` saying that the p
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,36 @@ class RunFolder:
 
     def has_checkpoint(self) -> bool:
         return self.resume_path.is_file()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the folder while a run uses it, so that a second run started with the same
+        ``--name`` (or resuming it) fails at once instead of mixing its files with this one's."""
+        if not self.enabled:
+            yield
+            return
+        check_writable(self.path)
+        with open(self.path / ".lock", "a+", encoding="utf-8") as fh:
+            try:
+                import fcntl
+            except ImportError:  # not POSIX (Windows): no advisory lock
+                yield
+                return
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                owner = fh.read().strip() or "another process"
+                raise ConfigError(f"run folder {self.path} is in use by another run ({owner}); wait for it to end, "
+                                  "or choose another --name") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def prepare(self) -> None:
         """Create the folder and check that it is writable (before any training time is spent)."""

@@ -14,7 +14,6 @@ are functions of ``(seed, epoch, step)``, so the position restores them.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 
 from .. import __version__
 from ..errors import FileFormatError
-from ..fileio import atomic_write_bytes
-from .checkpoint import check_finite, read_safetensors
+from .checkpoint import check_finite
+from .container import check_header, read_container, write_container
 
 RESUME_FORMAT = "bestformer-resume"
-RESUME_VERSION = 1
+#: 2: the header records the SHA-256 of the tensor data (format 1 files still load)
+RESUME_VERSION = 2
 RESUME_FILE = "resume.safetensors"
 _META_KEY = "bestformer_resume"
 
@@ -110,7 +109,6 @@ def save_resume_state(path: str | Path, model: torch.nn.Module, optimizer: torch
     tensors.update(opt_tensors)
     rng_tensors, rng_meta = capture_rng()
     tensors.update(rng_tensors)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {
         "format": RESUME_FORMAT,
         "format_version": RESUME_VERSION,
@@ -120,7 +118,7 @@ def save_resume_state(path: str | Path, model: torch.nn.Module, optimizer: torch
         "rng": rng_meta,
         "progress": progress,
     }
-    atomic_write_bytes(path, st_save(tensors, metadata={_META_KEY: json.dumps(header, default=_json_default)}))
+    write_container(path, tensors, _META_KEY, header, default=_json_default)
     return path
 
 
@@ -135,15 +133,8 @@ def _json_default(obj: Any) -> Any:
 def load_resume_state(path: str | Path) -> ResumeState:
     """Read and validate a resume file; any damage gives one :class:`FileFormatError` naming the file."""
     path = Path(path)
-    tensors, header = read_safetensors(path, _META_KEY, "resume state")
-    if not isinstance(header, dict) or header.get("format") != RESUME_FORMAT:
-        raise FileFormatError(f"{path} is not a bestformer resume state (no '{RESUME_FORMAT}' header)")
-    version = header.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise FileFormatError(f"{path}: invalid resume format_version {version!r}")
-    if version > RESUME_VERSION:
-        raise FileFormatError(f"{path} was written by a newer bestformer ({header.get('library_version')}, resume "
-                              f"format {version}); this version {__version__} reads format <= {RESUME_VERSION}")
+    tensors, header = read_container(path, _META_KEY, "resume state")
+    header = check_header(header, path, RESUME_FORMAT, RESUME_VERSION, "resume state", hashed_from=2)
     try:
         progress, opt_meta, rng_meta = header["progress"], header["optimizer"], header["rng"]
         if not (isinstance(progress, dict) and isinstance(opt_meta["state"], dict)
