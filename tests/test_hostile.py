@@ -284,29 +284,22 @@ def test_build_cannot_change_the_readers_functions() -> None:
 
 
 # ------------------------------------------------------------------------------------------ 5. exit codes
-def test_sigint_exits_130_and_sigterm_143_outside_the_training_loop(capsys: pytest.CaptureFixture[str],
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("signum, code, words", [(2, 130, "interrupted (SIGINT)"), (15, 143, "terminated (SIGTERM)")])
+def test_signals_outside_the_training_loop_exit_130_and_143(signum: int, code: int, words: str,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
     from bestformer.cli import eval as eval_cmd
 
-    def interrupted(_args: object) -> int:
-        os.kill(os.getpid(), signal.SIGINT)
+    def signalled(_args: object) -> int:
+        os.kill(os.getpid(), signum)
         time.sleep(1)
         return 0
 
-    monkeypatch.setattr(eval_cmd, "run", interrupted)
+    monkeypatch.setattr(eval_cmd, "run", signalled)
     rc, err = _cli(["eval", "x"], capsys)
-    assert rc == 130 and "interrupted (SIGINT)" in err
-
-    def terminated(_args: object) -> int:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)
-        return 0
-
-    monkeypatch.setattr(eval_cmd, "run", terminated)
-    rc, err = _cli(["eval", "x"], capsys)
-    assert rc == 143 and "terminated (SIGTERM)" in err
+    assert rc == code and words in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 

@@ -12,7 +12,7 @@ from .errors import BestformerError, ConfigError, FileFormatError, InputError
 # The torch-dependent API loads on first use (PEP 562), so that the packed runtime
 # (bestformer.deploy.runtime, numpy + numba) imports without torch.
 _LAZY = {
-    "create_model": "models",
+    "create_model": "zoo",  # models.create_model, plus pretrained= (the zoo)
     "get_input_config": "models",
     "list_models": "models",
     "build_datasets": "data",
@@ -25,6 +25,11 @@ _LAZY = {
     "save_checkpoint": "training",
     "train": "training",
     "profile_model": "analysis",
+    "list_pretrained": "zoo",
+    "load_pretrained": "zoo",
+    "save_pretrained": "zoo",
+    "from_pretrained": "zoo",
+    "push_to_hub": "zoo",
 }
 
 
@@ -56,13 +61,18 @@ __all__ = [
     "build_datasets",
     "create_model",
     "evaluate",
+    "from_pretrained",
     "get_input_config",
     "list_datasets",
     "list_models",
+    "list_pretrained",
     "load_checkpoint",
+    "load_pretrained",
     "profile_model",
+    "push_to_hub",
     "resolve_config",
     "resume",
     "save_checkpoint",
+    "save_pretrained",
     "train",
 ]

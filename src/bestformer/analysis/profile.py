@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ..errors import ConfigError, FileFormatError, InputError
 from ..fileio import atomic_write_json
 from ..models import get_input_config
+from ..progress import progress_bar
 from .energy import EnergyModel, get_energy_model
 from .ops import FULL_PRECISION, NeuronStats, OpCounter, OpStats, batch_size_of
 from .representation import BlockRepresentation, RepresentationProbe
@@ -245,7 +245,7 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
     model.eval()
     try:
         with OpCounter(model, fp_bits=fp_bits) as counter, probe or contextlib.nullcontext():
-            for x in tqdm(islice(stream, batches), total=batches, desc="profile", unit="batch",
+            for x in progress_bar(islice(stream, batches), total=batches, desc="profile", unit="batch",
                           disable=None if progress else True):
                 x = x.to(device)
                 if probe is not None:

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "predict": "run a packed model file on inputs with the bit-packed runtime",
     "bench": "benchmark the packed runtime against PyTorch",
     "convert": "convert a trained CSDformer ANN checkpoint into a spike-driven model",
+    "zoo": "list the pretrained models that ship with the package (--json: as JSON)",
 }
 
 

@@ -1,7 +1,9 @@
-"""``bestformer export CKPT --format packed|nir -o OUT``: write a deployment file from a checkpoint.
+"""``bestformer export CKPT --format packed|nir|onnx -o OUT``: write a deployment file from a checkpoint.
 
 ``packed``: the folded 1-bit model as one ``.bst`` file for the bit-packed runtime (``bestformer predict``);
-``nir``: the Neuromorphic Intermediate Representation of the parts NIR can express (see docs/deploy.md)."""
+``nir``: the Neuromorphic Intermediate Representation of the parts NIR can express; ``onnx``: one ONNX graph
+(T unrolled, +-1 weights, BatchNorm folded, dynamic batch) for onnxruntime, TensorRT, OpenVINO (docs/deploy.md).
+CKPT may be a zoo entry, ``zoo:NAME``."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ import argparse
 
 from .options import integer, number, output_file
 
-HELP = "write a deployment file (packed 1-bit model or NIR graph) from a checkpoint"
+HELP = "write a deployment file (packed 1-bit model, NIR graph or ONNX) from a checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="a .safetensors checkpoint written by bestformer")
-    parser.add_argument("--format", choices=("packed", "nir"), default="packed",
-                        help="packed: .bst file for `bestformer predict`; nir: NIR graph (HDF5)")
+    parser.add_argument("checkpoint", metavar="CKPT",
+                        help="a .safetensors checkpoint written by bestformer, or zoo:NAME")
+    parser.add_argument("--format", choices=("packed", "nir", "onnx"), default="packed",
+                        help="packed: .bst file for `bestformer predict`; nir: NIR graph (HDF5); onnx: ONNX graph")
     parser.add_argument("-o", "--output", required=True, type=output_file(),
                         help="file to write (e.g. model.bst or model.nir)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
@@ -32,11 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..training import load_checkpoint
+    from ..training.runner import load_weights_spec
 
     out = args.output
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_weights_spec(args.checkpoint)
     name = meta["model_name"]
+    if args.format == "onnx":
+        if args.verify or args.subgraphs:
+            raise ConfigError("--verify and --subgraphs apply to --format packed / nir")
+        from ..data import is_event_dataset
+        from ..deploy.onnx_export import export_onnx
+
+        dataset = meta.get("dataset") or (meta.get("config") or {}).get("dataset")
+        events = bool(dataset) and is_event_dataset(dataset)
+        export_onnx(model, out, events=events)
+        print(f"wrote {out} (ONNX, {out.stat().st_size / 1e6:.3f} MB, input "
+              f"{'[T, B, C, H, W] event frames' if events else '[B, C, H, W] images'}, dynamic batch) from {name}")
+        return 0
     if args.format == "nir":
         if args.verify:
             raise ConfigError("--verify applies to --format packed")

@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import numpy as np
-    from tqdm import tqdm
 
     from ..deploy.runtime import PackedModel
     from ..errors import InputError
+    from ..progress import progress_bar
 
     model = PackedModel.load(args.model, threads=args.threads)
     is_file = Path(args.inputs).suffix in (".npy", ".npz") or Path(args.inputs).is_file()
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         total, batches = _dataset_batches(args.inputs, args, model.time_steps, args.batch_size)
     logits, labels = [], []
     t0 = time.perf_counter()
-    for xb, yb in tqdm(batches, total=total, desc="predict", unit="batch"):
+    for xb, yb in progress_bar(batches, total=total, desc="predict", unit="batch"):
         logits.append(model.predict(xb, batch_size=args.batch_size))
         if yb is not None:
             labels.append(np.asarray(yb))

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..fileio import atomic_path
+from ..progress import progress_bar
 from .converter import convert
 
 
@@ -57,7 +57,7 @@ def conversion_errors(ann: nn.Module, batches: Iterable[tuple[Tensor, Tensor | N
     snns = {d: convert(ann, steps, d) for d in (delays if delays is not None else [steps])}
     stats = {d: dict(max_abs=0.0, sum_abs=0.0, agree=0, correct=0) for d in snns}
     ann_correct, samples, labelled = 0, 0, True
-    for x, y in tqdm(batches, desc="conversion error", unit="batch", disable=not progress):
+    for x, y in progress_bar(batches, desc="conversion error", unit="batch", disable=not progress):
         with torch.no_grad():
             ref = ann(x.mean(dim=0) if x.dim() == 5 else x)
             outs = {d: snn(x) for d, snn in snns.items()}

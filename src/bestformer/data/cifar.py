@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import BestformerError, FileFormatError
+from ..progress import progress_bar
 from .registry import BuildOptions, DatasetBundle, register_dataset
 from .sources import FileTree, fingerprint, load_cached, locate, save_cached, top_prefixes
 from .splits import check_labels, plan_splits
@@ -341,7 +341,8 @@ def _decode_folder_images(tree: FileTree, names: list[str], needed: np.ndarray, 
     Rows not in ``needed`` stay zero (their pages are never touched, so they cost no memory).
     """
     images = np.zeros((len(names), 32, 32, 3), dtype=np.uint8)
-    for i in tqdm(needed.tolist(), desc=f"decoding {what}", unit="img", leave=False, disable=len(needed) < 2000):
+    for i in progress_bar(needed.tolist(), desc=f"decoding {what}", unit="img", leave=False,
+                          disable=len(needed) < 2000):
         img = decode_image(tree.read(names[i]), tree.describe(names[i]))
         if img.size != (32, 32):
             raise FileFormatError(f"{tree.describe(names[i])} is {img.size[0]}x{img.size[1]}; CIFAR images "

@@ -12,10 +12,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import FileFormatError
 from ..fileio import atomic_path
+from ..progress import progress_bar
 
 #: dataset -> (mirrors, [(file name, MD5)]); MD5s as published with the files (and used by torchvision)
 RESOURCES: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {
@@ -48,7 +47,7 @@ def fetch(url: str, dest: Path, md5: str, timeout: float = 60.0) -> None:
         digest = hashlib.md5()
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
                 for block in iter(lambda: resp.read(_BLOCK), b""):
                     out.write(block)
                     digest.update(block)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -194,9 +194,11 @@ class EventFileDataset(Dataset):
     """Recordings read and binned on access: item ``i`` is ``(frames [T, 2, H, W] float32, label)``."""
 
     def __init__(self, tree: FileTree, names: Sequence[str], labels: np.ndarray,
-                 decoder: Callable[[bytes, str], Events], size: int, time_steps: int, split_by: str) -> None:
+                 decoder: Callable[[bytes, str], Events], size: int, time_steps: int, split_by: str,
+                 transform: Callable[[np.ndarray], Any] | None = None) -> None:
         self.tree, self.names, self.labels = tree, list(names), np.asarray(labels)
         self.decoder, self.size, self.time_steps, self.split_by = decoder, size, time_steps, split_by
+        self.transform = transform  # a tonic transform: it receives each recording as a structured array
 
     def __len__(self) -> int:
         return len(self.names)
@@ -207,6 +209,12 @@ class EventFileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         ev = self.events(i)
+        if self.transform is not None:
+            from .tonic_interop import frames_of, to_structured
+
+            sample = self.transform(to_structured(ev))
+            return frames_of(sample, self.time_steps, self.size, self.size, self.split_by,
+                             self.tree.describe(self.names[i])), int(self.labels[i])
         frames = events_to_frames(ev.x, ev.y, ev.p, ev.t, self.time_steps, self.size, self.size, self.split_by)
         return frames, int(self.labels[i])
 
@@ -221,7 +229,7 @@ def _event_bundle(name: str, tree: FileTree, names: list[str], labels: np.ndarra
         if idx is None:
             return None
         return EventFileDataset(tree, [names[i] for i in idx], labels[idx], decoder, size, opts.time_steps,
-                                opts.split_by)
+                                opts.split_by, opts.event_transform)
 
     return DatasetBundle(name, make(plan.train), make(plan.val), make(plan.test),  # type: ignore[arg-type]
                          len(class_names), 2, size, True, class_names, EVENT_MEAN, EVENT_STD, source=tree.label)
@@ -277,5 +285,5 @@ def _build_cifar10dvs(root: Path | None, opts: BuildOptions) -> DatasetBundle:
                          np.array(test_pool, dtype=np.int64), class_names, decode_aedat, DVS128_SIZE, opts)
 
 
-register_dataset("nmnist", _build_nmnist, "N-MNIST: " + _NMNIST_EXPECTED)
-register_dataset("cifar10dvs", _build_cifar10dvs, "CIFAR10-DVS: " + _DVS_EXPECTED)
+register_dataset("nmnist", _build_nmnist, "N-MNIST: " + _NMNIST_EXPECTED, events=True)
+register_dataset("cifar10dvs", _build_cifar10dvs, "CIFAR10-DVS: " + _DVS_EXPECTED, events=True)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -63,6 +64,7 @@ class BuildOptions:
     limit: int | None = None
     img_size: int | None = None
     max_per_class: int | None = None
+    event_transform: Callable[[Any], Any] | None = None  #: event datasets: a tonic transform per recording
 
     def __post_init__(self) -> None:
         def positive(key: str, val: object, optional: bool) -> None:
@@ -93,6 +95,7 @@ class DatasetSpec:
     needs_files: bool = True
     downloader: Callable[[Path], None] | None = None
     options: tuple[str, ...] = ()
+    events: bool = False  #: samples are event frames [T, C, H, W] (models then take [T, B, C, H, W])
 
 
 _DATASETS: dict[str, DatasetSpec] = {}
@@ -100,9 +103,15 @@ _DATASETS: dict[str, DatasetSpec] = {}
 
 def register_dataset(name: str, builder: Callable[[Path | None, BuildOptions], DatasetBundle], summary: str, *,
                      needs_files: bool = True, downloader: Callable[[Path], None] | None = None,
-                     options: tuple[str, ...] = ()) -> None:
-    """Make ``name`` buildable. ``options`` lists the optional keywords (``img_size``) the builder honours."""
-    _DATASETS[name] = DatasetSpec(name, builder, summary, needs_files, downloader, options)
+                     options: tuple[str, ...] = (), events: bool = False) -> None:
+    """Make ``name`` buildable. ``options`` lists the optional keywords (``img_size``) the builder honours;
+    ``events``: its samples are event frames."""
+    _DATASETS[name] = DatasetSpec(name, builder, summary, needs_files, downloader, options, events)
+
+
+def is_event_dataset(name: str) -> bool:
+    """Whether dataset ``name``'s samples are event frames (``[T, C, H, W]``) rather than images."""
+    return _DATASETS[check_choice("dataset", name, _DATASETS)].events
 
 
 def list_datasets(pattern: str = "*") -> list[str]:
@@ -124,7 +133,8 @@ def default_data_dir(name: str) -> Path:
 def build_datasets(name: str, data_dir: str | os.PathLike[str] | None = None, *, time_steps: int = 4,
                    split_by: str = "number", val_fraction: float = 0.1, seed: int = 0, download: bool = False,
                    limit: int | None = None, img_size: int | None = None,
-                   max_per_class: int | None = None) -> DatasetBundle:
+                   max_per_class: int | None = None,
+                   event_transform: Callable[[Any], Any] | None = None) -> DatasetBundle:
     """Read dataset ``name`` from ``data_dir`` and return its train / validation / test splits.
 
     Args:
@@ -144,10 +154,17 @@ def build_datasets(name: str, data_dir: str | os.PathLike[str] | None = None, *,
         img_size: ``imagefolder`` only: side of the square the images are resized and cropped to (224).
         max_per_class: keep only the first ``n`` samples of each class of each published split before
             splitting (sorted file order), so that e.g. only ``10 n`` CIFAR JPEGs are decoded.
+        event_transform: event datasets only: a tonic transform (any callable) applied to every recording as a
+            structured array (``x``, ``y``, ``t``, ``p``); it returns events (framed afterwards) or frames
+            ``[T, 2, H, W]`` (used as they are). See :mod:`bestformer.data.tonic_interop`.
     """
+    if event_transform is not None and not is_event_dataset(name):
+        events = ", ".join(n for n, s in _DATASETS.items() if s.events)
+        raise ConfigError(f"event_transform applies to the event datasets ({events}); {name} holds images")
     spec = _DATASETS[check_choice("dataset", name, _DATASETS)]
     opts = BuildOptions(time_steps=time_steps, split_by=split_by, val_fraction=val_fraction, seed=seed,
-                        download=download, limit=limit, img_size=img_size, max_per_class=max_per_class)
+                        download=download, limit=limit, img_size=img_size, max_per_class=max_per_class,
+                        event_transform=event_transform)
     if img_size is not None and "img_size" not in spec.options:
         raise ConfigError(f"img_size applies to {', '.join(n for n, s in _DATASETS.items() if 'img_size' in s.options)}"
                           f" only; {name} has a fixed image size")

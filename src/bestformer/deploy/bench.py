@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 from numba import njit
-from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..progress import progress_bar
 from ..training import save_checkpoint
 from . import kernels as K
 from .fold import export_packed
@@ -195,7 +195,7 @@ def _run(model_name: str, checkpoint: str | None, batch_sizes: Sequence[int], th
     rng = np.random.default_rng(seed)
     rows = [_bench_batch(model, packed, rng.standard_normal((b, c, h, w)).astype(np.float32), repeats, budget,
                          results["model_bytes"] if memory else None)
-            for b in tqdm(batch_sizes, desc="batch sizes", disable=not progress)]
+            for b in progress_bar(batch_sizes, desc="batch sizes", disable=not progress)]
     results["rows"] = rows
     pc = popcount_throughput(threads)
     fl = sgemm_throughput(threads)

@@ -265,6 +265,9 @@ class PackedModel:
         parts = [self.run(np.take(x, range(i, min(i + step, n)), axis=axis))[0] for i in range(0, n, step)]
         return np.concatenate(parts)
 
+
+    __call__ = predict  # pm(x), as a module is called
+
     def run(self, x: np.ndarray, trace: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One batch; returns ``(logits, spikes)`` where ``spikes`` (with ``trace``) maps each spiking layer's name
         to its spikes in the PyTorch model's layout (``uint8``), e.g. ``[T, B, C, H, W]`` in the stem."""

@@ -69,13 +69,13 @@ def _check_header(header: Any, path: Path) -> dict[str, Any]:
     return header
 
 
-def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
+def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     """The dotted key at which two JSON values first differ (``None`` when equal)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
             if key not in a or key not in b:
                 return f"{where}{key}"
-            found = _first_difference(a[key], b[key], f"{where}{key}.")
+            found = first_difference(a[key], b[key], f"{where}{key}.")
             if found is not None:
                 return found
         return None
@@ -107,7 +107,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         if header is None:  # weights saved without an embedded header: the sidecar is all there is
             header = sidecar
         else:
-            key = _first_difference(header, sidecar)
+            key = first_difference(header, sidecar)
             if key is not None:
                 raise FileFormatError(
                     f"checkpoint sidecar {side} disagrees with the header embedded in {path.name} on {key!r} "

@@ -110,6 +110,9 @@ class TrainConfig:
     # distillation
     teacher: str | None = field(default=None, metadata=_opt(
         "distillation teacher: a checkpoint path or a model name trained first in this run"))
+    init: str | None = field(default=None, metadata=_opt(
+        "start from these weights (fine-tuning): a checkpoint path or zoo:NAME (bestformer zoo); the model and its "
+        "options must match"))
     teacher_args: dict = field(default_factory=dict, metadata=_opt(
         "extra options of a teacher trained in this run (YAML mapping; --teacher-arg KEY=VALUE)", cli=False))
     teacher_epochs: int | None = field(default=None, metadata=_opt(
@@ -120,6 +123,9 @@ class TrainConfig:
     # runs, reliability
     out: str = field(default="runs", metadata=_opt("root folder of the runs"))
     name: str | None = field(default=None, metadata=_opt("run folder name (default: <model>-<dataset>-<time>)"))
+    log: str = field(default="csv", metadata=_opt(
+        "logs of the run: csv (metrics.csv, curves.png) or tensorboard (the same, plus TensorBoard event files in "
+        "<run>/tensorboard; needs the tensorboard extra)", choices=("csv", "tensorboard")))
     ckpt_every_steps: int = field(default=0, metadata=_opt(
         "also checkpoint every N optimizer steps (0: at the end of each epoch only)"))
     monitor_every: int = field(default=25, metadata=_opt(

@@ -48,6 +48,7 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from ..errors import BestformerError, ConfigError, InputError
+from ..progress import progress_bar
 
 #: Variables torchrun sets for every worker (MASTER_* are those of the rendezvous host).
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -278,7 +279,7 @@ print_main = rank_zero_only(print)
 def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
     """A tqdm progress bar shown by rank 0 only (other ranks get a disabled one, so loops stay the same)."""
     kwargs["disable"] = bool(kwargs.get("disable")) or not is_main_process()
-    return tqdm(iterable, **kwargs)
+    return progress_bar(iterable, **kwargs)
 
 
 def barrier(timeout_s: float | None = None) -> None:

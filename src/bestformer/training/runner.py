@@ -44,7 +44,7 @@ from ..models import create_model, get_input_config, is_model
 from ..neurons import set_backend, supported_backends
 from ..quant import weight_bits_of
 from .budget import parse_duration, plan_budget
-from .checkpoint import load_checkpoint, load_weights
+from .checkpoint import check_fits, load_checkpoint, load_weights
 from .config import TrainConfig, config_from_dict, load_recipe
 from .distill import Distiller, get_distiller, list_distillers
 from .distributed import (
@@ -53,6 +53,7 @@ from .distributed import (
     broadcast_object,
     distributed,
     replan_batches,
+    resolve_device,
     timeout_from_env,
 )
 from .engine import Trainer, _log, evaluate
@@ -66,7 +67,8 @@ PROFILE_SECONDS = 10.0
 #: options that may change on resume: the run's length, its checkpointing and where / how fast it executes (another
 #: device or thread count can change float rounding); the others define the experiment and must stay
 RESUMABLE = ("epochs", "cooldown_epochs", "patience", "ckpt_every_steps", "monitor_every", "skip_nonfinite",
-             "device", "workers", "threads", "neuron_backend", "channels_last", "sync_bn", "data_dir", "download")
+             "device", "workers", "threads", "neuron_backend", "channels_last", "sync_bn", "data_dir", "download",
+             "log")
 DATA_FIELDS = ("num_classes", "in_channels", "img_size", "time_steps")
 #: options that a resume on another number of processes adjusts (keeping batch_size x accum_steps x processes)
 BATCH_LAYOUT = ("batch_size", "accum_steps")
@@ -220,6 +222,18 @@ class _Run:
             cfg = self.cfg = cfg.replace(batch_size=cfg.cuda_batch_size)  # the recipe's GPU size (lr_scaling follows)
         time_steps = cfg.time_steps or get_input_config(cfg.model).time_steps  # also: an unknown model fails here
         folder.prepare()  # a read-only or missing folder fails now, before the data are read
+        if cfg.log == "tensorboard" and folder.enabled:
+            from .tensorboard import TensorBoardLog
+
+            folder.tensorboard = TensorBoardLog(folder.path / "tensorboard")
+        try:
+            return self._execute(cfg, folder, ctx, state, t0, bundle, time_steps)
+        finally:
+            if folder.tensorboard is not None:
+                folder.tensorboard.close()
+
+    def _execute(self, cfg: TrainConfig, folder: RunFolder, ctx: DistContext, state: Any, t0: float,
+                 bundle: Any, time_steps: int) -> TrainResult:
         if cfg.threads is not None:  # torch's kernels and the fused LIF kernels' thread pool follow it
             torch.set_num_threads(cfg.threads)
         backend = choose_backend(cfg.neuron_backend)
@@ -246,6 +260,11 @@ class _Run:
 
         seed_everything(cfg.seed, cfg.deterministic)
         student = create_model(cfg.model, **model_options(cfg.model, bundle, time_steps, cfg.model_args))
+        if cfg.init is not None and state is None:  # fine-tuning starts from these weights (a resume has its own)
+            source = _shared_checkpoint(cfg.init, ctx)
+            check_fits(student, source.state_dict(), f"--init {cfg.init} ({source.model_name})")
+            student.load_state_dict(source.state_dict())
+            _log(ctx, f"initialised from {cfg.init}")
         distiller = None if teacher is None else make_distiller(distill, teacher, student, cfg.label_smoothing)
         extra = {"recipe": self.recipe, "dataset": cfg.dataset, "distill": distill, "role": self.role}
         trainer = Trainer(student, cfg, bundle.train, bundle.val, num_classes=bundle.num_classes, run=folder,
@@ -289,6 +308,8 @@ class _Run:
         folder.write_summary(result.summary())
         if self.role == "model" and ctx.is_main:
             _log(ctx, write_profile(student, bundle, folder.path / "profile.json"))
+            if folder.tensorboard is not None and (folder.path / "profile.json").is_file():
+                folder.tensorboard.profile(read_json(folder.path / "profile.json", "profile"))
         return result
 
     def _plan_budget(self, trainer: Trainer, bundle: Any, info: dict[str, Any]) -> TrainConfig:
@@ -321,8 +342,8 @@ class _Run:
         cfg = self.cfg
         spec = str(cfg.teacher)
         path = Path(spec)
-        if path.suffix == ".safetensors" or path.is_file():
-            teacher = _shared_checkpoint(path, self.ctx)
+        if path.suffix == ".safetensors" or path.is_file() or spec.startswith("zoo:"):
+            teacher = _shared_checkpoint(spec, self.ctx)
             _check_teacher_fits(teacher, bundle, path)
             _log(self.ctx, f"teacher: {teacher.model_name} from {path}")
             return teacher, None
@@ -401,10 +422,55 @@ def _load_on_main(ctx: DistContext, load: Callable[[], Any]) -> Any:
     return result
 
 
-def _shared_checkpoint(path: Path, ctx: DistContext) -> nn.Module:
-    """A model checkpoint that rank 0 reads; the other ranks build the same architecture and receive its weights
-    (so the file need only be on rank 0's file system, and no rank reads it before rank 0 finished writing)."""
-    loaded = _load_on_main(ctx, lambda: load_checkpoint(path))
+def load_weights_spec(spec: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A model from a checkpoint path or a zoo entry (``zoo:NAME``): ``(model, header or meta)``."""
+    if str(spec).startswith("zoo:"):
+        from ..zoo import load_pretrained  # the zoo sits above training: imported only when named
+
+        model, header = load_pretrained(str(spec))
+        return model, {**header.get("meta", {}), "model_name": header["model_name"],
+                       "model_args": header["model_args"]}
+    return load_checkpoint(spec)
+
+
+def evaluate_saved(model: nn.Module, meta: dict[str, Any], *, source: str = "the model",
+                   dataset: str | None = None, data_dir: str | None = None, split: str = "test",
+                   limit: int | None = None, batch_size: int = 256, device: str = "auto", amp: str | None = None,
+                   flip: bool | None = None, workers: int = 0) -> dict[str, Any]:
+    """Evaluate a saved model (``load_weights_spec``) on a split of its dataset, by default with its training run's
+    own evaluation settings (amp, flip TTA) and its seed and val_fraction (the same validation carve as during
+    training), so that its recorded accuracy is reproduced. Returns ``evaluate``'s metrics plus ``dataset``,
+    ``amp`` and ``flip``."""
+    from ..data import build_datasets
+
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    dataset = dataset or meta.get("dataset") or config.get("dataset")
+    if not dataset:
+        raise ConfigError(f"{source} does not record its dataset; pass --dataset NAME")
+    bundle = build_datasets(dataset, data_dir, time_steps=getattr(model, "time_steps", None) or 4,
+                            split_by=config.get("split_by", "number"), val_fraction=config.get("val_fraction", 0.1),
+                            seed=config.get("seed", 0), limit=limit)
+    classes = getattr(model, "num_classes", bundle.num_classes)
+    if bundle.num_classes != classes:
+        raise InputError(f"{dataset} has {bundle.num_classes} classes but {source} predicts {classes}; evaluate it "
+                         "on the dataset it was trained on")
+    data = getattr(bundle, split)
+    if data is None:
+        raise ConfigError(f"{dataset} has no {split} split here; choose another --split")
+    ctx = DistContext(device=resolve_device(device))
+    model.to(ctx.device)
+    amp = amp or config.get("amp", "auto")
+    flip = bool(config.get("eval_flip", False)) if flip is None else flip
+    res = evaluate(model, data, num_classes=bundle.num_classes, batch_size=batch_size, ctx=ctx, amp=amp,
+                   workers=workers, desc=f"{dataset} {split}", where=f"{dataset} {split} split", flip=flip)
+    return {**res, "dataset": dataset, "amp": amp, "flip": flip}
+
+
+def _shared_checkpoint(path: str | Path, ctx: DistContext) -> nn.Module:
+    """A model checkpoint (or zoo entry) that rank 0 reads; the other ranks build the same architecture and receive
+    its weights (so the file need only be on rank 0's file system, and no rank reads it before rank 0 finished
+    writing)."""
+    loaded = _load_on_main(ctx, lambda: load_weights_spec(path))
     name, args = broadcast_object((loaded[1]["model_name"], loaded[1]["model_args"]) if ctx.is_main else None)
     model = loaded[0] if ctx.is_main else create_model(name, **args)
     return broadcast_module(model)

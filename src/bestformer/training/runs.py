@@ -49,6 +49,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike[str], enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        self.tensorboard: Any = None  # a TensorBoardLog with --log tensorboard (set by the runner)
 
     config_path = property(lambda self: self.path / "config.yaml")
     resume_path = property(lambda self: self.path / RESUME_FILE)
@@ -123,6 +124,8 @@ class RunFolder:
             self._write(self.firing_path, lambda: atomic_write_text(self.firing_path, _csv(firing)))
         if history:
             self._write(self.plot_path, lambda: plot_curves(history, self.plot_path))
+        if self.tensorboard is not None:
+            self._write(self.path / "tensorboard", lambda: self.tensorboard.epochs(history, firing))
 
     def save_model(self, kind: str, model: nn.Module, meta: dict[str, Any]) -> None:
         path = self.weights_path(kind)

@@ -1,0 +1,120 @@
+"""The model zoo (issue 17): pretrained 1-bit spiking transformers (and the ANN teachers they were distilled
+from) that ship inside the package and load with no network.
+
+    bestformer.list_pretrained()                                  # the entries, as dicts (``bestformer zoo``)
+    model = bestformer.create_model("bestformer_tiny", pretrained="mnist")     # or pretrained=True: the default tag
+    model, header = bestformer.load_pretrained("bestformer_tiny.mnist")
+
+Each entry is a folder in the Hugging Face layout (:mod:`.hub`) under ``bestformer/zoo/weights/<name>/``, with the
+training run's ``metrics.csv``, ``train_config.yaml`` and ``train.log`` beside it. ``manifest.json`` lists the
+entries: model, tag, dataset, top-1 and on which split, the size in the paper's convention and on disk, the
+training wall-clock and CPU, the exact command that produced it, a fixed data slice with its exact accuracy (for the
+tests), and the SHA-256 of each weights file, checked on every load. ``benchmarks/zoo.py`` builds it from training
+runs; docs/zoo.md says how to add an entry.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, FileFormatError, close_matches
+from .hub import WEIGHTS, from_pretrained, push_to_hub, read_pretrained, save_pretrained
+
+ZOO_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = Path(__file__).resolve().parent / "manifest.json"
+ZOO_PREFIX = "zoo:"
+
+__all__ = ["MANIFEST", "ZOO_DIR", "ZOO_PREFIX", "create_model", "entry_folder", "from_pretrained", "get_entry",
+           "list_pretrained", "load_pretrained", "markdown_table", "push_to_hub", "read_pretrained", "save_pretrained"]
+
+
+@cache
+def _manifest() -> tuple[dict[str, Any], ...]:
+    if not MANIFEST.is_file():
+        return ()
+    try:
+        entries = json.loads(MANIFEST.read_text(encoding="utf-8"))["entries"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FileFormatError(f"the zoo manifest {MANIFEST} is unreadable ({err}); reinstall bestformer") from None
+    return tuple(entries)
+
+
+def list_pretrained(pattern: str = "*") -> list[dict[str, Any]]:
+    """The zoo's entries whose name matches ``pattern`` (fnmatch), each a dict with at least ``name``, ``model``,
+    ``tag``, ``dataset``, ``split``, ``top1`` and ``file``."""
+    return [dict(e) for e in _manifest() if fnmatch.fnmatchcase(e["name"], pattern)]
+
+
+def get_entry(name: str) -> dict[str, Any]:
+    """The entry named ``name`` (``model.tag``, e.g. ``bestformer_tiny.mnist``; ``zoo:`` prefix allowed)."""
+    name = name.removeprefix(ZOO_PREFIX)
+    for entry in _manifest():
+        if entry["name"] == name:
+            return dict(entry)
+    names = [e["name"] for e in _manifest()]
+    raise ConfigError(f"no zoo entry {name!r}{close_matches(name, names)}; `bestformer zoo` lists "
+                      f"{len(names)}: {', '.join(names)}")
+
+
+def _resolve(model: str, tag: str | bool) -> dict[str, Any]:
+    if tag is True:
+        defaults = [e for e in _manifest() if e["model"] == model and e.get("default")]
+        if not defaults:
+            tags = [e["tag"] for e in _manifest() if e["model"] == model]
+            raise ConfigError(f"no pretrained weights for {model!r} in the zoo" + (f" (tags: {', '.join(tags)})"
+                                                                               if tags else ""))
+        return dict(defaults[0])
+    return get_entry(f"{model}.{tag}")
+
+
+def entry_folder(entry: dict[str, Any]) -> Path:
+    return ZOO_DIR / entry["name"]
+
+
+def load_pretrained(name: str, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Load zoo entry ``name`` after checking its weights file against the manifest's SHA-256: ``(model in eval
+    mode, header)``; the header's ``meta`` holds the training run's config, metrics and command."""
+    entry = get_entry(name)
+    folder = entry_folder(entry)
+    weights = folder / WEIGHTS
+    try:
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    except OSError as err:
+        raise FileFormatError(f"zoo entry {entry['name']}: cannot read {weights} ({err.strerror or err}); "
+                              "reinstall bestformer") from None
+    if digest != entry["sha256"]:
+        raise FileFormatError(f"zoo entry {entry['name']}: {weights} has SHA-256 {digest[:16]}..., the manifest "
+                              f"records {entry['sha256'][:16]}...: the file is damaged or was replaced; reinstall "
+                              "bestformer")
+    return from_pretrained(folder, **overrides)
+
+
+def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> nn.Module:
+    """:func:`bestformer.models.create_model`, plus ``pretrained``: ``True`` (the model's default zoo entry) or a
+    tag (``"mnist"``) loads the zoo's weights (in eval mode; call ``.train()`` to fine-tune)."""
+    from ..models import create_model as build
+
+    if not pretrained:
+        return build(name, **overrides)
+    if not isinstance(pretrained, (bool, str)):
+        raise ConfigError(f"pretrained must be True, False or a tag, got {pretrained!r}")
+    return load_pretrained(_resolve(name, pretrained)["name"], **overrides)[0]
+
+
+def markdown_table(entries: list[dict[str, Any]] | None = None) -> str:
+    """The zoo as a Markdown table (the README's; a test checks that the README holds exactly this)."""
+    lines = ["| entry | dataset | top-1 | split (samples) | 1-bit weights | size (paper) | file | trained |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in list_pretrained() if entries is None else entries:
+        share = f"{e['binary_params'] / e['params']:.0%}" if e["params"] else "-"
+        lines.append(f"| `{e['name']}` | {e['dataset']} | {e['top1']:.2f} % | {e['split']} ({e['count']:,}) | "
+                     f"{share} | {e['paper_bytes'] / 1e3:.1f} kB | {e['file_bytes'] / 1e3:.1f} kB | "
+                     f"{e['train_minutes']:.1f} min |")
+    return "\n".join(lines)
