@@ -33,9 +33,11 @@ CIFAR_COMMAND = ("bestformer train --recipe cifar10-fast --data-dir ../shared/da
 CONVERT = ("bestformer convert runs/zoo/csd_tiny-mnist/best.safetensors -o "
            "runs/zoo/csd_tiny-mnist/converted.safetensors --dataset mnist --data-dir ../shared/data/mnist --no-sweep")
 
+#: a run started from another run's checkpoint (--init): its command, minutes and log follow that run's
+FINE_TUNED = {"bestformer_tiny-mnist-ft": "bestformer_tiny-mnist"}
 #: name -> (run folder, checkpoint in it, data folder, split the top-1 is on, default entry of its model)
 ENTRIES: dict[str, tuple[Path, str, str | None, str, bool]] = {
-    "bestformer_tiny.mnist": (RUNS / "bestformer_tiny-mnist", "best.safetensors", "mnist", "test", True),
+    "bestformer_tiny.mnist": (RUNS / "bestformer_tiny-mnist-ft", "best.safetensors", "mnist", "test", True),
     "ann_tiny.mnist": (RUNS / "bestformer_tiny-mnist", "teacher/best.safetensors", "mnist", "test", True),
     "bestformer_tiny.digits": (RUNS / "bestformer_tiny-digits", "best.safetensors", None, "test", False),
     "ann_tiny.digits": (RUNS / "bestformer_tiny-digits", "teacher/best.safetensors", None, "test", False),
@@ -84,13 +86,16 @@ def _command(run: Path, name: str) -> str:
     if run == CIFAR_RUN:
         return CIFAR_COMMAND
     command = (RUNS / f"{run.name}.command").read_text().strip()
+    if run.name in FINE_TUNED:
+        command = f"{_command(RUNS / FINE_TUNED[run.name], name)}\n{command}"
     return f"{command}\n{CONVERT}" if name == "csd_tiny.mnist" else command
 
 
 def _log(run: Path, teacher: bool) -> str:
     console = RUNS / f"{run.name}.log"
     if console.is_file():
-        return clean_log(console.read_text(errors="replace"))
+        before = _log(RUNS / FINE_TUNED[run.name], teacher) if run.name in FINE_TUNED else ""
+        return before + clean_log(console.read_text(errors="replace"))
     rows = (run / ("teacher/metrics.csv" if teacher else "metrics.csv")).read_text()
     return ("# The console output of this run was not kept; metrics.csv (reproduced below) is its per-epoch log.\n"
             + rows)
@@ -111,6 +116,11 @@ def build(args: argparse.Namespace) -> None:
         if name == "csd_tiny.mnist" and not path.is_file():
             subprocess.run(CONVERT.split(), cwd=REPO, check=True)
         model, meta = load_weights_spec(path)
+        if "config" not in meta:  # a converted model: the ANN run's config says what it was trained on
+            import yaml
+
+            meta["config"] = yaml.safe_load((run / "config.yaml").read_text())
+            meta.setdefault("dataset", meta["config"]["dataset"])
         teacher = ckpt.startswith("teacher/")
         summary = json.loads((run / "summary.json").read_text())
         recorded = (summary["teacher"] if teacher else summary).get(split)
@@ -138,6 +148,8 @@ def build(args: argparse.Namespace) -> None:
                               flip=False)
         weights = folder / hub.WEIGHTS
         minutes = (summary["teacher"] if teacher else summary).get("seconds", 0.0) / 60
+        if run.name in FINE_TUNED:  # the run it started from
+            minutes += json.loads((RUNS / FINE_TUNED[run.name] / "summary.json").read_text())["seconds"] / 60
         entries.append({
             "name": name, "model": model_name, "tag": tag, "default": default, "dataset": full["dataset"],
             "split": split, "top1": full["acc1"], "top5": full["acc5"], "count": full["count"],

@@ -320,6 +320,13 @@ def test_resume_accepts_the_original_command(tmp_path: Path, capsys: pytest.Capt
     assert json.loads((run / "summary.json").read_text())["epochs_done"] == 2
     rc, err = _cli([*command, "--lr", "0.5", "--resume", str(run)], capsys)
     assert rc == 2 and "--lr cannot change on --resume (the run has 0.001, the command 0.5" in _last_line(err)
+    plain = ["train", "--recipe", "none", "--dataset", "digits", "--limit", "32", "--epochs", "1", "--batch-size", "16",
+             "--time-steps", "2", "--neuron-backend", "plain", "--out", str(tmp_path / "runs"), "--name", "p"]
+    assert _cli(plain, capsys)[0] == 0
+    rc, err = _cli([*plain, "--resume", str(tmp_path / "runs" / "p")], capsys)  # --recipe none repeated
+    assert rc == 0, err
+    rc, err = _cli([*command, "--lr", "0.5", "--resume", str(run)], capsys)
+    assert rc == 2 and "--lr cannot change on --resume (the run has 0.001, the command 0.5" in _last_line(err)
     with pytest.raises(ConfigError, match="--dataset cannot change on --resume"):
         resume(run, dataset="mnist")
 
@@ -462,3 +469,95 @@ def test_fuzz_hostile_model_options_in_a_consistent_checkpoint(ckpt: Path, key: 
         assert "\n" not in str(err)
     else:
         assert sum(p.numel() for p in model.parameters()) < 10**6
+
+
+def test_a_nested_model_option_of_the_wrong_name_is_one_user_error(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """YAML reads ``{decay_input:false}`` (no space) as the key ``decay_input:false``: exit 2, one line."""
+    rc, err = _cli(["train", "--limit", "16", "--epochs", "1", "--model-arg", "neuron_kwargs={decay_input:false}",
+                    "--out", str(tmp_path)], capsys)
+    assert rc == 2 and "cannot be built with the options" in _last_line(err) and "decay_input:false" in err
+
+
+# ------------------------------------------------------------------------------- found in review
+def test_a_header_cannot_ask_for_a_huge_level_count(tmp_path: Path) -> None:
+    path = save_checkpoint(bestformer.create_model("qsd_tiny", img_size=8, in_channels=1), tmp_path / "q.safetensors")
+    _, header = read_checkpoint(path)
+    _rewrite(path, {"model_args": {**header["model_args"], "neuron_kwargs": {"levels": 10**6}}})
+    t0 = time.perf_counter()
+    with pytest.raises(FileFormatError, match=r"levels must be an integer in \[1, 255\]"):
+        load_checkpoint(path)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_lock_file_planted_as_a_link_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = tmp_path / "runs" / "same"
+    folder.mkdir(parents=True)
+    (folder / ".lock").symlink_to(victim)
+    with pytest.raises(FileFormatError, match="cannot open the run folder's lock"):
+        train(_cfg(tmp_path))
+    assert victim.read_text() == "precious"
+
+
+def test_a_second_sigterm_stops_at_once_as_sigterm() -> None:
+    import signal
+
+    from bestformer.errors import Terminated
+    from bestformer.training.distributed import DistContext
+    from bestformer.training.engine import StopSignals
+
+    stop = StopSignals(DistContext())
+    stop._handle(signal.SIGTERM, None)
+    assert stop.received == "SIGTERM"
+    with pytest.raises(Terminated):
+        stop._handle(signal.SIGTERM, None)
+    assert issubclass(Terminated, BaseException) and not issubclass(Terminated, Exception)
+
+
+class _ArrayKey:
+    """Pickles as a numpy array (numpy's own reduce) yet is hashable, so it can be a dict key in the stream."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __reduce__(self):
+        return np.zeros(self.shape, np.uint8).__reduce__()
+
+
+def test_cifar_pickles_with_array_keys_or_many_dimensions_are_one_error() -> None:
+    for obj in ({_ArrayKey((2,)): 1}, {"data": _ArrayKey((1,) * 10)}):
+        with pytest.raises(FileFormatError, match="CIFAR pickle|malformed array shape"):
+            cifar.safe_unpickle(pickle.dumps(obj, protocol=2))
+
+
+def test_packed_bit_shapes_that_overflow_are_refused() -> None:
+    from bestformer.zoo import bits
+
+    model = bestformer.create_model("bestformer_tiny", **TINY)
+    tensors, packed = bits.pack_state(model)
+    key = next(iter(packed))
+    with pytest.raises(FileFormatError, match="does not match its shape"):
+        bits.unpack_state(tensors, {**packed, key: [1, 2**30, 2**30, 16]}, "f")
+
+
+def test_predict_refuses_labels_that_are_not_integers(tmp_path: Path, packed: tuple[Path, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    bst, _ = packed
+    inputs = tmp_path / "xy.npz"
+    np.savez(inputs, x=np.zeros((2, 1, 8, 8), np.float32), y=np.array(["a", "b"]))
+    rc, err = _cli(["predict", str(bst), str(inputs)], capsys)
+    assert rc == 2 and "must be integers in [0, 10), got <U1" in err
+
+
+def test_a_sidecar_only_checkpoint_is_still_hash_checked(ckpt: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(load_file(ckpt), ckpt)  # the weights without the embedded header; the sidecar keeps the hash
+    load_checkpoint(ckpt)
+    data = bytearray(ckpt.read_bytes())
+    data[-5] ^= 0x04
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="SHA-256 of its tensor data differs"):
+        load_checkpoint(ckpt)

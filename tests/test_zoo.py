@@ -177,6 +177,8 @@ def test_train_init_from_a_zoo_entry(tmp_path: Path) -> None:
     assert diff < 1e-3  # started from the zoo's weights (a 1e-9 learning rate barely moves them)
     with pytest.raises(FileFormatError, match="does not fit this model"):
         train(cfg.replace(model_args={"embed_dim": 16}, name="bad"))
+    with_teacher = cfg.replace(teacher="ann_tiny", teacher_epochs=1, name="teacher")  # the teacher is not --init'ed
+    assert train(with_teacher).teacher.status == "finished"
 
 
 def test_the_readme_table_is_the_manifests() -> None:

@@ -7,6 +7,11 @@ import difflib
 from collections.abc import Iterable
 
 
+class Terminated(BaseException):
+    """SIGTERM received outside the training loop (or a second one inside it): the CLI exits 143. A
+    ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it."""
+
+
 class BestformerError(ValueError):
     """Base class of every error the library raises on purpose (bad input, bad file, bad config)."""
 

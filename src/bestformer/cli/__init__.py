@@ -18,7 +18,7 @@ import sys
 import zipfile
 from collections.abc import Sequence
 
-from ..errors import BestformerError, close_matches
+from ..errors import BestformerError, Terminated, close_matches
 
 #: errors of reading or writing files and of the formats under them: the user's to fix, reported in one line
 USER_ERRORS = (OSError, zipfile.BadZipFile, EOFError, UnicodeError, MemoryError)
@@ -54,12 +54,8 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Terminated(Exception):
-    """SIGTERM outside the training loop (which handles it itself, saving first)."""
-
-
 def _on_sigterm(_signum: int, _frame: object) -> None:
-    raise _Terminated
+    raise Terminated  # outside the training loop, which handles SIGTERM itself (saving first)
 
 
 def one_line(err: BaseException) -> str:
@@ -85,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbestformer: interrupted (SIGINT)", file=sys.stderr)
         return 130
-    except _Terminated:
+    except Terminated:
         print("\nbestformer: terminated (SIGTERM)", file=sys.stderr)
         return 143
     finally:
@@ -132,8 +128,6 @@ def _dispatch(argv: list[str], debug: bool) -> int:
             raise
         print(f"bestformer {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, _Terminated, SystemExit):
-        raise
     except Exception as err:  # a bug: still one line, the traceback on request
         if debug:
             raise

@@ -57,7 +57,9 @@ def _check_labels(y: Any, num_classes: int, where: str) -> None:
 
     from ..errors import InputError
 
-    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes):
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"the labels of {where} must be integers in [0, {num_classes}), got {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise InputError(f"the labels of {where} must be integers in [0, {num_classes}) for this {num_classes}-class "
                          f"model; got {y.dtype} values in [{y.min()}, {y.max()}]")
 

@@ -58,6 +58,7 @@ _ALLOWED_OPCODES = frozenset({
 })
 _NUMERIC_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"}
 _MAX_DEPTH = 32
+_MAX_DIMS = 8
 
 
 class _NdarrayToken:
@@ -128,9 +129,11 @@ def _checked_array(raw: Any, dtype: Any, shape: Any, fortran: bool, source: str)
         raw = raw.encode("latin1")
     if not isinstance(raw, (bytes, bytearray)) or not isinstance(dtype, _DtypeStub):
         raise FileFormatError(f"{source}: malformed array in the pickle")
-    if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                               for d in shape):
-        raise FileFormatError(f"{source}: malformed array shape {shape!r} in the pickle")
+    if not isinstance(shape, tuple) or len(shape) > _MAX_DIMS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= len(raw) for d in shape):
+        # every dimension of a non-empty array is at most its byte count; the shape's text may be huge: not shown
+        raise FileFormatError(f"{source}: malformed array shape in the pickle (at most {_MAX_DIMS} dimensions of "
+                              f"at most {len(raw)}, the bytes it holds)")
     dt = dtype.dtype()
     n = 1
     for d in shape:
@@ -242,7 +245,12 @@ def safe_unpickle(data: bytes, source: str = "<bytes>") -> Any:
         raise
     except Exception as err:  # any failure of the pickle machine on file bytes means a bad file
         raise FileFormatError(f"{source} is not a readable CIFAR pickle ({type(err).__name__}: {err})") from None
-    return _Resolver(source, budget=len(data))(obj)
+    try:
+        return _Resolver(source, budget=len(data))(obj)
+    except BestformerError:
+        raise
+    except (TypeError, ValueError, OverflowError) as err:  # e.g. an array used as a dict key (unhashable)
+        raise FileFormatError(f"{source} is not a readable CIFAR pickle ({type(err).__name__})") from None
 
 
 def _str_keys(obj: Any, source: str) -> dict[Any, Any]:

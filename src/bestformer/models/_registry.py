@@ -90,7 +90,10 @@ def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overr
                 f"model {name!r} has no option {key!r}{close_matches(key, accepted)}; "
                 f"options: {', '.join(sorted(accepted))}"
             )
-    model = cls(**{**defaults, **overrides})
+    try:
+        model = cls(**{**defaults, **overrides})
+    except TypeError as err:  # a nested option the signature check cannot see, e.g. neuron_kwargs={"x": 1}
+        raise ConfigError(f"model {name!r} cannot be built with the options {overrides}: {err}") from None
     model.model_name = name
     model.model_args = dict(overrides)
     return model

@@ -54,8 +54,7 @@ class IELIFParameters(NamedTuple):
     detach_reset: bool = True
 
     def validate(self) -> IELIFParameters:
-        if not isinstance(self.levels, int) or isinstance(self.levels, bool) or self.levels < 1:
-            raise ConfigError(f"IE-LIF levels must be an integer >= 1, got {self.levels!r}")
+        check_levels(self.levels)
         check_choice("IE-LIF reset", self.reset, ("soft", "hard"))
         self.lif().validate()  # tau > 1, 0 < v_threshold < inf
         return self
@@ -112,12 +111,22 @@ def to_spike_train(s: Tensor, levels: int, amplitude: float = 1.0) -> Tensor:
     return (steps < k.unsqueeze(0)).to(s.dtype)
 
 
+#: the most levels a multi-level spike may have (8-bit spikes); a file cannot ask for more
+MAX_LEVELS = 255
+
+
+def check_levels(levels: object) -> int:
+    if not isinstance(levels, int) or isinstance(levels, bool) or not 1 <= levels <= MAX_LEVELS:
+        raise ConfigError(f"IE-LIF levels must be an integer in [1, {MAX_LEVELS}], got {levels!r}")
+    return levels
+
+
 @functools.lru_cache(maxsize=16)
 def max_entropy_scale(levels: int) -> float:
     """The scale ``a`` maximising the entropy of ``floor(D clamp(a z + 1/2, 0, 1) + 1/2)`` for ``z ~ N(0, 1)``
     (a grid search on the closed-form level probabilities; 0.449 for ``D = 4``). With ``D = 1`` every scale
     gives 1 bit; we take 0.5 (one standard deviation to each end of the range)."""
-    if levels == 1:
+    if check_levels(levels) == 1:
         return 0.5
     a = torch.linspace(0.01, 2.0, 3981, dtype=torch.float64, device="cpu").unsqueeze(1)
     edges = (torch.arange(levels, dtype=torch.float64, device="cpu") + 0.5) / levels  # boundaries between levels

@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import BestformerError, FileFormatError
 from ..fileio import atomic_write_json
 from ..models import create_model
-from .container import check_header, read_container, write_container
+from .container import HASH_KEY, check_header, read_container, write_container
 
 CHECKPOINT_FORMAT = "bestformer-checkpoint"
 #: 2: the header records the SHA-256 of the tensor data (format 1 files, without it, still load)
@@ -95,8 +95,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Read and validate weights and header. The header embedded in the weights file is authoritative; the JSON
     sidecar, when present, must say exactly the same (a sidecar edited or copied from another run is refused)."""
     path = Path(path)
-    state, header = read_container(path, _META_KEY)
     side = sidecar_path(path)
+    sidecar = None
     if side.is_file():
         try:
             sidecar = json.loads(side.read_text(encoding="utf-8"))
@@ -104,6 +104,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise FileFormatError(f"cannot read checkpoint sidecar {side}: {err.strerror or err}") from None
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise FileFormatError(f"checkpoint sidecar {side} is corrupt ({err})") from None
+    expected = sidecar.get(HASH_KEY) if isinstance(sidecar, dict) and isinstance(sidecar.get(HASH_KEY), str) else None
+    state, header = read_container(path, _META_KEY, expected_sha256=expected)
+    if sidecar is not None:
         if header is None:  # weights saved without an embedded header: the sidecar is all there is
             header = sidecar
         else:

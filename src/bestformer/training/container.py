@@ -47,11 +47,13 @@ def write_container(path: str | Path, tensors: dict[str, torch.Tensor], meta_key
     return header
 
 
-def read_container(path: str | Path, meta_key: str, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], Any]:
+def read_container(path: str | Path, meta_key: str, what: str = "checkpoint", expected_sha256: str | None = None
+                   ) -> tuple[dict[str, torch.Tensor], Any]:
     """Tensors of a safetensors file and the JSON value under ``meta_key`` in its metadata (``None`` when absent).
 
     A missing, unreadable, truncated or corrupt file, or tensor data whose SHA-256 differs from the one its header
-    records, gives one :class:`FileFormatError` naming it."""
+    records (or, for a file without an embedded header, ``expected_sha256``: its sidecar's), gives one
+    :class:`FileFormatError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{what} not found: {path}")
@@ -66,8 +68,8 @@ def read_container(path: str | Path, meta_key: str, what: str = "checkpoint") ->
         embedded = json.loads(meta.get(meta_key, "null"))
     except (SafetensorError, ValueError, TypeError, UnicodeDecodeError, AttributeError, RecursionError) as err:
         raise FileFormatError(f"{what} {path} is truncated or corrupt ({err})") from None
-    if isinstance(embedded, dict) and HASH_KEY in embedded \
-            and hashlib.sha256(_data_section(data)).hexdigest() != embedded[HASH_KEY]:
+    digest = embedded.get(HASH_KEY) if isinstance(embedded, dict) else expected_sha256
+    if digest is not None and hashlib.sha256(_data_section(data)).hexdigest() != digest:
         raise FileFormatError(f"{what} {path} is corrupt: the SHA-256 of its tensor data differs from the one "
                                   "recorded when it was written (damaged on disk or in transfer)")
     return state, embedded

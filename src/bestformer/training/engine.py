@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data import batched, collate, time_first
-from ..errors import BestformerError, ConfigError, FileFormatError, InputError
+from ..errors import BestformerError, ConfigError, FileFormatError, InputError, Terminated
 from .augment import BatchAugment
 from .budget import BudgetPlan, TimeStepSchedule, parse_time_step_schedule, planned_seconds, refit_steps
 from .checkpoint import check_fits
@@ -176,9 +176,9 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, _frame: object) -> None:
-        if self.received is not None:
+        if self.received is not None:  # the second signal: stop at once (exit 130 / 143, as the signal says)
             self._restore()
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
         self.received = signal.Signals(signum).name
         _log(self.ctx, f"\n{self.received} received: finishing the current step and writing a checkpoint "
                        "(send it again to stop at once without saving)", err=True)

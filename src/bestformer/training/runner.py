@@ -45,7 +45,7 @@ from ..neurons import set_backend, supported_backends
 from ..quant import weight_bits_of
 from .budget import parse_duration, plan_budget
 from .checkpoint import check_fits, load_checkpoint, load_weights
-from .config import TrainConfig, config_from_dict, load_recipe
+from .config import TrainConfig, config_from_dict, list_recipes, load_recipe
 from .distill import Distiller, get_distiller, list_distillers
 from .distributed import (
     DistContext,
@@ -357,7 +357,7 @@ class _Run:
                            lr=cfg.teacher_lr or cfg.lr, teacher=None, distill=None, teacher_args={},
                            teacher_epochs=None, teacher_lr=None, time_steps=time_steps if bundle.is_event else None,
                            cooldown_epochs=0, warmup_epochs=min(cfg.warmup_epochs, epochs), time_budget=None,
-                           max_steps=None, time_step_schedule=None)
+                           max_steps=None, time_step_schedule=None, init=None)
         run = _Run(tcfg, self.folder.teacher, self.ctx, self.recipe, role="teacher", started=self.started)
         result = run.execute(bundle)
         if result.status == "interrupted":
@@ -544,11 +544,14 @@ def resume(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs", *
     else:
         saved = load_recipe(str(folder.config_path))
     given = dict(overrides)
-    if recipe is not None:  # the original command repeated: its recipe's values count as given
-        given = {**load_recipe(recipe), **given}
+    if recipe is None and overrides.get("dataset") in list_recipes():
+        recipe = overrides["dataset"]  # as resolve_config picks it for a command without --recipe
+    if recipe is not None and recipe.lower() != "none":  # the original command repeated: its recipe counts
+        values = load_recipe(recipe)
+        given = {**values, **given}
         for key in ("model_args", "teacher_args"):
             if key in overrides:
-                given[key] = {**load_recipe(recipe).get(key, {}), **overrides[key]}
+                given[key] = {**values.get(key, {}), **overrides[key]}
     asked = config_from_dict({**saved, **given}, "options").to_dict()
     # a run on CUDA trained at its recipe's cuda_batch_size: the recipe's CPU batch_size repeated is no change
     on_cuda = saved.get("cuda_batch_size") is not None and saved.get("batch_size") == saved.get("cuda_batch_size")

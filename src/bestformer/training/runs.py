@@ -75,7 +75,12 @@ class RunFolder:
             yield
             return
         check_writable(self.path)
-        with open(self.path / ".lock", "a+", encoding="utf-8") as fh:
+        lock = self.path / ".lock"
+        try:  # O_NOFOLLOW: a .lock planted as a link must not make us truncate the file it points to
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as err:
+            raise FileFormatError(f"cannot open the run folder's lock {lock}: {err.strerror or err}") from None
+        with os.fdopen(fd, "r+", encoding="utf-8") as fh:
             try:
                 import fcntl
             except ImportError:  # not POSIX (Windows): no advisory lock
@@ -83,11 +88,13 @@ class RunFolder:
                 return
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
+            except BlockingIOError:
                 owner = fh.read().strip() or "another process"
                 raise ConfigError(f"run folder {self.path} is in use by another run ({owner}); wait for it to end, "
                                   "or choose another --name") from None
+            except OSError as err:
+                raise FileFormatError(f"cannot lock the run folder {self.path} ({err.strerror or err}; a file "
+                                      "system without flock?)") from None
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

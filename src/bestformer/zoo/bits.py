@@ -14,6 +14,7 @@ is stored with ``mean = 0``, ``std = 1`` instead, which reproduces them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,7 @@ def unpack_state(tensors: dict[str, torch.Tensor], packed: Any, where: str) -> d
             bits, mean, std = (state.pop(key + suffix) for suffix in (BITS, MEAN, STD))
         except KeyError:
             raise FileFormatError(f"{where}: packed weight {key!r} lacks its bits, mean or std") from None
-        n = int(np.prod(shape))
+        n = math.prod(shape)  # Python ints: no wrap-around
         if bits.dtype != torch.uint8 or bits.numel() != (n + 7) // 8 or mean.shape != (shape[0],) \
                 or std.shape != (shape[0],) or mean.dtype != torch.float32 or std.dtype != torch.float32:
             raise FileFormatError(f"{where}: packed weight {key!r} does not match its shape {shape}")
