@@ -19,9 +19,10 @@ from bestformer.cli import main
 from bestformer.data.events import Events, events_to_frames
 from bestformer.data.tonic_interop import from_structured, from_tonic, to_structured
 from bestformer.errors import ConfigError, InputError
+from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-NMNIST = REPO.parent / "shared" / "data" / "nmnist" / "nmnist-small.tar.gz"
+NMNIST = SHARED_DATA / "nmnist" / "nmnist-small.tar.gz"
 pytestmark = pytest.mark.usefixtures("plain_neurons")
 
 

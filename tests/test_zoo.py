@@ -37,8 +37,9 @@ def _data_dir(entry: dict, shared: Path | None) -> str | None:
 
 @pytest.fixture(scope="module")
 def shared() -> Path | None:
-    path = REPO.parent / "shared" / "data"
-    return path if path.is_dir() else None
+    from conftest import SHARED_DATA
+
+    return SHARED_DATA if SHARED_DATA.is_dir() else None
 
 
 def test_the_manifest_lists_the_issue_entries_with_the_required_keys() -> None:
