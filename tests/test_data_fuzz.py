@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bestformer import BestformerError
@@ -108,6 +108,7 @@ def test_fuzz_idx_random(data: bytes) -> None:
 
 @FUZZ
 @given(st.one_of(mutated(_IDX), mutated(_IDX_I16), mutated(gzip.compress(_IDX))))
+@example(data=bytes.fromhex("000008050000000002000000030000000200010203040506"))  # found by make fuzz: 0 x huge dims
 def test_fuzz_idx_mutated(data: bytes) -> None:
     _check_idx(data)
 

@@ -170,3 +170,10 @@ def test_non_finite_floats_are_rejected():
     with pytest.raises(FileFormatError, match="non-finite"):
         PackedModel.from_bytes(assemble(zlib.compress(json.dumps(header).encode()), bad))
     assert math.prod(shape) >= 1 and name
+
+
+def test_a_tensor_entry_holding_a_newline_is_a_one_line_error():
+    """Found by `make fuzz` (20,000 examples): the message quoted the entry with str(), newline included."""
+    header, payload = split(valid_file())
+    header["tensors"][3] = "\n"
+    load_or_reject(assemble(zlib.compress(json.dumps(header).encode()), payload))

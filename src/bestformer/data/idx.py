@@ -70,7 +70,10 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
             raise FileFormatError(f"IDX file {source} has trailing bytes after the {dims} data its header declares")
     except (OSError, EOFError, zlib.error) as err:  # OSError includes gzip.BadGzipFile (bad header or CRC)
         raise FileFormatError(f"IDX file {source} is a corrupt or truncated gzip file ({err})") from None
-    return np.frombuffer(body, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(dims)
+    try:
+        return np.frombuffer(body, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(dims)
+    except ValueError as err:  # e.g. a zero dimension beside dimensions whose product numpy cannot index
+        raise FileFormatError(f"IDX file {source} declares dimensions {dims[:8]} numpy cannot hold ({err})") from None
 
 
 def read_idx(path: str | Path) -> np.ndarray:

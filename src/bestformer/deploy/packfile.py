@@ -216,7 +216,7 @@ def _check_table(header: dict[str, Any], payload_size: int, src: str) -> list[tu
                 and len(entry[2]) <= 8
                 and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 31 for s in entry[2])
                 and isinstance(entry[3], int) and not isinstance(entry[3], bool) and entry[3] >= 0):
-            raise _fail(src, f"malformed tensor entry {str(entry)[:80]}")
+            raise _fail(src, f"malformed tensor entry {repr(entry)[:80]}")  # repr: one line, whatever it holds
         name, dtype, shape, offset = entry
         if dtype == "bits" and not shape:
             raise _fail(src, f"tensor {name!r}: 1-bit tensors need at least one axis")
