@@ -177,3 +177,11 @@ def test_a_tensor_entry_holding_a_newline_is_a_one_line_error():
     header, payload = split(valid_file())
     header["tensors"][3] = "\n"
     load_or_reject(assemble(zlib.compress(json.dumps(header).encode()), payload))
+
+
+def test_an_empty_tensor_beside_huge_dimensions_is_refused():
+    """Found by `make fuzz` (20,000 examples): shape [0, 2**21, 2**21, 2**21] reached numpy, which refused it."""
+    header, payload = split(valid_file())
+    header["tensors"][20][2] = [0, 2097152, 2097152, 2097152]
+    with pytest.raises(FileFormatError, match="malformed tensor entry"):
+        PackedModel.from_bytes(assemble(zlib.compress(json.dumps(header).encode()), payload))

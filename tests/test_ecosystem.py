@@ -252,3 +252,34 @@ def test_license_metadata_is_an_spdx_expression() -> None:
     meta = importlib.metadata.metadata("bestformer")
     assert meta.get("License-Expression") == "MIT"
     assert 'license = "MIT"' in (REPO / "pyproject.toml").read_text()
+
+
+@pytest.mark.data
+def test_onnx_export_of_the_nmnist_zoo_model_takes_event_frames(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnx")
+    if not NMNIST.is_file():
+        pytest.skip("needs ../shared/data/nmnist")
+    out = tmp_path / "ev.onnx"
+    assert main(["export", "zoo:bestformer_tiny.nmnist", "--format", "onnx", "-o", str(out)]) == 0
+    assert "[T, B, C, H, W] event frames" in capsys.readouterr().out
+    test = bestformer.build_datasets("nmnist", str(NMNIST)).test
+    frames = torch.stack([test[i][0] for i in range(len(test))], dim=1)  # [T, B, 2, 34, 34], the real test split
+    model, _ = bestformer.load_pretrained("bestformer_tiny.nmnist")
+    got = _run_onnx(out, frames)
+    with torch.no_grad():
+        ref = model(frames).numpy()
+    assert (got.argmax(1) == ref.argmax(1)).all() and np.abs(got - ref).max() <= ONNX_ATOL
+
+
+def test_tensorboard_continues_after_a_resume(tmp_path: Path) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from bestformer.training import TrainConfig, resume, train
+
+    cfg = TrainConfig(dataset="digits", limit=64, epochs=1, batch_size=32, out=str(tmp_path), name="tb",
+                      log="tensorboard", model_args={"embed_dim": 16}, neuron_backend="plain", monitor_every=0)
+    run = train(cfg).run_dir
+    resume(run, epochs=3)
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("accuracy/val")] == [1, 2, 3]  # each epoch once, across both processes

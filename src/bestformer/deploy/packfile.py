@@ -214,7 +214,8 @@ def _check_table(header: dict[str, Any], payload_size: int, src: str) -> list[tu
         if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
                 and entry[1] in ("bits", *_NUMPY) and isinstance(entry[2], list)
                 and len(entry[2]) <= 8
-                and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 31 for s in entry[2])
+                and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 1 << 31 for s in entry[2])
+                and math.prod(entry[2]) < 1 << 40  # no model tensor is empty or beyond numpy's reach
                 and isinstance(entry[3], int) and not isinstance(entry[3], bool) and entry[3] >= 0):
             raise _fail(src, f"malformed tensor entry {repr(entry)[:80]}")  # repr: one line, whatever it holds
         name, dtype, shape, offset = entry
