@@ -1,4 +1,4 @@
-"""``bestformer eval CKPT``: rebuild the model from the checkpoint's sidecar alone and report top-1 / top-5
+"""``bestformer eval CKPT``: rebuild the model from the checkpoint's header (or a zoo entry) and report top-1 / top-5
 accuracy and the loss on a dataset split (the test split by default)."""
 
 from __future__ import annotations
