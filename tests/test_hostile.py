@@ -437,9 +437,12 @@ _OPTIONS = {"eval": ["--batch-size", "--limit", "--workers"],
 @given(command=st.sampled_from(sorted(_OPTIONS)), picks=st.lists(st.tuples(st.integers(0, 9), _VALUES),
                                                                  min_size=1, max_size=3))
 def test_fuzz_cli_options_never_trace(command: str, picks: list[tuple[int, str]], ckpt: Path,
-                                      packed: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    """Hostile option values on real files: exit 0, 1 or 2 with at most a usage line and one error line. Options
-    that would start real work get a value that fails (the fuzzer checks parsing and the one-line contract)."""
+                                      packed: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hostile option values on real files: exit 0 or 2 with at most one error line. Options that would start real
+    work get a value that fails (the fuzzer checks parsing and the one-line contract). Relative output names
+    ("3", "nan") are valid files: they are written in a scratch folder, not the working tree."""
+    monkeypatch.chdir(tmp_path)
     bst, x = packed
     positional = {"eval": [str(ckpt), "--dataset", "no_such"], "predict": [str(bst), str(x), "--show", "0"],
                   "export": [str(ckpt), "-o", str(ckpt.parent / "o.bst"), "--format", "nir", "--verify", "1"],
