@@ -10,18 +10,17 @@ import json
 HELP = "list the pretrained models that ship with the package (--json: as JSON)"
 
 #: the table's columns
-_COLUMNS = ("name", "dataset", "top-1", "split", "paper size", "file", "trained", "CPU")
+_COLUMNS = ("model", "tag", "dataset", "top-1", "split", "paper size", "file", "trained", "CPU")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="only the entries matching this pattern (fnmatch)")
     parser.add_argument("--json", action="store_true", help="print the entries as a JSON list")
-    parser.add_argument("--commands", action="store_true", help="also print the command that trained each entry")
 
 
 def row(entry: dict) -> tuple[str, ...]:
     """The table's cells of one entry."""
-    return (entry["name"], entry["dataset"], f"{entry['top1']:.2f}%", entry["split"],
+    return (entry["model"], entry["tag"], entry["dataset"], f"{entry['top1']:.2f}%", entry["split"],
             _bytes(entry["paper_bytes"]), _bytes(entry["file_bytes"]), f"{entry['train_minutes']:.1f} min",
             entry["cpu_short"])
 
@@ -49,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"no zoo entry matches {args.pattern!r}")
         return 0
     print(table(entries))
-    if args.commands:
-        for e in entries:
-            print(f"\n{e['name']}:\n  {e['command']}")
+    print("\nhow each was made (entry name = model.tag):")
+    for e in entries:
+        commands = "\n  ".join(e["command"].splitlines())
+        print(f"{e['name']} ({e['cpu']}):\n  {commands}")
     print("\nevaluate one: bestformer eval zoo:NAME --data-dir DIR; load one: bestformer.load_pretrained(NAME); "
           "fine-tune: bestformer train --init zoo:NAME ...")
     return 0
