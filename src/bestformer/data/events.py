@@ -190,6 +190,42 @@ def read_aedat(path: str | Path) -> Events:
 
 
 # ----------------------------------------------------------------------------------------------- datasets
+# ------------------------------------------------ tonic's structured arrays (see tonic_interop)
+#: the dtype of tonic's event arrays for 2-polarity cameras (tonic.io.make_structured_array's default order)
+TONIC_DTYPE = np.dtype([("x", np.int16), ("y", np.int16), ("t", np.int64), ("p", np.int8)])
+
+
+def to_structured(events: Events) -> np.ndarray:
+    """Our events as a tonic structured array (``x``, ``y``, ``t``, ``p``)."""
+    out = np.empty(len(events.x), dtype=TONIC_DTYPE)
+    for field in ("x", "y", "t", "p"):
+        out[field] = getattr(events, field)
+    return out
+
+
+def from_structured(arr: Any, where: str = "events") -> Events:
+    """A structured array with fields ``x``, ``y``, ``t``, ``p`` (tonic's) as :class:`Events`."""
+    names = getattr(getattr(arr, "dtype", None), "names", None) or ()
+    missing = [f for f in ("x", "y", "t", "p") if f not in names]
+    if missing or getattr(arr, "ndim", 0) != 1:
+        raise InputError(f"{where}: expected a 1-D structured event array with fields x, y, t, p (tonic's); "
+                         f"missing {missing or 'nothing'}, shape {getattr(arr, 'shape', None)}")
+    return Events(*(np.asarray(arr[f]).astype(np.int64) for f in ("x", "y", "p", "t")))
+
+
+def frames_of(sample: Any, time_steps: int, height: int, width: int, split_by: str, where: str) -> Tensor:
+    """A sample as frames ``[T, 2, H, W]`` float32: structured events are framed by :func:`events_to_frames`;
+    an array of frames ``[T, P, H, W]`` (a tonic ``ToFrame`` output) is taken as it is, checked."""
+    if getattr(getattr(sample, "dtype", None), "names", None):
+        ev = from_structured(sample, where)
+        return events_to_frames(ev.x, ev.y, ev.p, ev.t, time_steps, height, width, split_by)
+    frames = torch.as_tensor(np.asarray(sample)).to(torch.float32)
+    if frames.dim() != 4 or tuple(frames.shape[1:]) != (2, height, width) or not bool(torch.isfinite(frames).all()):
+        raise InputError(f"{where}: a transform returned {tuple(frames.shape)}; expected structured events or "
+                         f"finite frames [T, 2, {height}, {width}]")
+    return frames
+
+
 class EventFileDataset(Dataset):
     """Recordings read and binned on access: item ``i`` is ``(frames [T, 2, H, W] float32, label)``."""
 
@@ -210,8 +246,6 @@ class EventFileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         ev = self.events(i)
         if self.transform is not None:
-            from .tonic_interop import frames_of, to_structured
-
             sample = self.transform(to_structured(ev))
             return frames_of(sample, self.time_steps, self.size, self.size, self.split_by,
                              self.tree.describe(self.names[i])), int(self.labels[i])

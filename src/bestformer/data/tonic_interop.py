@@ -23,48 +23,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from .events import Events, events_to_frames
+from .events import TONIC_DTYPE, frames_of, from_structured, to_structured
 
-#: the dtype of tonic's event arrays for 2-polarity cameras (tonic.io.make_structured_array's default order)
-TONIC_DTYPE = np.dtype([("x", np.int16), ("y", np.int16), ("t", np.int64), ("p", np.int8)])
-
-
-def to_structured(events: Events) -> np.ndarray:
-    """Our events as a tonic structured array (``x``, ``y``, ``t``, ``p``)."""
-    out = np.empty(len(events.x), dtype=TONIC_DTYPE)
-    for field in ("x", "y", "t", "p"):
-        out[field] = getattr(events, field)
-    return out
-
-
-def from_structured(arr: Any, where: str = "events") -> Events:
-    """A structured array with fields ``x``, ``y``, ``t``, ``p`` (tonic's) as :class:`Events`."""
-    names = getattr(getattr(arr, "dtype", None), "names", None) or ()
-    missing = [f for f in ("x", "y", "t", "p") if f not in names]
-    if missing or getattr(arr, "ndim", 0) != 1:
-        raise InputError(f"{where}: expected a 1-D structured event array with fields x, y, t, p (tonic's); "
-                         f"missing {missing or 'nothing'}, shape {getattr(arr, 'shape', None)}")
-    return Events(*(np.asarray(arr[f]).astype(np.int64) for f in ("x", "y", "p", "t")))
-
-
-def frames_of(sample: Any, time_steps: int, height: int, width: int, split_by: str, where: str) -> Tensor:
-    """A sample as frames ``[T, 2, H, W]`` float32: structured events are framed by :func:`events_to_frames`;
-    an array of frames ``[T, P, H, W]`` (a tonic ``ToFrame`` output) is taken as it is, checked."""
-    if getattr(getattr(sample, "dtype", None), "names", None):
-        ev = from_structured(sample, where)
-        return events_to_frames(ev.x, ev.y, ev.p, ev.t, time_steps, height, width, split_by)
-    frames = torch.as_tensor(np.asarray(sample)).to(torch.float32)
-    if frames.dim() != 4 or tuple(frames.shape[1:]) != (2, height, width) or not bool(torch.isfinite(frames).all()):
-        raise InputError(f"{where}: a transform returned {tuple(frames.shape)}; expected structured events or "
-                         f"finite frames [T, 2, {height}, {width}]")
-    return frames
-
+__all__ = ["TONIC_DTYPE", "TonicDataset", "frames_of", "from_structured", "from_tonic", "to_structured"]
 
 class TonicDataset(Dataset):
     """A tonic dataset seen as ``(frames [T, 2, H, W] float32, label)`` items (see :func:`from_tonic`)."""
