@@ -7,7 +7,7 @@
 ``build`` takes each entry's best checkpoint, writes it in the Hub layout with 1-bit weights as bits
 (``bestformer.save_pretrained``), loads it back through the zoo and checks that it reproduces the run's own
 recorded accuracy exactly on the full split (the run's evaluation settings), then measures the fixed slice the
-tests re-evaluate (the first ``SLICE`` samples of the split, ``amp off``, no flip: the same on every CPU), and
+tests re-evaluate (the first ``SLICE`` samples of the split in float64: the same on every CPU), and
 records sizes, wall-clock, CPU and the exact command. Nothing is tuned here: the numbers are the runs'.
 """
 
@@ -144,8 +144,7 @@ def build(args: argparse.Namespace) -> None:
         if recorded is not None and abs(full["acc1"] - recorded["acc1"]) > 1e-9:
             raise SystemExit(f"{name}: the zoo model gives {full['acc1']:.4f}% on {split}, the run recorded "
                              f"{recorded['acc1']:.4f}%: the packing is not exact")
-        part = evaluate_saved(zoo_model, header["meta"], data_dir=data_dir, split=split, limit=SLICE, amp="off",
-                              flip=False)
+        count, top1 = bestformer.zoo.slice_accuracy(name, data_dir, split, SLICE)
         weights = folder / hub.WEIGHTS
         minutes = (summary["teacher"] if teacher else summary).get("seconds", 0.0) / 60
         if run.name in FINE_TUNED:  # the run it started from
@@ -154,8 +153,7 @@ def build(args: argparse.Namespace) -> None:
             "name": name, "model": model_name, "tag": tag, "default": default, "dataset": full["dataset"],
             "split": split, "top1": full["acc1"], "top5": full["acc5"], "count": full["count"],
             "eval": {"amp": full["amp"], "flip": full["flip"]},
-            "slice": {"split": split, "limit": SLICE, "amp": "off", "flip": False, "count": part["count"],
-                      "top1": part["acc1"]},
+            "slice": {"split": split, "limit": SLICE, "precision": "float64", "count": count, "top1": top1},
             "file": f"{name}/{hub.WEIGHTS}", "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
             "file_bytes": weights.stat().st_size, "folder_bytes": sum(f.stat().st_size for f in folder.iterdir()),
             "paper_bytes": model_size(zoo_model, deploy=False).paper_bytes,
@@ -166,7 +164,7 @@ def build(args: argparse.Namespace) -> None:
             "command": command, "data": f"../shared/data/{data}" if data else "scikit-learn digits",
             "library_version": header["library_version"],
         })
-        print(f"{name}: {full['acc1']:.2f}% {split} ({full['count']}), slice {part['acc1']:.2f}%, "
+        print(f"{name}: {full['acc1']:.2f}% {split} ({full['count']}), slice {top1:.2f}%, "
               f"{weights.stat().st_size / 1e3:.1f} kB")
     if args.only and MANIFEST.is_file():
         old = [e for e in json.loads(MANIFEST.read_text())["entries"] if e["name"] not in args.only]

@@ -18,7 +18,6 @@ import bestformer
 from bestformer import zoo
 from bestformer.cli import main
 from bestformer.errors import ConfigError, FileFormatError
-from bestformer.training.runner import evaluate_saved
 from bestformer.zoo import bits, hub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,9 +62,7 @@ def test_every_entry_loads_and_reproduces_its_slice_exactly(name: str, shared: P
     model, header = bestformer.load_pretrained(name)
     assert header["model_name"] == entry["model"] and not model.training
     s = entry["slice"]
-    res = evaluate_saved(model, header["meta"], data_dir=_data_dir(entry, shared), split=s["split"], limit=s["limit"],
-                         amp=s["amp"], flip=s["flip"], batch_size=100)
-    assert res["count"] == s["count"] and res["acc1"] == s["top1"]
+    assert zoo.slice_accuracy(name, _data_dir(entry, shared), s["split"], s["limit"]) == (s["count"], s["top1"])
 
 
 def test_a_damaged_or_replaced_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,8 @@ MANIFEST = Path(__file__).resolve().parent / "manifest.json"
 ZOO_PREFIX = "zoo:"
 
 __all__ = ["MANIFEST", "ZOO_DIR", "ZOO_PREFIX", "create_model", "entry_folder", "from_pretrained", "get_entry",
-           "list_pretrained", "load_pretrained", "markdown_table", "push_to_hub", "read_pretrained", "save_pretrained"]
+           "list_pretrained", "load_pretrained", "markdown_table", "push_to_hub", "read_pretrained",
+           "save_pretrained", "slice_accuracy"]
 
 
 @cache
@@ -106,6 +107,39 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
     if not isinstance(pretrained, (bool, str)):
         raise ConfigError(f"pretrained must be True, False or a tag, got {pretrained!r}")
     return load_pretrained(_resolve(name, pretrained)["name"], **overrides)[0]
+
+
+def slice_accuracy(name: str, data_dir: str | None, split: str, limit: int, batch_size: int = 100
+                   ) -> tuple[int, float]:
+    """``(samples, top-1 %)`` of zoo entry ``name`` on the first ``limit`` samples of ``split`` (the carve of its
+    training run's seed), computed in float64 with the reference neurons: rounding differences between CPUs' float32
+    kernels, which can move a membrane across its threshold, are then ~1e-16 instead of ~1e-7, so the number is the
+    same on every machine. This is the manifest's ``slice`` (what the tests re-check exactly)."""
+    import torch
+
+    from ..data import build_datasets, time_first
+    from ..neurons import get_backend, set_backend
+
+    model, header = load_pretrained(name)
+    config = header["meta"].get("config") or {}
+    bundle = build_datasets(header["meta"].get("dataset") or config["dataset"], data_dir,
+                            time_steps=getattr(model, "time_steps", None) or 4,
+                            split_by=config.get("split_by", "number"), val_fraction=config.get("val_fraction", 0.1),
+                            seed=config.get("seed", 0), limit=limit)
+    data = getattr(bundle, split)
+    backend = get_backend()
+    set_backend("plain")  # the compiled kernels are float32 only
+    model = model.double()
+    correct = 0
+    try:
+        with torch.no_grad():
+            for lo in range(0, len(data), batch_size):
+                xs, ys = zip(*(data[i] for i in range(lo, min(lo + batch_size, len(data)))), strict=True)
+                x = time_first(torch.stack([torch.as_tensor(v) for v in xs]).double())
+                correct += int((model(x).argmax(1) == torch.as_tensor(ys)).sum())
+    finally:
+        set_backend(backend)
+    return len(data), 100.0 * correct / len(data)
 
 
 def markdown_table(entries: list[dict[str, Any]] | None = None) -> str:
