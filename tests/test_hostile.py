@@ -174,7 +174,10 @@ def test_two_processes_with_the_same_name(tmp_path: Path) -> None:
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     refused = next(err for code, err in results if code == 2)
-    assert "is in use by another run" in refused and "Traceback" not in refused
+    # normally the lock refuses it; a machine slow enough to start it after the first one ended gives the other
+    # one-line refusal (the folder holds a finished run): either way nothing is mixed
+    assert ("is in use by another run" in refused or "already holds a checkpoint" in refused) and \
+        "Traceback" not in refused
     summary = json.loads((tmp_path / "runs" / "twin" / "summary.json").read_text())
     assert summary["status"] == "finished"
 
