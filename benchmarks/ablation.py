@@ -9,6 +9,9 @@ each over several seeds, mean and standard deviation of the validation and test 
 
     python benchmarks/ablation.py digits --seeds 3
     python benchmarks/ablation.py mnist --data-dir ../shared/data/mnist --budget 0.05
+    python benchmarks/ablation.py cifar10 --recipe cifar10-fast --set time_budget=60m --seeds 3 \
+        --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz --results runs/table4.json --runs 1
+                                                         # issue 21's Table 4: one 60-minute run per call, resumable
     python benchmarks/ablation.py cifar10 --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz \
         --model bestformer_tiny --budget 0.08 --set epochs=3 --set batch_size=64 --set accum_steps=1 \
         --set lr=0.005 --set warmup_lr=0.0005 --set warmup_epochs=0.3 --set cooldown_epochs=0 --set mixup=0 \
@@ -24,6 +27,12 @@ accuracy only. One ANN teacher (the counterpart of the student's size, ``ann_*``
 seed and shared by the distilled variants. Prints the table (with the budget) and one line of results, the ratio of
 the full method to the baseline last; writes
 ``benchmarks/results/ablation_<dataset>.json`` and ``.png``.
+
+``--recipe NAME`` uses another shipped recipe than the dataset's (``cifar10-fast``). ``--results FILE`` makes the
+benchmark incremental: every finished (variant, seed) run is added to FILE at once, a later call with the same
+options skips what FILE holds (and refuses FILE if its options differ), and ``--runs N`` stops after N new runs.
+So a table of 12 one-hour runs can be built over several sessions; the table and plot are written when every run
+is in.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import time
 from pathlib import Path
 
 from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text, checked
+from bestformer.fileio import atomic_write_json
 from bestformer.training import load_recipe, resolve_config, train
 
 #: variant -> (model options, distilled)
@@ -57,6 +67,10 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant, from --seed on (>= 3 for the table)")
     p.add_argument("--model", default=None, help="override the recipe's model (e.g. bestformer_tiny for cifar10)")
+    p.add_argument("--recipe", default=None, help="a shipped recipe other than the dataset's (e.g. cifar10-fast)")
+    p.add_argument("--results", default=None, help="incremental: add each finished run to this JSON file, skip the "
+                                                   "runs it already holds")
+    p.add_argument("--runs", type=int, default=None, help="with --results: stop after this many new runs")
     add_budget_arguments(p)
     args = p.parse_args()
     if args.seeds < 1:
@@ -64,25 +78,52 @@ def main() -> None:
     base = budget_options(p, args, "ablation")
     if args.model:
         base["model"] = args.model
-    recipe = load_recipe(args.dataset)
+    recipe_name = args.recipe or args.dataset
+    recipe = load_recipe(recipe_name)
     model = base.get("model", recipe["model"])
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     teacher_ckpt: str | None = None
+    ledger = Path(args.results) if args.results else None
+    identity = {"dataset": args.dataset, "recipe": recipe_name, "budget": args.budget, "model": model,
+                "overrides": {k: v for k, v in args.overrides}, "limit": args.limit}
+    if ledger is not None and ledger.is_file():
+        saved = json.loads(ledger.read_text())
+        if saved["identity"] != identity:
+            raise SystemExit(f"{ledger} holds runs of other options ({saved['identity']}); give another --results")
+        results = {name: saved["runs"].get(name, []) for name in VARIANTS}  # the table's order, not the file's
+        teacher_ckpt = saved.get("teacher_checkpoint")
+    new_runs = 0
     for seed in range(args.seed, args.seed + args.seeds):
         for name, (options, distilled) in VARIANTS.items():
+            if any(r["seed"] == seed for r in results[name]):
+                continue  # in the ledger already
+            if args.runs is not None and new_runs >= args.runs:
+                break
             # the ANN counterpart of the student's size, trained once (first seed), then shared
             teacher = (teacher_ckpt or model.replace("bestformer", "ann")) if distilled else None
             model_args = {**recipe.get("model_args", {}), **base.get("model_args", {}), **options}
-            cfg, _ = resolve_config(args.dataset, {
+            cfg, _ = resolve_config(recipe_name, {
                 **base, "seed": seed, "name": f"{name.replace(' ', '').replace('+', 'p')}-s{seed}",
                 "model_args": model_args, "teacher": teacher})
             res = checked(train(cfg))
             if distilled and teacher_ckpt is None:
                 teacher_ckpt = str(res.run_dir / "teacher" / "best.safetensors")
             results[name].append({"seed": seed, "val": res.val["acc1"] if res.val else None,
-                                  "test": res.test["acc1"] if res.test else None})
+                                  "test": res.test["acc1"] if res.test else None,
+                                  "minutes": round(res.seconds / 60, 2)})
+            new_runs += 1
+            if ledger is not None:
+                atomic_write_json(ledger, {"identity": identity, "runs": results, "teacher_checkpoint": teacher_ckpt})
     seconds = time.perf_counter() - t0
+    if ledger is not None:  # the runs of every call that built the ledger
+        seconds = 60 * sum(r.get("minutes", 0.0) for runs in results.values() for r in runs)
+    missing = [(n, s) for n in VARIANTS for s in range(args.seed, args.seed + args.seeds)
+               if not any(r["seed"] == s for r in results[n])]
+    if missing:
+        print(f"{len(missing)} of {len(VARIANTS) * args.seeds} runs still to do (next: {missing[0][0]}, seed "
+              f"{missing[0][1]}); {ledger} holds the rest: run the same command again")
+        return
 
     summary = {}
     for name, runs in results.items():

@@ -32,11 +32,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FULL_SIZES = {"digits": 1797, "mnist": 70000, "nmnist": 1100, "cifar10": 50000}
 
 
-def budgeted(dataset: str, budget: float, limit: int | None, data_dir: str | None, out: Path, seed: int) -> dict:
-    """The dataset's recipe scaled by ``budget``: its epochs (teacher, cool-down and mixup-off epochs too; the
-    warm-up stays the recipe's, kept below the epochs), and below 1 the samples per split (unless ``limit`` is
-    given: 0 keeps every sample)."""
-    recipe = load_recipe(dataset)
+def budgeted(dataset: str, budget: float, limit: int | None, data_dir: str | None, out: Path, seed: int,
+             recipe_name: str | None = None) -> dict:
+    """The dataset's recipe (or ``recipe_name``) scaled by ``budget``: its epochs (teacher, cool-down and mixup-off
+    epochs too; the warm-up stays the recipe's, kept below the epochs), and below 1 the samples per split (unless
+    ``limit`` is given: 0 keeps every sample)."""
+    recipe = load_recipe(recipe_name or dataset)
     epochs = max(1, math.ceil(recipe["epochs"] * budget))
     scaled = {"epochs": epochs, "data_dir": data_dir, "seed": seed, "out": str(out),
               "warmup_epochs": min(recipe.get("warmup_epochs", 0), epochs - 1),
@@ -69,7 +70,7 @@ def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchma
         p.error("--budget must be > 0")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = budgeted(args.dataset, args.budget, args.limit, args.data_dir,
-                    Path(args.out) / f"{benchmark}-{args.dataset}-{stamp}", args.seed)
+                    Path(args.out) / f"{benchmark}-{args.dataset}-{stamp}", args.seed, getattr(args, "recipe", None))
     if args.threads:
         base["threads"] = args.threads
     base.update(args.overrides)
