@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from time_to_accuracy import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "zoo"
@@ -55,21 +55,16 @@ ENTRIES: dict[str, tuple[Path, str, str | None, str, bool]] = {
 
 
 def cpu() -> tuple[str, str]:
-    """(model name and the flags that matter for timings, a short name)."""
+    """(model name, family and the flags that matter for timings; a short name), from ``cpu_description``."""
+    desc = cpu_description()
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    def field(key: str) -> str:
-        return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.split(":")[0].strip() == key), "")
-
-    model = field("model name") or platform.processor() or "unknown CPU"
-    if field("cpu family"):
-        model += f" (family {field('cpu family')} model {field('model')})"
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    shown = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_vpopcntdq", "amx_bf16")
-             if f in flags]
-    import os
-
-    cores = os.cpu_count()
-    return f"{model}, {cores} cores, {' '.join(shown)}", f"{cores}-core {'AVX-512' if 'avx512f' in flags else 'AVX2'}"
+    family = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()[:12])}
+    model = str(desc["model"])
+    if family.get("cpu family"):
+        model += f" (family {family['cpu family']} model {family.get('model', '?')})"
+    flags = list(desc["flags"])
+    return (f"{model}, {desc['cpus']} cores, {' '.join(flags)}",
+            f"{desc['cpus']}-core {'AVX-512' if 'avx512f' in flags else 'AVX2'}")
 
 
 def clean_log(text: str) -> str:
@@ -197,5 +192,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "benchmarks"))
     main()

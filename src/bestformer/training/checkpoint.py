@@ -60,12 +60,14 @@ def save_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> Path:
     return path
 
 
-def _check_header(header: Any, path: Path) -> dict[str, Any]:
-    header = check_header(header, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", hashed_from=2)
+def check_model_header(header: Any, path: Path, fmt: str, version: int, what: str, hashed_from: int
+                       ) -> dict[str, Any]:
+    """:func:`~.container.check_header`, plus what rebuilds a model: ``model_name``, ``model_args``, ``meta``."""
+    header = check_header(header, path, fmt, version, what, hashed_from)
     if not isinstance(header.get("model_name"), str) or not isinstance(header.get("model_args"), dict):
-        raise FileFormatError(f"{path}: checkpoint header lacks model_name/model_args")
+        raise FileFormatError(f"{path}: {what} header lacks model_name/model_args")
     if not isinstance(header.get("meta", {}), dict):
-        raise FileFormatError(f"{path}: checkpoint header's meta is not a mapping")
+        raise FileFormatError(f"{path}: {what} header's meta is not a mapping")
     return header
 
 
@@ -91,32 +93,46 @@ def _lookup(header: Any, dotted: str) -> Any:
     return header
 
 
+def read_sidecar(side: Path, what: str) -> Any:
+    """The JSON header written beside a weights file (``None`` when there is none); unreadable or corrupt: one
+    :class:`FileFormatError`."""
+    if not side.is_file():
+        return None
+    try:
+        return json.loads(side.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise FileFormatError(f"cannot read {what} {side}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise FileFormatError(f"{what} {side} is corrupt ({err})") from None
+
+
+def agreed_header(header: Any, sidecar: Any, side: Path, weights: Path, what: str) -> Any:
+    """The header embedded in ``weights``, which is authoritative: a ``sidecar`` that says anything else is refused,
+    naming the first differing key (an edited sidecar, or one copied from another run). Without an embedded header
+    the sidecar is all there is."""
+    if sidecar is None:
+        return header
+    if header is None:
+        return sidecar
+    key = first_difference(header, sidecar)
+    if key is not None:
+        raise FileFormatError(
+            f"{what} {side} disagrees with the header embedded in {weights.name} on {key!r} "
+            f"({_lookup(sidecar, key)!r} in the sidecar, {_lookup(header, key)!r} in the weights file); "
+            f"the weights were saved with the embedded one: delete {side.name} or restore it")
+    return header
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate weights and header. The header embedded in the weights file is authoritative; the JSON
     sidecar, when present, must say exactly the same (a sidecar edited or copied from another run is refused)."""
     path = Path(path)
     side = sidecar_path(path)
-    sidecar = None
-    if side.is_file():
-        try:
-            sidecar = json.loads(side.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise FileFormatError(f"cannot read checkpoint sidecar {side}: {err.strerror or err}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise FileFormatError(f"checkpoint sidecar {side} is corrupt ({err})") from None
+    sidecar = read_sidecar(side, "checkpoint sidecar")
     expected = sidecar.get(HASH_KEY) if isinstance(sidecar, dict) and isinstance(sidecar.get(HASH_KEY), str) else None
     state, header = read_container(path, _META_KEY, expected_sha256=expected)
-    if sidecar is not None:
-        if header is None:  # weights saved without an embedded header: the sidecar is all there is
-            header = sidecar
-        else:
-            key = first_difference(header, sidecar)
-            if key is not None:
-                raise FileFormatError(
-                    f"checkpoint sidecar {side} disagrees with the header embedded in {path.name} on {key!r} "
-                    f"({_lookup(sidecar, key)!r} in the sidecar, {_lookup(header, key)!r} in the weights file); "
-                    "the weights were saved with the embedded one: delete the sidecar or restore it")
-    header = _check_header(header, path)
+    header = agreed_header(header, sidecar, side, path, "checkpoint sidecar")
+    header = check_model_header(header, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", hashed_from=2)
     check_finite(state, path)
     return state, header
 

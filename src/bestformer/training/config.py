@@ -332,12 +332,18 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any]) -> tuple[Train
         recipe = dataset if dataset in list_recipes() else None
     elif recipe.lower() == "none":
         recipe = None
+    return config_from_dict(with_recipe(recipe, overrides), "options"), recipe
+
+
+def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The values of ``recipe`` (none for ``None``), then ``overrides``; the option mappings (``model_args``,
+    ``teacher_args``) merge key by key."""
     values = load_recipe(recipe) if recipe else {}
     merged = {**values, **overrides}
-    for key in ("model_args", "teacher_args"):  # mappings merge key by key
+    for key in ("model_args", "teacher_args"):
         if key in values and key in overrides:
             merged[key] = {**values[key], **overrides[key]}
-    return config_from_dict(merged, "options"), recipe
+    return merged
 
 
 def dump_yaml(values: dict[str, Any]) -> str:

@@ -45,7 +45,7 @@ from ..neurons import set_backend, supported_backends
 from ..quant import weight_bits_of
 from .budget import parse_duration, plan_budget
 from .checkpoint import check_fits, load_checkpoint, load_weights
-from .config import TrainConfig, config_from_dict, list_recipes, load_recipe
+from .config import TrainConfig, config_from_dict, list_recipes, load_recipe, with_recipe
 from .distill import Distiller, get_distiller, list_distillers
 from .distributed import (
     DistContext,
@@ -433,14 +433,10 @@ def load_weights_spec(spec: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return load_checkpoint(spec)
 
 
-def evaluate_saved(model: nn.Module, meta: dict[str, Any], *, source: str = "the model",
-                   dataset: str | None = None, data_dir: str | None = None, split: str = "test",
-                   limit: int | None = None, batch_size: int = 256, device: str = "auto", amp: str | None = None,
-                   flip: bool | None = None, workers: int = 0) -> dict[str, Any]:
-    """Evaluate a saved model (``load_weights_spec``) on a split of its dataset, by default with its training run's
-    own evaluation settings (amp, flip TTA) and its seed and val_fraction (the same validation carve as during
-    training), so that its recorded accuracy is reproduced. Returns ``evaluate``'s metrics plus ``dataset``,
-    ``amp`` and ``flip``."""
+def saved_model_data(model: nn.Module, meta: dict[str, Any], *, source: str = "the model", dataset: str | None = None,
+                     data_dir: str | None = None, limit: int | None = None) -> Any:
+    """The dataset a saved model (``load_weights_spec``) was trained on (or ``dataset``), split with its training
+    run's seed, val_fraction and event binning: the same validation carve as during training."""
     from ..data import build_datasets
 
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -454,6 +450,19 @@ def evaluate_saved(model: nn.Module, meta: dict[str, Any], *, source: str = "the
     if bundle.num_classes != classes:
         raise InputError(f"{dataset} has {bundle.num_classes} classes but {source} predicts {classes}; evaluate it "
                          "on the dataset it was trained on")
+    return bundle
+
+
+def evaluate_saved(model: nn.Module, meta: dict[str, Any], *, source: str = "the model",
+                   dataset: str | None = None, data_dir: str | None = None, split: str = "test",
+                   limit: int | None = None, batch_size: int = 256, device: str = "auto", amp: str | None = None,
+                   flip: bool | None = None, workers: int = 0) -> dict[str, Any]:
+    """Evaluate a saved model (``load_weights_spec``) on a split of its dataset, by default with its training run's
+    own evaluation settings (amp, flip TTA) and its seed and val_fraction (the same validation carve as during
+    training), so that its recorded accuracy is reproduced. Returns ``evaluate``'s metrics plus ``dataset``,
+    ``amp`` and ``flip``."""
+    bundle = saved_model_data(model, meta, source=source, dataset=dataset, data_dir=data_dir, limit=limit)
+    dataset, config = bundle.name, meta.get("config") if isinstance(meta.get("config"), dict) else {}
     data = getattr(bundle, split)
     if data is None:
         raise ConfigError(f"{dataset} has no {split} split here; choose another --split")
@@ -543,15 +552,10 @@ def resume(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs", *
         saved = load_resume_state(folder.resume_path).progress.get("config")
     else:
         saved = load_recipe(str(folder.config_path))
-    given = dict(overrides)
     if recipe is None and overrides.get("dataset") in list_recipes():
         recipe = overrides["dataset"]  # as resolve_config picks it for a command without --recipe
-    if recipe is not None and recipe.lower() != "none":  # the original command repeated: its recipe counts
-        values = load_recipe(recipe)
-        given = {**values, **given}
-        for key in ("model_args", "teacher_args"):
-            if key in overrides:
-                given[key] = {**values.get(key, {}), **overrides[key]}
+    # the original command repeated: its recipe's values count as given (without one, only the options given)
+    given = with_recipe(None if recipe is None or recipe.lower() == "none" else recipe, overrides)
     asked = config_from_dict({**saved, **given}, "options").to_dict()
     # a run on CUDA trained at its recipe's cuda_batch_size: the recipe's CPU batch_size repeated is no change
     on_cuda = saved.get("cuda_batch_size") is not None and saved.get("batch_size") == saved.get("cuda_batch_size")

@@ -117,16 +117,13 @@ def slice_accuracy(name: str, data_dir: str | None, split: str, limit: int, batc
     same on every machine. This is the manifest's ``slice`` (what the tests re-check exactly)."""
     import torch
 
-    from ..data import build_datasets, time_first
+    from ..data import time_first
     from ..neurons import get_backend, set_backend
+    from ..training.runner import saved_model_data
 
     model, header = load_pretrained(name)
-    config = header["meta"].get("config") or {}
-    bundle = build_datasets(header["meta"].get("dataset") or config["dataset"], data_dir,
-                            time_steps=getattr(model, "time_steps", None) or 4,
-                            split_by=config.get("split_by", "number"), val_fraction=config.get("val_fraction", 0.1),
-                            seed=config.get("seed", 0), limit=limit)
-    data = getattr(bundle, split)
+    data = getattr(saved_model_data(model, header["meta"], source=f"zoo entry {name}", data_dir=data_dir,
+                                    limit=limit), split)
     backend = get_backend()
     set_backend("plain")  # the compiled kernels are float32 only
     model = model.double()

@@ -23,8 +23,15 @@ from torch import nn
 from .. import __version__
 from ..errors import ConfigError, FileFormatError
 from ..fileio import atomic_write_json, atomic_write_text
-from ..training.checkpoint import build_for_state, check_finite, checkpoint_header, first_difference
-from ..training.container import check_header, read_container, write_container
+from ..training.checkpoint import (
+    agreed_header,
+    build_for_state,
+    check_finite,
+    check_model_header,
+    checkpoint_header,
+    read_sidecar,
+)
+from ..training.container import read_container, write_container
 from .bits import pack_state, unpack_state
 
 PRETRAINED_FORMAT = "bestformer-pretrained"
@@ -55,19 +62,10 @@ def read_pretrained(directory: str | Path) -> tuple[dict[str, Any], dict[str, An
         raise FileFormatError(f"{directory} is not a pretrained model folder (no {WEIGHTS}); expected the layout "
                               f"{CONFIG}, {WEIGHTS}, {CARD}")
     tensors, header = read_container(weights, _META_KEY, "pretrained weights")
-    header = check_header(header, weights, PRETRAINED_FORMAT, PRETRAINED_VERSION, "pretrained model", hashed_from=1)
-    if not isinstance(header.get("model_name"), str) or not isinstance(header.get("model_args"), dict):
-        raise FileFormatError(f"{weights}: the header lacks model_name/model_args")
+    header = check_model_header(header, weights, PRETRAINED_FORMAT, PRETRAINED_VERSION, "pretrained model",
+                                hashed_from=1)
     config = directory / CONFIG
-    if config.is_file():
-        try:
-            said = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise FileFormatError(f"{config} is unreadable or corrupt ({err})") from None
-        key = first_difference(header, said)
-        if key is not None:
-            raise FileFormatError(f"{config} disagrees with the header embedded in {WEIGHTS} on {key!r}; the weights "
-                                  f"were saved with the embedded one: delete {CONFIG} or restore it")
+    agreed_header(header, read_sidecar(config, "pretrained config"), config, weights, "pretrained config")
     state = unpack_state(tensors, header.get("packed", {}), str(weights))
     check_finite(state, weights, "pretrained weights")
     return state, header
