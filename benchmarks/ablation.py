@@ -46,7 +46,8 @@ from pathlib import Path
 
 from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text, checked
 from bestformer.fileio import atomic_write_json
-from bestformer.training import load_recipe, resolve_config, train
+from bestformer.pipeline import resolve_config, train
+from bestformer.training import load_recipe
 
 #: variant -> (model options, distilled)
 VARIANTS: dict[str, tuple[dict, bool]] = {

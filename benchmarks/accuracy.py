@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from bestformer.cli.train import key_value
-from bestformer.training import TrainResult, load_recipe, resolve_config, train
+from bestformer.pipeline import resolve_config, train
+from bestformer.training import TrainResult, load_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

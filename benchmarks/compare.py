@@ -8,7 +8,7 @@ Families: BESTformer (1-bit weights, binary attention), Spikformer (full-precisi
 A2OS2A (addition-only attention), QSD-Transformer (LSQ 4-bit weights, IE-LIF), CSDformer (the quantized ANN,
 trained, then converted into its spike-driven model; the table's row is the converted model) and the ANN of the
 BESTformer topology (ReLU, full precision, T = 1) as the reference. Every model is trained by
-``bestformer.training.train`` with the dataset's shipped recipe (``bestformer/recipes/<dataset>.yaml``, scaled by
+``bestformer.pipeline.train`` with the dataset's shipped recipe (``bestformer/recipes/<dataset>.yaml``, scaled by
 ``--budget`` as in ``benchmarks/accuracy.py``), without distillation so that every family gets the same training;
 the recipe's model options (width, stem pooling, LIF charge) go to the families that share the BESTformer
 backbone, the others keep their registered tiny defaults. The table reads the profile each run writes of its best
@@ -33,9 +33,9 @@ from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text,
 from bestformer import load_checkpoint
 from bestformer.analysis.report import energy_str, si
 from bestformer.convert import convert
-from bestformer.training import load_recipe, resolve_config, train
+from bestformer.pipeline import load_bundle, resolve_config, train, write_profile
+from bestformer.training import load_recipe
 from bestformer.training.engine import evaluate
-from bestformer.training.runner import load_bundle, write_profile
 
 #: family -> (model, takes the recipe's model options)
 FAMILIES: dict[str, tuple[str, bool]] = {
@@ -54,7 +54,7 @@ def ann_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile_row(path: Path) -> dict[str, Any]:
-    """The table's columns from a profile JSON (``bestformer.training.runner.write_profile``)."""
+    """The table's columns from a profile JSON (``bestformer.pipeline.write_profile``)."""
     if not path.is_file():
         raise SystemExit(f"{path} is missing: the run could not profile its model (see its log)")
     prof = json.loads(path.read_text())

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from accuracy import plot_curves
 from bestformer.cli.train import key_value
-from bestformer.training import resolve_config, train
+from bestformer.pipeline import resolve_config, train
 from bestformer.training.budget import parse_duration
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -99,7 +99,7 @@ def _log(run: Path, teacher: bool) -> str:
 def build(args: argparse.Namespace) -> None:
     import bestformer
     from bestformer.analysis.size import model_size
-    from bestformer.training.runner import evaluate_saved, load_weights_spec
+    from bestformer.pipeline import evaluate_saved, load_weights_spec
     from bestformer.zoo import MANIFEST, ZOO_DIR, hub
 
     full_cpu, short_cpu = cpu()

@@ -161,25 +161,6 @@ def test_registered_defaults() -> None:
     assert bestformer.get_input_config("a2os2a_tiny").dataset == "mnist"
 
 
-@pytest.mark.parametrize("name", bestformer.list_models("a2os2a_*"))
-def test_model_contract(name: str) -> None:
-    model = bestformer.create_model(name, embed_dim=32, num_heads=4, img_size=16, in_channels=2, time_steps=2)
-    x = torch.randn(3, 2, 16, 16)
-    out = model(x)
-    assert out.shape == (3, 10) and torch.isfinite(out).all()
-    out.pow(2).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing, f"parameters without gradient: {missing}"
-    feats = model.forward_features(x)
-    assert feats.shape == (3, 1, 32) and model.forward_head(feats, pre_logits=True).shape == (3, 32)
-    events = model(torch.rand(2, 3, 2, 16, 16))
-    assert events.shape == (3, 10)
-    with pytest.raises(InputError, match="channels"):
-        model(torch.randn(3, 1, 16, 16))
-    model.reset_classifier(5)
-    assert model(x).shape == (3, 5)
-
-
 def test_a_few_steps_on_digits_lower_the_loss(digits_losses) -> None:
     losses = digits_losses(bestformer.create_model("a2os2a_tiny", img_size=8, embed_dim=32, time_steps=2))
     assert min(losses[-2:]) < 0.85 * losses[0], losses

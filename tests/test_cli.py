@@ -78,7 +78,7 @@ def test_demo_table_and_run_files(trained: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_results_table_lists_teacher_and_student(trained: Path) -> None:
-    from bestformer.training.runner import TrainResult, results_table
+    from bestformer.pipeline import TrainResult, results_table
 
     summary = json.loads((trained / "summary.json").read_text())
     teacher = TrainResult(trained / "teacher", "finished", "ann_tiny", 1, val={"acc1": 97.5}, test={"acc1": 96.25},

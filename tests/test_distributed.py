@@ -1,4 +1,4 @@
-"""Scale-out training (bestformer.training.distributed): sharding, loss weighting, DDP on gloo, crashes, resume.
+"""Scale-out training (bestformer.training.dist): sharding, loss weighting, DDP on gloo, crashes, resume.
 
 The multi-process tests fork ranks from a launcher subprocess (this file run as a script) with torchrun's
 environment variables: the ranks run the real training engine (``bestformer.training.train`` / ``resume``, which
@@ -31,17 +31,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bestformer import create_model
 from bestformer.errors import ConfigError, InputError
-from bestformer.training.distill import HardDistillation
-from bestformer.training.distributed import (
+from bestformer.layers import DistributedBatchNorm, convert_distributed_batchnorm
+from bestformer.training.dist import (
     BatchPlan,
     DistContext,
-    DistributedBatchNorm,
     DistributedError,
     ShardedBatchSampler,
     ShardedSampler,
     all_reduce_sums,
     collective_errors,
-    convert_distributed_batchnorm,
     distributed,
     gradient_sync,
     init_distributed,
@@ -57,6 +55,7 @@ from bestformer.training.distributed import (
     unwrap_model,
     wrap_ddp,
 )
+from bestformer.training.distill import HardDistillation
 
 HERE = Path(__file__).resolve()
 #: a tiny BESTformer for 8x8 digits: 2x2 tokens, T=2 (and an ANN teacher of the same layout)
@@ -505,7 +504,8 @@ def _instrument() -> None:
 def _engine_job(job: dict[str, Any]) -> dict[str, Any]:
     """One training run (``train`` or ``resume``) in this process: under torchrun's variables it joins the
     process group itself, as ``bestformer train`` does."""
-    from bestformer.training import TrainConfig, resume, train
+    from bestformer.pipeline import resume, train
+    from bestformer.training import TrainConfig
 
     _instrument()
     _HOOKS.update(records=[], stop_at=job.get("stop_at"), crash=job.get("crash"))
@@ -610,8 +610,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(launched: An
 def test_every_sample_once_per_epoch_through_the_engine(launched: Any) -> None:
     """What the ranks' training loops actually received: each of the 40 samples once per epoch, over both
     ranks, with the labels of those samples; a new order in epoch 2; no filler needed (steps >= 2 slots)."""
+    from bestformer.pipeline import load_bundle
     from bestformer.training import TrainConfig
-    from bestformer.training.runner import load_bundle
 
     _, root = launched
     labels = [int(y) for _, y in load_bundle(TrainConfig(**ENGINE), 2).train]
@@ -690,7 +690,7 @@ def test_torchrun_stops_all_workers_when_one_fails(tmp_path: Path) -> None:
     """Through ``launch_torchrun`` (what ``--nproc`` calls): rank 1 fails while rank 0 computes for two minutes;
     the agent stops rank 0 within seconds and the launcher raises one line naming the failed rank and its code."""
     t0 = time.monotonic()
-    code = ("import sys\nfrom bestformer.training.distributed import DistributedError, launch_torchrun\n"
+    code = ("import sys\nfrom bestformer.training.dist import DistributedError, launch_torchrun\n"
             f"try:\n    launch_torchrun(2, [{json.dumps(json.dumps({'torchrun': True}))}], module={HERE.stem!r})\n"
             "except DistributedError as err:\n    print(err)\n    sys.exit(7)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100,

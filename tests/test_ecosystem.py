@@ -105,7 +105,8 @@ def test_onnx_export_of_what_it_cannot_express_is_one_line(tmp_path: Path) -> No
 # ------------------------------------------------------------------------------------------- TensorBoard
 def test_tensorboard_logs_read_back_with_tensorboards_reader(tmp_path: Path) -> None:
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    from bestformer.training import TrainConfig, train
+    from bestformer.pipeline import train
+    from bestformer.training import TrainConfig
 
     cfg = TrainConfig(dataset="digits", limit=64, epochs=2, batch_size=32, out=str(tmp_path), name="tb",
                       log="tensorboard", model_args={"embed_dim": 16}, monitor_every=1, neuron_backend="plain")
@@ -274,7 +275,8 @@ def test_onnx_export_of_the_nmnist_zoo_model_takes_event_frames(tmp_path: Path,
 
 def test_tensorboard_continues_after_a_resume(tmp_path: Path) -> None:
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    from bestformer.training import TrainConfig, resume, train
+    from bestformer.pipeline import resume, train
+    from bestformer.training import TrainConfig
 
     cfg = TrainConfig(dataset="digits", limit=64, epochs=1, batch_size=32, out=str(tmp_path), name="tb",
                       log="tensorboard", model_args={"embed_dim": 16}, neuron_backend="plain", monitor_every=0)

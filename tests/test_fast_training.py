@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 
 import bestformer
 from bestformer.data import ImageArrayDataset, ImageBatch, batched, collate
+from bestformer.data.transforms import BatchAugment
 from bestformer.errors import ConfigError
-from bestformer.training import TrainConfig, load_recipe, train
-from bestformer.training.augment import BatchAugment
+from bestformer.pipeline import train
+from bestformer.training import TrainConfig, load_recipe
 from bestformer.training.budget import parse_duration, parse_time_step_schedule, plan_budget
 from bestformer.training.engine import evaluate
 from bestformer.training.schedule import CosineSchedule

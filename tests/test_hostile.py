@@ -23,11 +23,12 @@ from safetensors.torch import load_file
 
 import bestformer
 from bestformer.cli import main
-from bestformer.data import cifar
+from bestformer.data import unpickle as cifar  # the safe unpickler moved out of data/cifar.py
 from bestformer.data.cifar import parse_cifar_batch
 from bestformer.errors import ConfigError, FileFormatError
 from bestformer.fileio import atomic_write_text
-from bestformer.training import TrainConfig, load_checkpoint, resume, save_checkpoint, train
+from bestformer.pipeline import resume, train
+from bestformer.training import TrainConfig, load_checkpoint, save_checkpoint
 from bestformer.training.checkpoint import read_checkpoint
 from bestformer.training.container import write_container
 from bestformer.training.runs import RunFolder
@@ -511,7 +512,7 @@ def test_a_second_sigterm_stops_at_once_as_sigterm() -> None:
     import signal
 
     from bestformer.errors import Terminated
-    from bestformer.training.distributed import DistContext
+    from bestformer.training.dist import DistContext
     from bestformer.training.engine import StopSignals
 
     stop = StopSignals(DistContext())

@@ -20,6 +20,7 @@ import bestformer.neurons.kernels.fused as fused_mod
 from bestformer import create_model
 from bestformer.errors import ConfigError, InputError
 from bestformer.layers import ReversibleBlock, SpikingMLP, SpikingSelfAttention
+from bestformer.layers.memory import checkpoint_module, pack_bits, spike_packing, unpack_bits
 from bestformer.neurons import (
     LIF,
     ATan,
@@ -35,7 +36,6 @@ from bestformer.neurons import (
 from bestformer.neurons.kernels import cpu, fused_lif_multistep, generic, select_engine
 from bestformer.neurons.kernels.fused import is_marked_binary
 from bestformer.neurons.surrogate import Surrogate
-from bestformer.training.memory import checkpoint_module, pack_bits, spike_packing, unpack_bits
 
 CUDA = torch.cuda.is_available()
 if not CUDA:

@@ -113,3 +113,44 @@ def test_bad_neuron_options_fail_clearly() -> None:
         Sigmoid(alpha=0)
     with pytest.raises(InputError, match="time-first"):
         LIF()(torch.ones(3))
+
+
+def test_every_neuron_runs_through_the_one_time_loop() -> None:
+    from bestformer.neurons import IELIFParameters, TernaryParameters, ielif_multistep, run_multistep, ternary_multistep
+
+    x = torch.randn(4, 2, 3)
+    ran = []
+
+    def counting(state: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ran.append(1)
+        return x_t + state, state + 1
+
+    out, final = run_multistep(counting, x, None, torch.zeros_like, "test neuron")
+    assert len(ran) == 4 and torch.equal(out, x + torch.arange(4.0).view(4, 1, 1)) and torch.equal(final, 4 + 0 * x[0])
+    for run in (lambda z: lif_multistep(z, LIFParameters(), Sigmoid()), lambda z: ielif_multistep(z, IELIFParameters()),
+                lambda z: ternary_multistep(z, TernaryParameters(), Sigmoid())):
+        with pytest.raises(InputError, match="time-first"):
+            run(torch.ones(0, 3))
+
+
+def test_use_backend_is_scoped_and_a_module_backend_wins() -> None:
+    from bestformer.neurons import get_backend, use_backend
+
+    before = get_backend()
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    with use_backend("plain"):
+        assert get_backend() == "plain"
+        assert LIF()(x).grad_fn.name() != "FusedLIFFunctionBackward"
+        assert LIF(backend="fused")(x).grad_fn.name() == "FusedLIFFunctionBackward"
+    assert get_backend() == before
+    with pytest.raises(ConfigError, match="did you mean 'plain'"), use_backend("plian"):
+        pass
+
+
+def test_relu_neuron_takes_spiking_options_and_rejects_others() -> None:
+    from bestformer.neurons import get_neuron
+
+    relu = get_neuron("relu")(v_threshold=0.5, reset="soft", amplitude=2.0, rectify_channels=4, decay_input=False)
+    assert torch.equal(relu(torch.tensor([-1.0, 2.0])), torch.tensor([0.0, 2.0]))
+    with pytest.raises(ConfigError, match="no option 'v_treshold' \\(did you mean 'v_threshold'"):
+        get_neuron("relu")(v_treshold=0.5)

@@ -15,9 +15,12 @@ from bestformer.quant import (
     QuantConv2d,
     QuantLinear,
     SignBinarizer,
+    bits_to_quantizer,
     get_weight_quantizer,
+    straight_through,
     weight_bits_of,
 )
+from bestformer.quant.ste import MultiLevelSTE, TernarySTE, ste_floor, ste_round, ste_sign
 
 
 def test_binary_weights_are_exactly_pm1_and_zero_maps_to_plus_one() -> None:
@@ -109,3 +112,26 @@ def test_bad_quantizer_specs() -> None:
     with pytest.raises(ConfigError, match="weight bits"):
         get_weight_quantizer(12)
     assert get_weight_quantizer(32) is None
+
+
+def test_straight_through_estimators_forward_their_value_and_backward_their_proxy() -> None:
+    x = torch.tensor([-1.5, -0.2, 0.0, 0.4, 0.6, 2.5], requires_grad=True)
+    assert torch.equal(ste_round(x), torch.round(x)) and torch.equal(ste_floor(x), torch.floor(x))
+    assert ste_sign(x).tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]  # Eq. 6: 0 -> +1
+    (g,) = torch.autograd.grad(ste_round(x).sum(), x)
+    assert torch.equal(g, torch.ones(6))  # identity gradient
+    levels = MultiLevelSTE(4)(x)  # floor(4 clamp(x, 0, 1) + 1/2) / 4, gradient of clamp(x, 0, 1)
+    assert levels.tolist() == [0.0, 0.0, 0.0, 0.5, 0.5, 1.0]
+    (g,) = torch.autograd.grad(levels.sum(), x)
+    assert g.tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    tern = TernarySTE(v_threshold=2.0, theta=0.5)(x)
+    assert tern.tolist() == [-1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    (g,) = torch.autograd.grad(tern.sum(), x)
+    assert g.tolist() == [0.5, 0.5, 0.5, 0.5, 0.5, 0.0]  # 1 / V_th inside [-V_th, V_th]
+    y = straight_through(torch.zeros(6), 3 * x)
+    assert torch.equal(y, torch.zeros(6)) and torch.equal(torch.autograd.grad(y.sum(), x)[0], torch.full((6,), 3.0))
+
+
+def test_bits_to_quantizer_maps_full_precision_to_none() -> None:
+    assert [bits_to_quantizer(b) for b in (None, 16, 32, 1, 4, "lsq4", "binary")] == [None, None, None, 1, 4, "lsq4",
+                                                                                     "binary"]

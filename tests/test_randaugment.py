@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from bestformer.errors import ConfigError, InputError
-from bestformer.training.augment import BatchAugment
-from bestformer.training.randaugment import (
+from bestformer.data.transforms import (
     RAND_INCREASING_OPS,
     RAND_OPS,
+    BatchAugment,
     RandAugment,
     apply_op,
     list_ops,
     op_argument,
     parse_spec,
 )
+from bestformer.errors import ConfigError, InputError
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 FILL = (51 / 255, 102 / 255, 153 / 255)  # whole 8-bit levels, so that PIL's fill colour is exact

@@ -23,7 +23,8 @@ import bestformer
 from bestformer.cli import main
 from bestformer.errors import ConfigError, FileFormatError, InputError
 from bestformer.neurons import get_backend, set_backend
-from bestformer.training import TrainConfig, Trainer, load_checkpoint, load_weights, save_checkpoint, train
+from bestformer.pipeline import train
+from bestformer.training import TrainConfig, Trainer, load_checkpoint, load_weights, save_checkpoint
 from bestformer.training.checkpoint import read_checkpoint
 from bestformer.training.container import write_container
 from bestformer.training.runs import RunFolder

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import bestformer
+from bestformer.data.transforms import BatchAugment, random_crop
 from bestformer.errors import ConfigError, InputError
 from bestformer.neurons import LIF
+from bestformer.pipeline import resume, train
 from bestformer.training import (
     NonFiniteLossError,
     TrainConfig,
@@ -24,10 +26,7 @@ from bestformer.training import (
     list_recipes,
     load_recipe,
     resolve_config,
-    resume,
-    train,
 )
-from bestformer.training.augment import BatchAugment, random_crop
 from bestformer.training.checkpoint import read_checkpoint
 from bestformer.training.distill import HardDistillation
 from bestformer.training.engine import StopSignals, evaluate
@@ -363,7 +362,7 @@ def test_resume_state_restores_rng_streams(tmp_path: Path) -> None:
 
 
 def test_distillation_choice_is_checked_before_training_and_fgd_is_imported_lazily() -> None:
-    from bestformer.training.runner import distill_choices, resolve_distill
+    from bestformer.pipeline import distill_choices, resolve_distill
 
     assert distill_choices()[:2] == ["none", "hard"] and "fgd" in distill_choices()
     assert resolve_distill(TrainConfig(teacher="ann_tiny")) == "hard"  # the default with a teacher

@@ -162,7 +162,8 @@ def test_eval_a_zoo_entry_reproduces_the_manifest(capsys: pytest.CaptureFixture[
 
 
 def test_train_init_from_a_zoo_entry(tmp_path: Path) -> None:
-    from bestformer.training import TrainConfig, train
+    from bestformer.pipeline import train
+    from bestformer.training import TrainConfig
 
     cfg = TrainConfig(dataset="digits", limit=64, epochs=1, lr=1e-9, warmup_lr=1e-9, min_lr=1e-9, batch_size=32,
                       model_args={"embed_dim": 32, "pool_stages": [False, False, False, True],

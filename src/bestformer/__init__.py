@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__version__ = "0.1.0"
-
 from .errors import BestformerError, ConfigError, FileFormatError, InputError
+from .lazy import lazy_exports
+from .version import __version__
 
 # The torch-dependent API loads on first use (PEP 562), so that the packed runtime
 # (bestformer.deploy.runtime, numpy + numba) imports without torch.
@@ -18,13 +15,13 @@ _LAZY = {
     "build_datasets": "data",
     "list_datasets": "data",
     "TrainConfig": "training",
-    "evaluate": "training",
+    "evaluate": "pipeline",
     "load_checkpoint": "training",
-    "resolve_config": "training",
-    "resume": "training",
+    "resolve_config": "pipeline",
+    "resume": "pipeline",
     "save_checkpoint": "training",
-    "train": "training",
-    "profile_model": "analysis",
+    "train": "pipeline",
+    "profile_model": "pipeline",  # analysis.profile_model, with the deployment-file size measured
     "list_pretrained": "zoo",
     "load_pretrained": "zoo",
     "save_pretrained": "zoo",
@@ -33,23 +30,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("_"):  # ``bestformer.models`` etc. keep working after a bare ``import bestformer``
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), submodules=True)
 
 __all__ = [
     "BestformerError",

@@ -4,7 +4,8 @@ encoder blocks (Fig. 2 / 5b). ``profile_model`` runs them all; ``bestformer prof
 
 from .energy import ENERGY_PRESETS, EnergyModel, get_energy_model
 from .ops import NeuronStats, OpCounter, OpStats
-from .profile import Profile, profile_model
+from .profile import profile_model
+from .report import Profile
 from .representation import BlockRepresentation, RepresentationProbe, value_entropy, value_set_size
 from .size import ModelSize, model_size
 from .values import ValueKind, classify_values

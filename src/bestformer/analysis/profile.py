@@ -4,9 +4,7 @@ on real batches (or synthetic input, labelled so), as one :class:`Profile`."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -15,126 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, FileFormatError, InputError
-from ..fileio import atomic_write_json
 from ..models import get_input_config
 from ..progress import progress_bar
 from .energy import EnergyModel, get_energy_model
-from .ops import FULL_PRECISION, NeuronStats, OpCounter, OpStats, batch_size_of
-from .representation import BlockRepresentation, RepresentationProbe
-from .size import ModelSize, model_size
+from .ops import FULL_PRECISION, OpCounter, batch_size_of
+from .report import Profile
+from .representation import RepresentationProbe
+from .size import model_size
 
 SYNTHETIC = "synthetic"
-
-
-@dataclass
-class Profile:
-    """Everything :func:`profile_model` measured. Counts are per sample (one input, all ``T`` steps).
-
-    Totals: ``model_size_mb`` (the paper's convention, :mod:`~bestformer.analysis.size`), ``params``,
-    ``binary_params``, ``macs`` (every product, dense), ``real_macs`` (products without a spike operand, charged
-    at E_MAC), ``sops``, ``energy_pj`` (``E_MAC * real_macs + E_AC * sops``), ``ns_ace``, ``mean_firing_rate``.
-    """
-
-    model_name: str
-    size: ModelSize
-    layers: list[OpStats]
-    neurons: list[NeuronStats]
-    energy_model: EnergyModel
-    fp_bits: int
-    firing_rates_measured_on: str
-    samples: int
-    time_steps: int | None
-    representation: list[BlockRepresentation] | None = None
-
-    @property
-    def model_size_mb(self) -> float:
-        return self.size.paper_mb
-
-    @property
-    def params(self) -> int:
-        return self.size.params
-
-    @property
-    def binary_params(self) -> int:
-        return self.size.binary_params
-
-    @property
-    def macs(self) -> float:
-        return sum(layer.macs for layer in self.layers)
-
-    @property
-    def real_macs(self) -> float:
-        return sum(layer.real_macs for layer in self.layers)
-
-    @property
-    def sops(self) -> float:
-        return sum(layer.sops for layer in self.layers)
-
-    @property
-    def ns_ace(self) -> float:
-        return sum(layer.ns_ace for layer in self.layers)
-
-    def layer_energy_pj(self, layer: OpStats) -> float:
-        return self.energy_model.energy_pj(layer.real_macs, layer.sops)
-
-    @property
-    def energy_pj(self) -> float:
-        return self.energy_model.energy_pj(self.real_macs, self.sops)
-
-    @property
-    def mean_firing_rate(self) -> float | None:
-        """Spikes over neuron outputs of every spiking layer together (``None`` for a model without any)."""
-        elements = sum(n.elements for n in self.neurons)
-        return sum(n.spikes for n in self.neurons) / elements if elements else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model_name,
-            "model_size_mb": self.model_size_mb,
-            "params": self.params,
-            "binary_params": self.binary_params,
-            "macs": self.macs,
-            "real_macs": self.real_macs,
-            "sops": self.sops,
-            "energy_pj": self.energy_pj,
-            "ns_ace": self.ns_ace,
-            "firing_rates_measured_on": self.firing_rates_measured_on,
-            "mean_firing_rate": self.mean_firing_rate,
-            "samples": self.samples,
-            "time_steps": self.time_steps,
-            "energy_model": self.energy_model.as_dict(),
-            "ns_ace_fp_bits": self.fp_bits,
-            "size": self.size.as_dict(),
-            "deploy_size_bytes": self.size.deploy_bytes,
-            "layers": [{**layer.as_dict(), "energy_pj": self.layer_energy_pj(layer)} for layer in self.layers],
-            "spiking_layers": [n.as_dict() for n in self.neurons],
-            "representation": None if self.representation is None else [r.as_dict() for r in self.representation],
-        }
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The :meth:`to_dict` data as JSON text; also written (atomically) to ``path`` when given."""
-        data = self.to_dict()
-        if path is not None:
-            atomic_write_json(path, data)
-        return json.dumps(data, indent=2)
-
-    def summary(self) -> str:
-        """One line of totals (what ``bestformer train`` prints at the end of a run)."""
-        from .report import format_summary
-
-        return format_summary(self)
-
-    def table(self, layers: bool = True) -> Any:
-        """A rich renderable: per-layer table, spiking layers, representation and totals."""
-        from .report import profile_tables
-
-        return profile_tables(self, layers=layers)
-
-    def plot(self, path: str | Path) -> Path:
-        """Write a PNG with per-layer firing-rate and energy bars; returns the path."""
-        from .report import plot_profile
-
-        return plot_profile(self, path)
 
 
 # ------------------------------------------------------------------------------------------------------ inputs

@@ -1,17 +1,22 @@
-"""Presentation of a :class:`~bestformer.analysis.profile.Profile`: a one-line summary, rich tables, a PNG."""
+"""A :class:`Profile` (what :func:`~bestformer.analysis.profile.profile_model` measured) and its presentation: a
+one-line summary, rich tables, a PNG. (Here rather than in ``profile.py``, which measures and imports this.)"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 
-from ..fileio import atomic_path
-
-if TYPE_CHECKING:
-    from .profile import Profile
+from ..fileio import atomic_path, atomic_write_json
+from .energy import EnergyModel
+from .ops import NeuronStats, OpStats
+from .representation import BlockRepresentation
+from .size import ModelSize
 
 _PREFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
@@ -30,6 +35,100 @@ def energy_str(pj: float) -> str:
         if abs(pj) >= scale:
             return f"{pj / scale:.3g} {unit}"
     return f"{pj:.3g} pJ"
+
+
+def _layer_total(field: str) -> property:
+    """A read-only :class:`Profile` total: the sum of one :class:`OpStats` count over the layers."""
+
+    def total(self: Profile) -> float:
+        return sum(getattr(layer, field) for layer in self.layers)
+
+    return property(total, doc=f"sum of ``{field}`` over the layers")
+
+
+@dataclass
+class Profile:
+    """Everything :func:`profile_model` measured. Counts are per sample (one input, all ``T`` steps).
+
+    Totals: ``model_size_mb`` (the paper's convention, :mod:`~bestformer.analysis.size`), ``params``,
+    ``binary_params``, ``macs`` (every product, dense), ``real_macs`` (products without a spike operand, charged
+    at E_MAC), ``sops``, ``energy_pj`` (``E_MAC * real_macs + E_AC * sops``), ``ns_ace``, ``mean_firing_rate``.
+    """
+
+    model_name: str
+    size: ModelSize
+    layers: list[OpStats]
+    neurons: list[NeuronStats]
+    energy_model: EnergyModel
+    fp_bits: int
+    firing_rates_measured_on: str
+    samples: int
+    time_steps: int | None
+    representation: list[BlockRepresentation] | None = None
+
+    model_size_mb = property(attrgetter("size.paper_mb"), doc="the paper's model size in MB")
+    params = property(attrgetter("size.params"), doc="every parameter")
+    binary_params = property(attrgetter("size.binary_params"), doc="weights of 1-bit layers")
+    macs = _layer_total("macs")
+    real_macs = _layer_total("real_macs")
+    sops = _layer_total("sops")
+    ns_ace = _layer_total("ns_ace")
+
+    def layer_energy_pj(self, layer: OpStats) -> float:
+        return self.energy_model.energy_pj(layer.real_macs, layer.sops)
+
+    @property
+    def energy_pj(self) -> float:
+        return self.energy_model.energy_pj(self.real_macs, self.sops)
+
+    @property
+    def mean_firing_rate(self) -> float | None:
+        """Spikes over neuron outputs of every spiking layer together (``None`` for a model without any)."""
+        elements = sum(n.elements for n in self.neurons)
+        return sum(n.spikes for n in self.neurons) / elements if elements else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "model_size_mb": self.model_size_mb,
+            "params": self.params,
+            "binary_params": self.binary_params,
+            "macs": self.macs,
+            "real_macs": self.real_macs,
+            "sops": self.sops,
+            "energy_pj": self.energy_pj,
+            "ns_ace": self.ns_ace,
+            "firing_rates_measured_on": self.firing_rates_measured_on,
+            "mean_firing_rate": self.mean_firing_rate,
+            "samples": self.samples,
+            "time_steps": self.time_steps,
+            "energy_model": self.energy_model.as_dict(),
+            "ns_ace_fp_bits": self.fp_bits,
+            "size": self.size.as_dict(),
+            "deploy_size_bytes": self.size.deploy_bytes,
+            "layers": [{**layer.as_dict(), "energy_pj": self.layer_energy_pj(layer)} for layer in self.layers],
+            "spiking_layers": [n.as_dict() for n in self.neurons],
+            "representation": None if self.representation is None else [r.as_dict() for r in self.representation],
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The :meth:`to_dict` data as JSON text; also written (atomically) to ``path`` when given."""
+        data = self.to_dict()
+        if path is not None:
+            atomic_write_json(path, data)
+        return json.dumps(data, indent=2)
+
+    def summary(self) -> str:
+        """One line of totals (what ``bestformer train`` prints at the end of a run)."""
+        return format_summary(self)
+
+    def table(self, layers: bool = True) -> Any:
+        """A rich renderable: per-layer table, spiking layers, representation and totals."""
+        return profile_tables(self, layers=layers)
+
+    def plot(self, path: str | Path) -> Path:
+        """Write a PNG with per-layer firing-rate and energy bars; returns the path."""
+        return plot_profile(self, path)
 
 
 def format_summary(p: Profile) -> str:
@@ -118,7 +217,6 @@ def plot_profile(p: Profile, path: str | Path) -> Path:
     E_MAC (real-valued operands) and E_AC (synaptic operations) parts."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    path = Path(path)
     width = max(8.0, 0.28 * max(len(p.layers), len(p.neurons)))
     fig = Figure(figsize=(width, 9), layout="constrained")
     ax_fr, ax_e = fig.subplots(2, 1)
@@ -137,6 +235,13 @@ def plot_profile(p: Profile, path: str | Path) -> Path:
     ax_e.set_ylabel("energy per sample (µJ)")
     ax_e.set_title(f"energy per layer, total {energy_str(p.energy_pj)} ({em.name})")
     ax_e.legend()
+    return save_png(fig, path, dpi=110)
+
+
+def save_png(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Write the matplotlib figure ``fig`` to ``path`` as a PNG, atomically (a reader never sees half a file);
+    returns the path. Shared by every plot of the library."""
+    path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path

@@ -16,14 +16,12 @@ This gives 1.18 MB (bestformer_4_384, 10 classes), 1.32 MB (100 classes; the pap
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..errors import BestformerError
 from ..quant import weight_bits_of
 
 #: Module names of distillation heads, left out of the paper's size (DeiT / timm name it ``head_dist``).
@@ -47,7 +45,7 @@ class ModelSize:
         other_params: parameters outside weight layers (folded away in the paper's convention).
         excluded_heads: the distillation heads left out.
         deploy_bytes: bytes of the file written by ``bestformer.deploy.export_packed`` (None when that module
-            is not available or cannot export this model; ``deploy_note`` says why).
+            is not loaded or cannot export this model; ``deploy_note`` says why).
     """
 
     paper_bytes: float
@@ -70,23 +68,29 @@ class ModelSize:
         return d
 
 
+#: measures a model's deployment file: ``(bytes, note)``, or ``(None, reason)`` when it cannot be written
+DeployMeasure = Callable[[nn.Module], tuple[int | None, str]]
+_deploy_measure: DeployMeasure | None = None
+
+
+def register_deploy_measure(measure: DeployMeasure) -> None:
+    """Let :func:`model_size` measure the deployment file with ``measure``. ``bestformer.deploy.fold`` registers
+    the size of its packed file when it is imported (analysis sits below deploy, so it cannot import it)."""
+    global _deploy_measure
+    _deploy_measure = measure
+
+
 def deploy_file_bytes(model: nn.Module) -> tuple[int | None, str]:
-    """Size of the deployment file of ``model`` and a note; ``(None, reason)`` when it cannot be written."""
-    try:
-        from ..deploy import export_packed  # lazy: the deployment module is optional
-    except ImportError as err:
-        return None, f"bestformer.deploy not available ({err})"
-    with tempfile.TemporaryDirectory(prefix="bestformer-size-") as tmp:
-        path = Path(tmp) / "model.bst"
-        try:
-            export_packed(model, path)
-        except BestformerError as err:
-            return None, f"export_packed cannot write this model: {err}"
-        return path.stat().st_size, "bestformer.deploy.export_packed with its default options"
+    """Size of the deployment file of ``model`` and a note, by the registered measure; ``(None, reason)`` when
+    none is registered or the file cannot be written."""
+    if _deploy_measure is None:
+        return None, "bestformer.deploy not loaded (import bestformer.deploy.fold to measure the deployment file)"
+    return _deploy_measure(model)
 
 
 def model_size(model: nn.Module, deploy: bool = True) -> ModelSize:
-    """Count the sizes of ``model`` (see the module docstring); ``deploy=False`` skips the export."""
+    """Count the sizes of ``model`` (see the module docstring); ``deploy=False`` skips the export (which needs
+    ``bestformer.deploy.fold`` loaded: :func:`register_deploy_measure`)."""
     heads = [(name, m) for name, m in model.named_modules() if name in DISTILL_HEADS]
     skipped = {id(p) for _, m in heads for p in m.parameters()}
     counted: set[int] = set()  # ids of the parameters the paper's convention stores

@@ -98,7 +98,7 @@ def _main_thread() -> bool:
 def _dispatch(argv: list[str], debug: bool) -> int:
     if not argv or argv[0].startswith("-"):
         if "--version" in argv:
-            from .. import __version__
+            from ..version import __version__
 
             print(__version__)
             return 0

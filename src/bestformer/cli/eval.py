@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.runner import evaluate_saved, load_weights_spec
+    from ..pipeline import evaluate_saved, load_weights_spec
 
     model, meta = load_weights_spec(args.checkpoint)
     res = evaluate_saved(model, meta, source=f"the checkpoint {args.checkpoint}", dataset=args.dataset,

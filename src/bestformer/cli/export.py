@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from ..training.runner import load_weights_spec
+    from ..pipeline import load_weights_spec
 
     out = args.output
     model, meta = load_weights_spec(args.checkpoint)

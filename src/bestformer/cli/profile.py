@@ -50,9 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
     """The model to profile and the dataset its checkpoint was trained on (if recorded)."""
-    from .. import create_model, load_checkpoint
     from ..errors import ConfigError, FileFormatError
     from ..models import is_model
+    from ..training import load_checkpoint
+    from ..zoo import create_model
 
     options = {k: getattr(args, k) for k in _MODEL_OPTIONS if getattr(args, k) is not None}
     path = Path(args.model)
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..analysis import profile_model
+    from ..deploy import fold  # noqa: F401  (loading it registers the deployment-file size with analysis)
     from ..errors import ConfigError
 
     model, trained_on = _load(args)

@@ -56,8 +56,8 @@ def key_value(text: str) -> tuple[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..neurons import supported_backends
+    from ..pipeline import distill_choices
     from ..training.config import TrainConfig, cli_fields, field_choices, field_help, field_types, list_recipes
-    from ..training.runner import distill_choices
 
     run = parser.add_argument_group("run")
     run.add_argument("--recipe", default=None, metavar="NAME_OR_PATH",
@@ -129,10 +129,10 @@ def command_line(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    from ..training import resolve_config
-    from ..training import resume as resume_run
-    from ..training import train as train_run
-    from ..training.distributed import launch_rank
+    from ..pipeline import resolve_config
+    from ..pipeline import resume as resume_run
+    from ..pipeline import train as train_run
+    from ..training.dist import launch_rank
 
     if args.resume is not None:  # the original command may be repeated: only changed values are checked
         out = overrides.pop("out", "runs")
@@ -144,8 +144,8 @@ def _train(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import results_table
-    from ..training.distributed import launch_rank, launch_torchrun
+    from ..pipeline import results_table
+    from ..training.dist import launch_rank, launch_torchrun
 
     if args.nproc is not None:
         return launch_torchrun(args.nproc, command_line(args))

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..fileio import atomic_path
+from ..analysis.report import save_png
+from ..models.csd import convert
 from ..progress import progress_bar
-from .converter import convert
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,6 @@ def plot_delay_sweep(results: Sequence[ConversionResult], path: str | Path, titl
     ax_acc.legend()
     fig.suptitle(title or "CSDformer conversion error against the DIF delay")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    saved = save_png(fig, path, dpi=110)
+    plt.close(fig)  # a pyplot figure stays registered until closed
+    return saved

@@ -7,7 +7,7 @@ Importing this package registers every dataset.
 """
 
 from . import cifar, events, idx, static
-from .cifar import parse_cifar_batch, read_cifar_batch, safe_unpickle
+from .cifar import parse_cifar_batch, read_cifar_batch
 from .events import EventFileDataset, Events, decode_aedat, decode_nmnist, events_to_frames, read_aedat, read_nmnist
 from .idx import parse_idx, read_idx
 from .registry import (
@@ -24,6 +24,7 @@ from .registry import (
 from .sources import cache_dir
 from .splits import interleave_classes, stratified_split
 from .static import BatchedView, ImageArrayDataset, ImageBatch, ImageFileDataset, batched, collate
+from .unpickle import safe_unpickle
 
 __all__ = [
     "BatchedView",

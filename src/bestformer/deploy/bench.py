@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from ..analysis.report import save_png
 from ..errors import ConfigError
 from ..progress import progress_bar
 from ..training import save_checkpoint
@@ -235,8 +236,6 @@ def plot_report(res: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..fileio import atomic_path
-
     rows = res["rows"]
     xs = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -250,8 +249,6 @@ def plot_report(res: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{res['model']}, {res['threads']} threads")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    saved = save_png(fig, path, dpi=120)
+    plt.close(fig)  # a pyplot figure stays registered until closed
+    return saved

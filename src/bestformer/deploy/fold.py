@@ -29,6 +29,7 @@ convolution's weights would add a rounding PyTorch does not make).
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
-from ..errors import ConfigError
+from ..analysis.size import register_deploy_measure
+from ..errors import BestformerError, ConfigError
 from ..layers import SpikingMLP, SpikingSelfAttention
 from ..layers.basic import ConvBN, LinearBN
+from ..layers.fold import bn_eval
+from ..layers.fold import bn_kernel_constants as bn_constants  # the name deploy's users import
 from ..models import SpikingTransformer
 from ..neurons import LIF
 from ..quant import QuantMixin
+from ..version import __version__
 from . import kernels as K
 from .packfile import FLOAT_DTYPES, PackedModelData, write_packed
 
@@ -64,38 +68,14 @@ def binary_signs(layer: nn.Module) -> np.ndarray:
     return codes.numpy().astype(np.int8)
 
 
-def bn_constants(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray, np.ndarray]:
-    """``(alpha, b)`` of an eval-mode BatchNorm in float32, as PyTorch's CPU kernel forms them:
-    ``alpha = gamma * (1 / sqrt(var + eps))`` and ``b = BN(0)``."""
-    if bn.running_var is None or bn.running_mean is None:
-        raise ConfigError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
-    var = bn.running_var.detach().cpu().float().numpy()
-    gamma = bn.weight.detach().cpu().float().numpy() if bn.weight is not None else np.ones_like(var)
-    inv = np.float32(1) / np.sqrt(var + np.float32(bn.eps))
-    alpha = (inv * gamma).astype(np.float32)
-    zero = torch.zeros(1, bn.num_features, *([1, 1] if isinstance(bn, nn.BatchNorm2d) else []))
-    with torch.no_grad():
-        beta = _bn_eval(bn, zero).reshape(-1).numpy().astype(np.float32)
-    return alpha, beta
-
-
-def _bn_eval(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    training = bn.training
-    bn.eval()
-    try:
-        return bn(x)
-    finally:
-        bn.train(training)
-
-
 def _probe(bn: nn.modules.batchnorm._BatchNorm, values: np.ndarray) -> np.ndarray:
     """PyTorch's BN on ``values [L, C]`` in the layout the model calls it with: ``[L, C]`` for tokens (BN1d),
     ``[1, C, 1, L]`` for feature maps (BN2d: the same vectorised path as ``[T*B, C, H, W]``)."""
     x = torch.from_numpy(values)
     with torch.no_grad():
         if isinstance(bn, nn.BatchNorm2d):
-            return _bn_eval(bn, x.t().reshape(1, -1, 1, x.shape[0])).reshape(x.shape[1], -1).t().numpy()
-        return _bn_eval(bn, x).numpy()
+            return bn_eval(bn, x.t().reshape(1, -1, 1, x.shape[0])).reshape(x.shape[1], -1).t().numpy()
+        return bn_eval(bn, x).numpy()
 
 
 def fold_batchnorm(bn: nn.modules.batchnorm._BatchNorm, fan_in: int | None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -237,3 +217,19 @@ def export_packed(model: nn.Module, path: str | Path, dtype: str = "float32") ->
     data = fold_model(model, dtype)
     return write_packed(data, path, library_version=__version__, model_name=getattr(model, "model_name", ""),
                         model_args=getattr(model, "model_args", {}))
+
+
+def deploy_file_bytes(model: nn.Module) -> tuple[int | None, str]:
+    """Size of the packed file of ``model`` with the default options and a note; ``(None, reason)`` when it
+    cannot be written. Registered with :func:`bestformer.analysis.size.register_deploy_measure` below, so that
+    ``model_size`` and ``profile_model`` report it once this module is loaded."""
+    with tempfile.TemporaryDirectory(prefix="bestformer-size-") as tmp:
+        path = Path(tmp) / "model.bst"
+        try:
+            export_packed(model, path)
+        except BestformerError as err:
+            return None, f"export_packed cannot write this model: {err}"
+        return path.stat().st_size, "bestformer.deploy.export_packed with its default options"
+
+
+register_deploy_measure(deploy_file_bytes)

@@ -40,6 +40,7 @@ from ..errors import ConfigError, FileFormatError
 from ..fileio import atomic_path
 from ..layers import PatchSplitting, ResidualBlock, ReversibleBlock, SpikingMLP, SpikingSelfAttention, TimeMaxPool2d
 from ..layers.basic import ConvBN, LinearBN
+from ..layers.fold import fold_bn
 from ..models import SpikingTransformer
 from ..neurons import LIF
 from ..quant import QuantMixin
@@ -64,14 +65,9 @@ def _weight(layer: nn.Module) -> torch.Tensor:
 
 def _bn_fold(bn: nn.modules.batchnorm._BatchNorm, w: torch.Tensor, bias: torch.Tensor | None
              ) -> tuple[np.ndarray, np.ndarray]:
-    """``BN(W x + b) = (alpha W) x + (alpha (b - mu) + beta)`` in the weights' dtype."""
+    """``BN(W x + b) = (alpha W) x + (alpha (b - mu) + beta)`` in the weights' dtype (:func:`fold_bn`)."""
     with torch.no_grad():
-        alpha = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.weight is not None else \
-            1 / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias if bn.bias is not None else torch.zeros_like(alpha)
-        b0 = bias if bias is not None else torch.zeros_like(alpha)
-        w2 = w * alpha.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype)
-        b2 = (alpha * (b0 - bn.running_mean) + shift).to(w.dtype)
+        w2, b2 = fold_bn(w, bias, bn, dtype=w.dtype)
     return _np(w2), _np(b2)
 
 

@@ -1,10 +1,11 @@
-"""Layers the models are built from: stem, attention forms, MLP and encoder blocks."""
+"""Layers the models are built from: stem, attention forms, MLP and encoder blocks, and the cross-rank BatchNorm."""
 
 from .a2os2a import A2OS2A
 from .attention import SpikingSelfAttention, get_attention, merge_heads, register_attention, split_heads
 from .basic import ConvBN, LinearBN, TimeMaxPool2d
 from .blocks import ResidualBlock, ReversibleBlock
 from .mlp import SpikingMLP
+from .norm import DistributedBatchNorm, convert_distributed_batchnorm
 from .qsd import QSDSA, ConvBlock, QSDBlock, RepConvBN, SepConv
 from .stem import PatchSplitting, auto_pool_stages
 
@@ -13,6 +14,7 @@ __all__ = [
     "QSDSA",
     "ConvBN",
     "ConvBlock",
+    "DistributedBatchNorm",
     "LinearBN",
     "PatchSplitting",
     "QSDBlock",
@@ -24,6 +26,7 @@ __all__ = [
     "SpikingSelfAttention",
     "TimeMaxPool2d",
     "auto_pool_stages",
+    "convert_distributed_batchnorm",
     "get_attention",
     "merge_heads",
     "register_attention",

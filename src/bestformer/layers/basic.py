@@ -6,12 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..quant import QuantConv2d, QuantLinear
-
-
-def bits_to_quantizer(bits: int | str | None) -> int | str | None:
-    """A model's ``weight_bits`` option as a quantizer spec (32/16/None: full precision)."""
-    return None if bits in (None, 16, 32) else bits
+from ..quant import QuantConv2d, QuantLinear, bits_to_quantizer
 
 
 class LinearBN(nn.Module):

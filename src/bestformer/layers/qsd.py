@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..quant import QuantConv2d
+from ..quant import QuantConv2d, bits_to_quantizer
 from .attention import merge_heads, split_heads
-from .basic import ConvBN, bits_to_quantizer
+from .basic import ConvBN
 from .mlp import SpikingMLP
 
 

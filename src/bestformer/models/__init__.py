@@ -9,12 +9,17 @@ from ._registry import (
     is_model,
     list_models,
     register_alias,
+    register_family,
     register_model,
 )
+from .base import BaseModel
+from .csd import CSDTransformer
 from .qsd import QSDTransformer
 from .spiking_transformer import SpikingTransformer
 
 __all__ = [
+    "BaseModel",
+    "CSDTransformer",
     "InputConfig",
     "QSDTransformer",
     "SpikingTransformer",
@@ -27,6 +32,7 @@ __all__ = [
     "list_models",
     "qsd",
     "register_alias",
+    "register_family",
     "register_model",
     "spiking_transformer",
 ]

@@ -2,13 +2,14 @@
 
 Each registered name is a small function that merges its architecture defaults with the user's overrides
 and calls :func:`build_model`, which checks every override against the model class before building it.
+A family registers all its sizes at once with :func:`register_family`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -97,3 +98,37 @@ def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overr
     model.model_name = name
     model.model_args = dict(overrides)
     return model
+
+
+Builder = Callable[[type[nn.Module], str, dict[str, Any], dict[str, Any]], nn.Module]
+
+
+def _entry(cls: type[nn.Module], name: str, defaults: dict[str, Any], build: Builder) -> Callable[..., nn.Module]:
+    def entry(**overrides: Any) -> nn.Module:
+        return build(cls, name, defaults, overrides)
+
+    entry.__name__ = entry.__qualname__ = name
+    return entry
+
+
+def register_family(cls: type[nn.Module], family: str, sizes: Mapping[str, tuple[Mapping[str, Any], InputConfig]],
+                    defaults: Mapping[str, Any] | None = None, *, title: str | None = None, note: str = "",
+                    build: Builder = build_model) -> list[str]:
+    """Register ``{family}_{size}`` for every size: the entry merges the family's ``defaults``, the size's
+    architecture and its input options, then calls ``build(cls, name, defaults, overrides)`` (default
+    :func:`build_model`). Returns the registered names.
+
+    Example: ``register_family(MyNet, "mynet", {"tiny": (dict(depth=1), InputConfig(28, 1, 10, 4, "mnist"))},
+    dict(weight_bits=1))`` registers ``mynet_tiny``.
+    """
+    names = []
+    for size, (arch, inp) in sizes.items():
+        name = f"{family}_{size}"
+        merged = {**(defaults or {}), **arch, "img_size": inp.img_size, "in_channels": inp.in_channels,
+                  "num_classes": inp.num_classes, "time_steps": inp.time_steps}
+
+        entry = _entry(cls, name, merged, build)
+        entry.__doc__ = f"{title or family} {size.replace('_', '-')}: {merged}{note}"
+        register_model(entry, inp)
+        names.append(name)
+    return names

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._registry import InputConfig, build_model, register_model
+from ._registry import InputConfig, register_family
 from .spiking_transformer import SpikingTransformer
 
 _CIFAR10 = InputConfig(32, 3, 10, 4, "cifar10")
@@ -25,20 +25,4 @@ _SIZES: dict[str, tuple[dict[str, Any], InputConfig]] = {
 }
 _FAMILY = dict(attention="a2os2a", weight_bits=32, reversible=False, distill_head=False, neuron="lif")
 
-
-def _register(size: str) -> None:
-    arch, inp = _SIZES[size]
-    name = f"a2os2a_{size}"
-    defaults = {**arch, **_FAMILY, "img_size": inp.img_size, "in_channels": inp.in_channels,
-                "num_classes": inp.num_classes, "time_steps": inp.time_steps}
-
-    def entry(**overrides: Any) -> SpikingTransformer:
-        return build_model(SpikingTransformer, name, defaults, overrides)  # type: ignore[return-value]
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"A2OS2A {size.replace('_', '-')}: {defaults}"
-    register_model(entry, inp)
-
-
-for _size in _SIZES:
-    _register(_size)
+register_family(SpikingTransformer, "a2os2a", _SIZES, _FAMILY, title="A2OS2A")

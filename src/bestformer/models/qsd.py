@@ -26,19 +26,17 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_choice
-from ..layers.basic import bits_to_quantizer
 from ..layers.qsd import ConvBlock, Downsample, QSDBlock
 from ..layers.stem import auto_pool_stages
 from ..neurons import get_neuron
-from ..quant import QuantLinear
-from ._registry import InputConfig, build_model, register_model
-from .spiking_transformer import SpikingTransformer
+from ..quant import QuantLinear, bits_to_quantizer
+from ._registry import InputConfig, register_family
+from .base import BaseModel
 
 
-class QSDTransformer(nn.Module):
+class QSDTransformer(BaseModel):
     """Quantized spike-driven MetaFormer (module docstring); the model contract of
-    :class:`~bestformer.models.SpikingTransformer` (``forward_features -> [B, 1, D]``, ``forward_head``,
-    ``forward``, ``reset_classifier``, ``num_features``, ``check_input``).
+    :class:`~bestformer.models.base.BaseModel` (``forward_features -> [B, 1, D]``, one stream).
 
     Args:
         num_classes, in_channels, img_size, time_steps: data options; a static image ``[B, C, H, W]`` is
@@ -66,10 +64,7 @@ class QSDTransformer(nn.Module):
                  rectify: bool = True, layer_scale_init: float = 1e-6, attn_scale: float = 0.25,
                  attn_token_mean: bool = True, strides: Sequence[int] | None = None) -> None:
         super().__init__()
-        for key, val in (("num_classes", num_classes), ("in_channels", in_channels), ("img_size", img_size),
-                         ("time_steps", time_steps), ("num_heads", num_heads)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
+        self._set_data_options(num_classes, in_channels, img_size, time_steps, num_heads=num_heads)
         embed_dims, conv_depths, depths = tuple(embed_dims), tuple(conv_depths), tuple(depths)
         if len(embed_dims) != 4 or any(not isinstance(e, int) or e < 2 or e % 2 for e in embed_dims):
             raise ConfigError(f"embed_dims needs 4 even integers [e0, e1, e2, e3], got {embed_dims!r}")
@@ -82,8 +77,7 @@ class QSDTransformer(nn.Module):
         strides = tuple(strides)
         if len(strides) != 4 or any(s not in (1, 2) for s in strides):
             raise ConfigError(f"strides needs 4 values, each 1 or 2, got {strides!r}")
-        self.num_classes, self.in_channels, self.img_size = num_classes, in_channels, img_size
-        self.time_steps, self.weight_bits, self.embed_dims = time_steps, weight_bits, embed_dims
+        self.weight_bits, self.embed_dims = weight_bits, embed_dims
         self.num_features = embed_dims[3]
         self.strides = strides
         neuron_layer = get_neuron(check_choice("QSD-Transformer neuron", neuron, ("ielif", "relu")),
@@ -116,14 +110,6 @@ class QSDTransformer(nn.Module):
             return nn.Identity()
         return QuantLinear(self.num_features, num_classes, weight_quantizer=bits_to_quantizer(self.weight_bits))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head for ``num_classes`` outputs (0: no head, ``forward`` returns features)."""
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-
-    # the same input checks and messages as the BESTformer family (they read in_channels, img_size, time_steps)
-    check_input = SpikingTransformer.check_input
-
     def forward_maps(self, x: Tensor) -> Tensor:
         """Stem and stages: the last feature map ``[T, B, e3, H', W']`` (real-valued, before the head neuron)."""
         self.check_input(x)
@@ -136,13 +122,6 @@ class QSDTransformer(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features ``[B, 1, D]``: head neuron, then the mean over tokens and time (one stream)."""
         return self.head_neuron(self.forward_maps(x)).mean(dim=(0, 3, 4)).unsqueeze(1)
-
-    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
-        feats = feats.mean(dim=1)
-        return feats if pre_logits else self.head(feats)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -162,20 +141,5 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _register(family: str, size: str) -> None:
-    arch, inp = _SIZES[size]
-    name = f"{family}_{size}"
-    defaults = {**arch, **_FAMILIES[family], "img_size": inp.img_size, "in_channels": inp.in_channels,
-                "num_classes": inp.num_classes, "time_steps": inp.time_steps}
-
-    def entry(**overrides: Any) -> QSDTransformer:
-        return build_model(QSDTransformer, name, defaults, overrides)  # type: ignore[return-value]
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{family} {size}: {defaults}"
-    register_model(entry, inp)
-
-
-for _family in _FAMILIES:
-    for _size in _SIZES:
-        _register(_family, _size)
+for _family, _defaults in _FAMILIES.items():
+    register_family(QSDTransformer, _family, _SIZES, _defaults)

@@ -11,20 +11,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..layers import PatchSplitting, ResidualBlock, ReversibleBlock, SpikingMLP, auto_pool_stages, get_attention
-from ..layers.basic import bits_to_quantizer
+from ..layers.memory import checkpoint_module, spike_packing
 from ..neurons import get_neuron
-from ..quant import QuantLinear
-from ._registry import InputConfig, build_model, register_model
+from ..quant import QuantLinear, bits_to_quantizer
+from ._registry import InputConfig, register_family
+from .base import BaseModel
 
 
-class SpikingTransformer(nn.Module):
+class SpikingTransformer(BaseModel):
     """Spiking transformer with switchable binarization, attention form, coupling and heads.
 
     Args:
@@ -52,13 +54,9 @@ class SpikingTransformer(nn.Module):
                  distill_head: bool = True, pool_stages: Sequence[bool] | None = None,
                  attn_scale: float = 0.125, stem_widths: Sequence[int] | None = None) -> None:
         super().__init__()
-        for key, val in (("num_classes", num_classes), ("in_channels", in_channels), ("img_size", img_size),
-                         ("time_steps", time_steps), ("embed_dim", embed_dim), ("depth", depth),
-                         ("num_heads", num_heads)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
-        self.num_classes, self.in_channels, self.img_size = num_classes, in_channels, img_size
-        self.time_steps, self.num_features, self.embed_dim = time_steps, embed_dim, embed_dim
+        self._set_data_options(num_classes, in_channels, img_size, time_steps, embed_dim=embed_dim, depth=depth,
+                               num_heads=num_heads)
+        self.num_features = self.embed_dim = embed_dim
         self.built_time_steps = time_steps
         self.weight_bits, self.reversible, self.distill_head = weight_bits, reversible, distill_head
         self.attention = attention
@@ -103,39 +101,18 @@ class SpikingTransformer(nn.Module):
 
     def set_spike_packing(self, enable: bool = True) -> None:
         """Keep the binary activations that autograd saves as bits instead of float32 (on by default; exact: see
-        :func:`bestformer.training.memory.spike_packing`)."""
+        :func:`bestformer.layers.memory.spike_packing`)."""
         self.spike_packing = bool(enable)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head(s) for ``num_classes`` outputs (0: no head, ``forward`` returns features)."""
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        super().reset_classifier(num_classes)
         if self.head_dist is not None:
             self.head_dist = self._make_head(num_classes)
-
-    def check_input(self, x: Tensor) -> None:
-        """Clear errors for inputs that do not fit the model (rank, channels, size, time steps)."""
-        if not isinstance(x, Tensor):
-            raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() not in (4, 5):
-            raise InputError(f"expected images [B, C, H, W] or event frames [T, B, C, H, W], "
-                             f"got a tensor of shape {tuple(x.shape)}")
-        if x.dim() == 5 and x.shape[0] != self.time_steps:
-            raise InputError(f"event input has T={x.shape[0]} frames but the model has time_steps="
-                             f"{self.time_steps}; rebuild with time_steps={x.shape[0]} or re-bin the events")
-        c, h, w = x.shape[-3:]
-        if c != self.in_channels:
-            raise InputError(f"input has {c} channels, the model expects in_channels={self.in_channels}")
-        if (h, w) != (self.img_size, self.img_size):
-            raise InputError(f"input is {h}x{w}, the model expects img_size={self.img_size} "
-                             f"({self.img_size}x{self.img_size})")
-        if not x.is_floating_point():
-            raise InputError(f"input must be a floating-point tensor, got {x.dtype}")
 
     def forward_streams(self, x: Tensor) -> list[Tensor]:
         """Stem and encoder; the final stream(s) as tokens ``[T, B, N, D]`` (two when reversible)."""
         self.check_input(x)
-        from ..training.memory import checkpoint_module, spike_packing  # training imports models: import late
 
         def run(blk: nn.Module, *streams: Tensor) -> Any:
             return checkpoint_module(blk, *streams) if self.grad_checkpointing and torch.is_grad_enabled() \
@@ -157,17 +134,14 @@ class SpikingTransformer(nn.Module):
         return torch.stack([s.mean(dim=(0, 2)) for s in self.forward_streams(x)], dim=1)
 
     def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        if pre_logits:
-            return feats.mean(dim=1)
-        if self.head_dist is None:
-            return self.head(feats.mean(dim=1))
+        """One head: :meth:`BaseModel.forward_head`. Two heads (Eq. 15): classification on ``X^{S,0}``,
+        distillation on ``X^{S,1}``; both logits in training mode, their mean in eval mode."""
+        if pre_logits or self.head_dist is None:
+            return super().forward_head(feats, pre_logits)
         logits, logits_dist = self.head(feats[:, 0]), self.head_dist(feats[:, -1])
         if self.training:
             return logits, logits_dist
         return (logits + logits_dist) / 2
-
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -191,24 +165,10 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     "ann": dict(weight_bits=32, attention="ssa", reversible=False, distill_head=False, neuron="relu"),
 }
 
-def _register(family: str, size: str) -> None:
-    arch, inp = _SIZES[size]
-    name = f"{family}_{size}"
-    fam = _FAMILIES[family]
-    if family != "bestformer":  # the channel attention of 8_512 is BESTformer's; the others keep "ssa"
-        arch = {k: v for k, v in arch.items() if k != "attention"}
-    time_steps = 1 if family == "ann" else inp.time_steps
-    defaults = {**fam, **arch, "img_size": inp.img_size, "in_channels": inp.in_channels,
-                "num_classes": inp.num_classes, "time_steps": time_steps}
-
-    def entry(**overrides: Any) -> SpikingTransformer:
-        return build_model(SpikingTransformer, name, defaults, overrides)  # type: ignore[return-value]
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{family} {size.replace('_', '-')}: {defaults}"
-    register_model(entry, InputConfig(inp.img_size, inp.in_channels, inp.num_classes, time_steps, inp.dataset))
-
-
-for _family in _FAMILIES:
-    for _size in _SIZES:
-        _register(_family, _size)
+# the channel attention of 8_512 is BESTformer's: the other families keep "ssa"; the ANN runs one time step
+for _family, _defaults in _FAMILIES.items():
+    register_family(SpikingTransformer, _family, {
+        size: ({k: v for k, v in arch.items() if _family == "bestformer" or k != "attention"},
+               replace(inp, time_steps=1) if _family == "ann" else inp)
+        for size, (arch, inp) in _SIZES.items()
+    }, _defaults)

@@ -2,18 +2,44 @@
 
 Tensors are time-first, ``[T, B, ...]``. Nothing here keeps state between calls: a multi-step call starts
 from ``v_reset`` (or a given state) and returns the final state, so streaming inference can carry it.
+Every neuron's multi-step form (LIF, IE-LIF, ternary, IF) is its one-step update run by :func:`run_multistep`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from .surrogate import Surrogate
+
+S = TypeVar("S")
+
+
+def check_time_first(x: Tensor, neuron: str) -> None:
+    """Multi-step neurons take a time-first tensor ``[T, ...]`` with at least one step."""
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise InputError(f"{neuron} expects a time-first tensor [T, ...] with T >= 1, got shape {tuple(x.shape)}")
+
+
+def run_multistep(step: Callable[[S, Tensor], tuple[Tensor, S]], x: Tensor, state: S | None,
+                  rest: Callable[[Tensor], S], neuron: str) -> tuple[Tensor, S]:
+    """The one time loop of every neuron: ``s[t], state = step(state, x[t])`` over the leading axis of ``x``.
+
+    ``state=None`` starts from ``rest(x[0])``. Returns the stacked outputs ``[T, ...]`` and the final state.
+    Unrolled in Python, one autograd node per operation and step (the fused kernels replace it for LIF).
+    """
+    check_time_first(x, neuron)
+    state = rest(x[0]) if state is None else state
+    out = []
+    for t in range(x.shape[0]):
+        s, state = step(state, x[t])
+        out.append(s)
+    return torch.stack(out), state
 
 
 class LIFParameters(NamedTuple):
@@ -99,12 +125,5 @@ def lif_multistep(
 
     This is the plain reference path: one autograd node per step. Fused backends must match it.
     """
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise InputError(f"LIF expects a time-first tensor [T, ...] with T >= 1, got shape {tuple(x.shape)}")
-    if state is None:
-        state = initial_state(x[0], p)
-    spikes = []
-    for t in range(x.shape[0]):
-        s, state = lif_step(x[t], state, p, surrogate)
-        spikes.append(s)
-    return torch.stack(spikes), state
+    return run_multistep(lambda st, x_t: lif_step(x_t, st, p, surrogate), x, state,
+                         lambda x0: initial_state(x0, p), "LIF")

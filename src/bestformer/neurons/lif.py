@@ -26,7 +26,8 @@ class LIF(nn.Module):
         decay_input: reference charge ``H = V + (X - (V - v_reset))/tau`` (True) or Eq. 1 (False).
         detach_reset: stop the gradient through the reset.
         surrogate: pseudo-gradient of the firing step (default ``Sigmoid(alpha=4)``).
-        backend: ``None`` follows :func:`~bestformer.neurons.set_backend`; else ``"plain"`` / ``"fused"``.
+        backend: ``"plain"`` / ``"fused"`` for this module; ``None`` follows :func:`~bestformer.neurons.use_backend`
+            (:mod:`~bestformer.neurons.backend`).
     """
 
     def __init__(

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError, check_choice
-from .functional import LIFParameters, lif_charge
+from ..quant.ste import MultiLevelSTE
+from .functional import LIFParameters, lif_charge, run_multistep
 
 
 class IELIFParameters(NamedTuple):
@@ -71,9 +72,7 @@ class IELIFState(NamedTuple):
 
 def ielif_fire(h: Tensor, p: IELIFParameters) -> Tensor:
     """Multi-level spike ``floor(clamp(D h / V_th, 0, D) + 1/2) / D`` in ``[0, 1]``, straight-through inside."""
-    soft = torch.clamp(h / p.v_threshold, 0.0, 1.0)
-    hard = torch.floor(soft * p.levels + 0.5) / p.levels  # round half up, as the authors' code
-    return soft + (hard - soft).detach()
+    return MultiLevelSTE(p.levels)(h / p.v_threshold)
 
 
 def ielif_step(x: Tensor, state: IELIFState, p: IELIFParameters) -> tuple[Tensor, IELIFState]:
@@ -87,15 +86,9 @@ def ielif_step(x: Tensor, state: IELIFState, p: IELIFParameters) -> tuple[Tensor
 
 def ielif_multistep(x: Tensor, p: IELIFParameters, state: IELIFState | None = None
                     ) -> tuple[Tensor, IELIFState]:
-    """Run :func:`ielif_step` over the leading time axis of ``x`` (``[T, ...]``)."""
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise InputError(f"IE-LIF expects a time-first tensor [T, ...], got shape {tuple(x.shape)}")
-    state = IELIFState(torch.zeros_like(x[0])) if state is None else state
-    out = []
-    for t in range(x.shape[0]):
-        s, state = ielif_step(x[t], state, p)
-        out.append(s)
-    return torch.stack(out), state
+    """Run :func:`ielif_step` over the leading time axis of ``x`` (``[T, ...]``) from rest (or ``state``)."""
+    return run_multistep(lambda st, x_t: ielif_step(x_t, st, p), x, state,
+                         lambda x0: IELIFState(torch.zeros_like(x0)), "IE-LIF")
 
 
 def to_spike_train(s: Tensor, levels: int, amplitude: float = 1.0) -> Tensor:

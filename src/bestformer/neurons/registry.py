@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 
 from torch import nn
 
-from ..errors import check_choice
+from ..errors import ConfigError, check_choice, close_matches
 from .lif import LIF
 
 
 class ReLUNeuron(nn.ReLU):
-    """The ANN counterpart of a spiking neuron (``ann_*`` models): ReLU, ignoring neuron options."""
+    """The ANN counterpart of a spiking neuron (``ann_*`` models): a ReLU.
 
-    def __init__(self, **_: object) -> None:
+    Blocks pass the options of the spiking neuron they stand for (``v_threshold=``, ``reset=``, ``amplitude=``, ...)
+    and a model's ``neuron_kwargs`` are shared with its spiking twin, so it accepts and ignores the option names of
+    every registered spiking neuron; any other name is a mistake and raises :class:`~bestformer.errors.ConfigError`.
+    """
+
+    def __init__(self, **options: object) -> None:
         super().__init__()
+        known = sorted(spiking_neuron_options()) if options else []
+        for key in options:
+            if key not in known:
+                raise ConfigError(f"neuron 'relu' has no option {key!r}{close_matches(key, known)}; it takes (and "
+                                  f"ignores) the spiking neurons' options: {', '.join(sorted(known))}")
 
 
 _NEURONS: dict[str, Callable[..., nn.Module]] = {"lif": LIF, "relu": ReLUNeuron}
@@ -30,3 +41,17 @@ def get_neuron(spec: str | Callable[..., nn.Module], **defaults: object) -> Call
     """Resolve ``spec`` to a factory ``f(**kwargs) -> nn.Module`` with ``defaults`` pre-bound."""
     factory = _NEURONS[check_choice("neuron", spec, _NEURONS)] if isinstance(spec, str) else spec
     return partial(factory, **defaults) if defaults else factory
+
+
+def spiking_neuron_options() -> set[str]:
+    """The keyword options of every registered neuron factory other than ReLU (read from their signatures)."""
+    names: set[str] = set()
+    for factory in _NEURONS.values():
+        if factory is ReLUNeuron:
+            continue
+        try:
+            params = inspect.signature(factory).parameters.values()
+        except (TypeError, ValueError):  # a factory without a readable signature names no options
+            continue
+        names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return names

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError, check_choice
-from .functional import LIFParameters, lif_charge
+from ..quant.ste import TernarySTE
+from .functional import LIFParameters, lif_charge, run_multistep
 from .surrogate import Surrogate, get_surrogate
 
 VARIANTS = ("ternary_spike", "lif")
@@ -84,9 +85,7 @@ def ternary_fire(h: Tensor, p: TernaryParameters, surrogate: Surrogate) -> Tenso
     """
     if p.variant == "lif":
         return surrogate(h - p.theta) - surrogate(-h - p.theta)
-    hard = torch.sign(h) * (h.abs() >= p.theta).to(h.dtype)
-    soft = torch.clamp(h / p.v_threshold, -1.0, 1.0)
-    return soft + (hard - soft).detach()
+    return TernarySTE(p.v_threshold, p.theta)(h)
 
 
 def ternary_step(x: Tensor, state: TernaryState, p: TernaryParameters,
@@ -102,14 +101,8 @@ def ternary_step(x: Tensor, state: TernaryState, p: TernaryParameters,
 def ternary_multistep(x: Tensor, p: TernaryParameters, surrogate: Surrogate,
                       state: TernaryState | None = None) -> tuple[Tensor, TernaryState]:
     """Run :func:`ternary_step` over the leading time axis of ``x`` (``[T, ...]``) from rest (or ``state``)."""
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise InputError(f"ternary neuron expects a time-first tensor [T, ...], got shape {tuple(x.shape)}")
-    state = TernaryState(torch.zeros_like(x[0])) if state is None else state
-    out = []
-    for t in range(x.shape[0]):
-        s, state = ternary_step(x[t], state, p, surrogate)
-        out.append(s)
-    return torch.stack(out), state
+    return run_multistep(lambda st, x_t: ternary_step(x_t, st, p, surrogate), x, state,
+                         lambda x0: TernaryState(torch.zeros_like(x0)), "ternary neuron")
 
 
 class TernaryNeuron(nn.Module):

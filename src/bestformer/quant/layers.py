@@ -47,26 +47,26 @@ class QuantLinear(QuantMixin, nn.Linear):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
-class QuantConv2d(QuantMixin, nn.Conv2d):
+class _QuantConv(QuantMixin):
+    """A torch convolution (the next base class) with an optional weight quantizer."""
+
+    _conv_forward: Any  # nn.Conv1d / nn.Conv2d's
+    bias: Tensor | None
+
+    def __init__(self, *args: Any, weight_quantizer: Any = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._init_quantizer(weight_quantizer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
     """``nn.Conv2d`` with an optional weight quantizer."""
 
-    def __init__(self, *args: Any, weight_quantizer: Any = None, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._init_quantizer(weight_quantizer)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
-
-
-class QuantConv1d(QuantMixin, nn.Conv1d):
+class QuantConv1d(_QuantConv, nn.Conv1d):
     """``nn.Conv1d`` with an optional weight quantizer."""
-
-    def __init__(self, *args: Any, weight_quantizer: Any = None, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._init_quantizer(weight_quantizer)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 class BinaryLinear(QuantLinear):

@@ -17,20 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .ste import scale_grad, ste_round, ste_sign
+
+#: weight bit-widths that mean "full precision" (no quantizer)
+FULL_PRECISION_BITS = (16, 32)
 
 
 def _per_channel_dims(w: Tensor) -> tuple[int, ...]:
     return tuple(range(1, w.dim()))
-
-
-def ste_round(x: Tensor) -> Tensor:
-    """``round(x)`` forward, identity gradient."""
-    return x + (torch.round(x) - x).detach()
-
-
-def scale_grad(x: Tensor, g: float) -> Tensor:
-    """Identity forward, gradient multiplied by ``g`` (LSQ's step-size gradient scale)."""
-    return x * g + (x - x * g).detach()
 
 
 class Quantizer(nn.Module):
@@ -75,9 +69,7 @@ class SignBinarizer(Quantizer):
         return w_hat / (w_hat.std(dim=dims, keepdim=True) + self.eps)
 
     def forward(self, w: Tensor) -> Tensor:
-        w_std = self.standardize(w)
-        b = torch.where(w_std >= 0, 1.0, -1.0).to(w.dtype)
-        return w_std + (b - w_std).detach()
+        return ste_sign(self.standardize(w))  # Eq. 6, straight through to W^std
 
     def codes(self, w: Tensor) -> tuple[Tensor, None]:
         with torch.no_grad():
@@ -135,6 +127,12 @@ class LSQQuantizer(Quantizer):
 _LSQ = re.compile(r"^lsq([2-8])$")
 
 
+def bits_to_quantizer(bits: int | str | None) -> int | str | None:
+    """A model's ``weight_bits`` option as a quantizer spec: ``None`` for full precision (``None``, 16, 32),
+    anything else unchanged (resolved by :func:`get_weight_quantizer`)."""
+    return None if bits is None or bits in FULL_PRECISION_BITS else bits
+
+
 def get_weight_quantizer(spec: str | int | Quantizer | None, weight: Tensor | None = None) -> Quantizer | None:
     """Resolve a weight quantizer: ``None`` / ``32`` / ``16`` (full precision), ``1`` / ``"binary"``,
     ``2..8`` / ``"lsq2".."lsq8"``, or an instance. ``weight`` initialises data-dependent quantizers."""
@@ -143,7 +141,7 @@ def get_weight_quantizer(spec: str | int | Quantizer | None, weight: Tensor | No
     if isinstance(spec, bool):
         raise ConfigError(f"weight quantizer must be a bit-width or a name, got {spec!r}")
     if isinstance(spec, int):
-        if spec in (16, 32):
+        if spec in FULL_PRECISION_BITS:
             return None
         if spec == 1:
             return SignBinarizer()

@@ -15,22 +15,46 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import __version__
 from ..errors import BestformerError, FileFormatError
 from ..fileio import atomic_write_json
 from ..models import create_model
+from ..version import __version__
 from .container import HASH_KEY, check_header, read_container, write_container
 
 CHECKPOINT_FORMAT = "bestformer-checkpoint"
 #: 2: the header records the SHA-256 of the tensor data (format 1 files, without it, still load)
 CHECKPOINT_VERSION = 2
 _META_KEY = "bestformer"
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """One safetensors file format of this library (checkpoint, resume state): the one place that stamps its header
+    (:meth:`header`) and validates it (:meth:`check`, through :func:`~.container.check_header`)."""
+
+    name: str
+    version: int
+    meta_key: str  #: the safetensors metadata key holding the JSON header
+    what: str  #: how errors name the file
+    hashed_from: int = 2  #: headers from this version on record the SHA-256 of the tensor data
+
+    def header(self, **fields: Any) -> dict[str, Any]:
+        """The header of a file written now: format, version, library version, then ``fields``."""
+        return {"format": self.name, "format_version": self.version, "library_version": __version__, **fields}
+
+    def check(self, header: Any, path: Path) -> dict[str, Any]:
+        """``header`` as a mapping of this format at a version this library reads; else :class:`FileFormatError`."""
+        return check_header(header, path, self.name, self.version, self.what, self.hashed_from)
+
+
+CHECKPOINT = FileFormat(CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _META_KEY, "checkpoint")
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -42,14 +66,9 @@ def checkpoint_header(model: nn.Module, **meta: Any) -> dict[str, Any]:
     if not hasattr(model, "model_name"):
         raise BestformerError("only models built with bestformer.create_model can be checkpointed "
                               "(the checkpoint must name the architecture)")
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "library_version": __version__,
-        "model_name": model.model_name,
-        "model_args": json.loads(json.dumps(model.model_args, default=list)),
-        "meta": json.loads(json.dumps(meta, default=str)),
-    }
+    return CHECKPOINT.header(model_name=model.model_name,
+                             model_args=json.loads(json.dumps(model.model_args, default=list)),
+                             meta=json.loads(json.dumps(meta, default=str)))
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> Path:
@@ -132,7 +151,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     expected = sidecar.get(HASH_KEY) if isinstance(sidecar, dict) and isinstance(sidecar.get(HASH_KEY), str) else None
     state, header = read_container(path, _META_KEY, expected_sha256=expected)
     header = agreed_header(header, sidecar, side, path, "checkpoint sidecar")
-    header = check_model_header(header, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", hashed_from=2)
+    header = check_model_header(header, path, CHECKPOINT.name, CHECKPOINT.version, CHECKPOINT.what,
+                                CHECKPOINT.hashed_from)
     check_finite(state, path)
     return state, header
 

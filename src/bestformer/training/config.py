@@ -1,6 +1,7 @@
-"""Training configuration: one typed dataclass, YAML recipes and command-line overrides.
+"""Training configuration: one typed dataclass of seven groups (:mod:`.config_groups`), YAML recipes and
+command-line overrides.
 
-Every field of :class:`TrainConfig` is a recipe key (YAML) and a command-line option (``batch_size`` ->
+Every option of :class:`TrainConfig` is a flat recipe key (YAML) and a command-line option (``batch_size`` ->
 ``--batch-size``). A recipe is applied over the defaults and the command line over the recipe, so every
 recipe field can be overridden. Recipes with an unknown key or a value of the wrong type are refused with
 one line naming the key and the expected type.
@@ -15,131 +16,61 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 
+from ..data import BuildOptions
+from ..data.transforms import parse_spec
 from ..errors import ConfigError, close_matches
+from ..models import get_input_config
 from .budget import parse_duration, parse_time_step_schedule
-from .randaugment import parse_spec
+from .config_groups import (
+    GROUPS,
+    ArchConfig,
+    AugmentConfig,
+    DataConfig,
+    DistillConfig,
+    OptimConfig,
+    RuntimeConfig,
+    ScheduleConfig,
+)
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _opt(help_: str, choices: tuple[str, ...] | None = None, cli: bool = True) -> dict[str, Any]:
-    return {"help": help_, "choices": choices, "cli": cli}
-
-
-@dataclass
+@dataclass(frozen=True, init=False)
 class TrainConfig:
-    """Every option of a training run (recipe keys and ``bestformer train`` options).
+    """Every option of a training run (recipe keys and ``bestformer train`` options), in seven groups.
 
-    The defaults are generic; the recipes (``bestformer/recipes/*.yaml``) set up each dataset.
-    ``epochs`` counts the cosine part (warm-up included); ``cooldown_epochs`` more epochs run at ``min_lr``
-    after it (timm's convention), so a run lasts ``epochs + cooldown_epochs`` epochs.
+    Built from flat options (``TrainConfig(lr=0.01, epochs=3)``) and/or whole groups (``TrainConfig(optim=...)``);
+    every option reads flat too (``cfg.lr`` is ``cfg.optim.lr``). The defaults are generic; the recipes
+    (``bestformer/recipes/*.yaml``) set up each dataset. Frozen: :meth:`replace` makes a checked copy.
     """
 
-    # model and data
-    model: str = field(default="bestformer_tiny", metadata=_opt("registered model name (bestformer.list_models())"))
-    model_args: dict = field(default_factory=dict, metadata=_opt(
-        "extra model options (YAML mapping; on the command line --model-arg KEY=VALUE, repeatable)", cli=False))
-    dataset: str = field(default="digits", metadata=_opt("dataset name (bestformer.data.list_datasets())"))
-    data_dir: str | None = field(default=None, metadata=_opt("folder of the dataset files"))
-    download: bool = field(default=False, metadata=_opt("download the dataset when missing (needs network)"))
-    limit: int | None = field(default=None, metadata=_opt("use at most this many samples per split (quick runs)"))
-    val_fraction: float = field(default=0.1, metadata=_opt("fraction of the training split held out for validation"))
-    split_by: str = field(default="number", metadata=_opt("event binning into frames", ("number", "time")))
-    time_steps: int | None = field(default=None, metadata=_opt(
-        "time steps T (event datasets: frames); default: the model's"))
-    # optimisation
-    epochs: int = field(default=10, metadata=_opt("epochs of the cosine schedule (warm-up included)"))
-    cooldown_epochs: int = field(default=0, metadata=_opt("extra epochs at min_lr after the cosine schedule"))
-    warmup_epochs: float = field(default=0.0, metadata=_opt("warm-up epochs, warmup_lr to lr (may be fractional)"))
-    lr: float = field(default=1e-3, metadata=_opt("peak learning rate (AdamW)"))
-    warmup_lr: float = field(default=1e-5, metadata=_opt("learning rate at the start of the warm-up"))
-    min_lr: float = field(default=1e-5, metadata=_opt("learning rate at the end of the cosine and in cool-down"))
-    weight_decay: float = field(default=0.05, metadata=_opt("AdamW weight decay (not on norms, biases, lambda)"))
-    batch_size: int = field(default=64, metadata=_opt("samples per step and process"))
-    accum_steps: int = field(default=1, metadata=_opt("gradient accumulation: micro-batches per optimizer step"))
-    cuda_batch_size: int | None = field(default=None, metadata=_opt(
-        "batch_size to use instead when the device is CUDA (a recipe's GPU size; the lr follows lr_scaling)"))
-    lr_scaling: str = field(default="none", metadata=_opt(
-        "scale lr and warmup_lr with the global batch: linear or sqrt of global batch / lr_base_batch",
-        ("none", "linear", "sqrt")))
-    lr_base_batch: int = field(default=128, metadata=_opt("the global batch at which lr is given (lr_scaling)"))
-    clip_grad: float | None = field(default=None, metadata=_opt("clip the gradient norm to this value"))
-    label_smoothing: float = field(default=0.1, metadata=_opt("label smoothing of the cross-entropy"))
-    mixup: float = field(default=0.0, metadata=_opt("mixup alpha (0: off)"))
-    cutmix: float = field(default=0.0, metadata=_opt("cutmix alpha (0: off)"))
-    mixup_prob: float = field(default=1.0, metadata=_opt("probability of mixing a batch when mixup/cutmix are on"))
-    mixup_switch_prob: float = field(default=0.5, metadata=_opt("probability of cutmix when both are on"))
-    mixup_off_epoch: int = field(default=0, metadata=_opt("turn mixup/cutmix off from this epoch on (0: never)"))
-    crop_padding: int = field(default=0, metadata=_opt("random crop after zero padding by this many pixels"))
-    flip: float = field(default=0.0, metadata=_opt("probability of a horizontal flip"))
-    random_erasing: float = field(default=0.0, metadata=_opt("probability of erasing a random rectangle"))
-    rand_augment: str | None = field(default=None, metadata=_opt(
-        "RandAugment as timm's spec string, e.g. m9-n1-mstd0.4-inc1 (static images only; default: off)"))
-    amp: str = field(default="auto", metadata=_opt(
-        "mixed precision: auto (bf16 on CUDA, off on CPU), fast (bf16 on CUDA and on CPUs with native bf16), bf16, "
-        "fp16 (with loss scaling) or off", ("auto", "fast", "bf16", "fp16", "off")))
-    seed: int = field(default=0, metadata=_opt("random seed (initialisation, data order, augmentation)"))
-    deterministic: bool = field(default=False, metadata=_opt(
-        "deterministic algorithms only (bit-identical reruns and resumes)"))
-    device: str = field(default="auto", metadata=_opt("cpu, cuda, cuda:N or auto"))
-    workers: int = field(default=0, metadata=_opt("data-loading worker processes"))
-    threads: int | None = field(default=None, metadata=_opt(
-        "CPU threads of torch and of the fused neuron kernels; default: torch's choice"))
-    time_budget: str | None = field(default=None, metadata=_opt(
-        "wall-clock budget of the whole run, e.g. 60m, 1.5h, 900s (data, teacher and evaluations included): the "
-        "step count is planned from the measured step time so that the schedule ends with the budget"))
-    max_steps: int | None = field(default=None, metadata=_opt(
-        "optimizer steps of the run; the cosine schedule ends there (default: epochs; --time-budget plans it)"))
-    time_step_schedule: str | None = field(default=None, metadata=_opt(
-        "train static images at fewer time steps first, as T:fraction pairs of the steps, e.g. 1:0.6,4:0.4 "
-        "(the last T is the model's; evaluation always uses it)"))
-    eval_flip: bool = field(default=False, metadata=_opt(
-        "test-time augmentation: average the logits of each image and its horizontal mirror"))
-    patience: int = field(default=0, metadata=_opt(
-        "stop after this many epochs without a better validation accuracy (0: never)"))
-    # distillation
-    teacher: str | None = field(default=None, metadata=_opt(
-        "distillation teacher: a checkpoint path or a model name trained first in this run"))
-    init: str | None = field(default=None, metadata=_opt(
-        "start from these weights (fine-tuning): a checkpoint path or zoo:NAME (bestformer zoo); the model and its "
-        "options must match"))
-    teacher_args: dict = field(default_factory=dict, metadata=_opt(
-        "extra options of a teacher trained in this run (YAML mapping; --teacher-arg KEY=VALUE)", cli=False))
-    teacher_epochs: int | None = field(default=None, metadata=_opt(
-        "epochs of a teacher trained first (default: epochs)"))
-    teacher_lr: float | None = field(default=None, metadata=_opt("learning rate of that teacher (default: lr)"))
-    distill: str | None = field(default=None, metadata=_opt(
-        "distillation objective (default: hard with a teacher, none without)"))
-    # runs, reliability
-    out: str = field(default="runs", metadata=_opt("root folder of the runs"))
-    name: str | None = field(default=None, metadata=_opt("run folder name (default: <model>-<dataset>-<time>)"))
-    log: str = field(default="csv", metadata=_opt(
-        "logs of the run: csv (metrics.csv, curves.png) or tensorboard (the same, plus TensorBoard event files in "
-        "<run>/tensorboard; needs the tensorboard extra)", choices=("csv", "tensorboard")))
-    ckpt_every_steps: int = field(default=0, metadata=_opt(
-        "also checkpoint every N optimizer steps (0: at the end of each epoch only)"))
-    monitor_every: int = field(default=25, metadata=_opt(
-        "sample per-layer firing rates every N steps (0: off)"))
-    skip_nonfinite: int = field(default=0, metadata=_opt(
-        "skip up to N steps with a NaN/inf loss or gradient instead of stopping"))
-    neuron_backend: str | None = field(default=None, metadata=_opt(
-        "LIF implementation: plain or fused (default: fused when available)"))
-    channels_last: bool = field(default=True, metadata=_opt(
-        "on CPU, keep convolution weights and activations channels-last (oneDNN's faster layout)"))
-    sync_bn: bool = field(default=False, metadata=_opt(
-        "with several processes, BatchNorm statistics over the micro-batches of all ranks (SyncBatchNorm)"))
+    arch: ArchConfig
+    data: DataConfig
+    schedule: ScheduleConfig
+    optim: OptimConfig
+    augment: AugmentConfig
+    distillation: DistillConfig
+    runtime: RuntimeConfig
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        for group, cls in GROUPS.items():
+            base = values.pop(group, None) or cls()
+            own = {k: values.pop(k) for k in [k for k in values if _GROUP_OF.get(k) == group]}
+            object.__setattr__(self, group, dataclasses.replace(base, **own) if own else base)
+        if values:
+            raise TypeError(f"TrainConfig got unexpected option(s): {', '.join(map(str, values))}")
         self.validate()
 
     def validate(self) -> TrainConfig:
@@ -202,7 +133,23 @@ class TrainConfig:
         return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat options (recipe keys): what config.yaml, checkpoint headers and resume states hold."""
+        return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
+
+    def teacher_config(self, model: str, time_steps: int | None) -> TrainConfig:
+        """The config of a teacher (architecture ``model``) trained first in this run: the student's data,
+        optimizer, augmentation and runtime, with ``teacher_args`` / ``teacher_epochs`` / ``teacher_lr`` as its own,
+        no teacher or initial weights of its own, and the plain cosine schedule (no cool-down, budget, step cap or
+        time-step schedule; warm-up at most its epochs). ``time_steps``: the data's frames (event data), else
+        ``None`` (the teacher's default T)."""
+        epochs = self.teacher_epochs or self.epochs
+        schedule = dataclasses.replace(self.schedule, epochs=epochs, cooldown_epochs=0, time_budget=None,
+                                       max_steps=None, time_step_schedule=None,
+                                       warmup_epochs=float(min(self.warmup_epochs, epochs)))
+        return TrainConfig(arch=ArchConfig(model=model, model_args=dict(self.teacher_args)),
+                           data=dataclasses.replace(self.data, time_steps=time_steps), schedule=schedule,
+                           optim=dataclasses.replace(self.optim, lr=self.teacher_lr or self.lr),
+                           augment=self.augment, distillation=DistillConfig(), runtime=self.runtime)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (checked like a recipe)."""
@@ -230,8 +177,13 @@ def check_run_name(name: str) -> str:
     return name
 
 
-_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_HINTS: dict[str, Any] = typing.get_type_hints(TrainConfig)
+_FIELDS: dict[str, dataclasses.Field] = {f.name: f for cls in GROUPS.values() for f in dataclasses.fields(cls)}
+_GROUP_OF: dict[str, str] = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+_HINTS: dict[str, Any] = {k: v for cls in GROUPS.values() for k, v in typing.get_type_hints(cls).items()}
+# the flat aliases: cfg.lr reads cfg.optim.lr (read-only, as the groups are frozen)
+for _name, _group in _GROUP_OF.items():
+    setattr(TrainConfig, _name, property(operator.attrgetter(f"{_group}.{_name}"), doc=_FIELDS[_name].metadata["help"]))
+del _name, _group
 _CHOICES = {f.name: f.metadata["choices"] for f in _FIELDS.values() if f.metadata.get("choices")}
 
 
@@ -280,7 +232,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     if not isinstance(values, dict):
         raise ConfigError(f"{source} must be a mapping of option: value, got {type(values).__name__}")
     checked = {}
-    for key, value in values.items():
+    for key, value in _flat(values, source).items():
         if key not in _FIELDS:
             raise ConfigError(f"{source}: unknown key {key!r}{close_matches(str(key), _FIELDS)}; "
                               "see `bestformer train --help` for the options")
@@ -289,6 +241,35 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
         return TrainConfig(**checked)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def resolve_time_steps(cfg: TrainConfig) -> int:
+    """The run's ``T``, resolved once here and passed down: ``time_steps`` of the recipe or command line, else the
+    model's own (its input config; an unknown model fails here). Event data are binned into this many frames."""
+    return cfg.time_steps or get_input_config(cfg.model).time_steps
+
+
+def model_time_steps(model: nn.Module) -> int:
+    """``T`` of a built model (event data are binned into its frames); a model without one (an ANN) reads the
+    datasets' default frame count."""
+    return getattr(model, "time_steps", None) or BuildOptions.time_steps
+
+
+def _flat(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` with grouped sections (``optim: {lr: 0.1}``) spelt flat (``lr: 0.1``); flat keys pass as they are."""
+    flat = {k: v for k, v in values.items() if k not in GROUPS}
+    for group in (g for g in GROUPS if g in values):
+        section = values[group]
+        if isinstance(section, GROUPS[group]):  # a group object, e.g. cfg.replace(optim=other.optim)
+            section = dataclasses.asdict(section)
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: section {group!r} must be a mapping of option: value")
+        for key, value in section.items():
+            if _GROUP_OF.get(key) != group:
+                raise ConfigError(f"{source}: {key!r} is not an option of section {group!r}"
+                                  f"{close_matches(str(key), [k for k, g in _GROUP_OF.items() if g == group])}")
+            flat[key] = value
+    return flat
 
 
 def list_recipes() -> list[str]:
@@ -328,7 +309,7 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any]) -> tuple[Train
     dataset is used when one exists (so ``bestformer train`` alone runs the ``digits`` demo); ``"none"``
     applies no recipe. Returns the config and the recipe used."""
     if recipe is None:
-        dataset = overrides.get("dataset", TrainConfig.dataset)
+        dataset = overrides.get("dataset", DataConfig.dataset)
         recipe = dataset if dataset in list_recipes() else None
     elif recipe.lower() == "none":
         recipe = None

@@ -19,9 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .. import __version__
 from ..errors import FileFormatError
 from ..fileio import atomic_write_bytes
+from ..version import __version__
 
 HASH_KEY = "tensor_sha256"
 

@@ -21,215 +21,44 @@ Design (ours; the papers train with timm's script):
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
-import itertools
 import math
-import signal
-import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from ..data import batched, collate, time_first
-from ..errors import BestformerError, ConfigError, FileFormatError, InputError, Terminated
-from .augment import BatchAugment
+from ..data import time_first
+from ..errors import BestformerError, FileFormatError
 from .budget import BudgetPlan, TimeStepSchedule, parse_time_step_schedule, planned_seconds, refit_steps
-from .checkpoint import check_fits
 from .config import TrainConfig
+from .dist import DistContext, ShardedBatchSampler, all_reduce_sums, gradient_sync, progress, unwrap_model
 from .distill import Distiller, soft_cross_entropy, split_outputs
-from .distributed import (
-    DistContext,
-    ShardedBatchSampler,
-    ShardedSampler,
-    all_reduce_sums,
-    gradient_sync,
-    progress,
-    unwrap_model,
-    wrap_ddp,
+from .evaluation import amp_dtype, autocast, check_labels, evaluate, log_main, merged_logits
+from .factories import (
+    build_augmentation,
+    build_loader,
+    build_optimizer,
+    build_sampler,
+    build_schedule,
+    build_time_step_schedule,
+    prepare_model,
 )
+from .measure import measure_costs
 from .monitor import FiringRateMonitor, layer_health
-from .randaugment import RandAugment
 from .runs import RunFolder
-from .schedule import CosineSchedule
-from .state import ResumeState
+from .signals import StopSignals
+from .state import EpochSums, Progress, ResumeState
 
-
-def channels_last_convolutions(model: nn.Module) -> None:
-    """Store every 2-D convolution weight channels-last: the convolution outputs, and the BatchNorm, LIF and pooling
-    layers after them, then keep that layout, which oneDNN convolves ~1.2-2x faster on CPU than NCHW (same maths;
-    the summation order, hence the rounding, differs)."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+# evaluate, StopSignals, EpochSums and Progress moved to .evaluation / .signals / .state; importable from here too
+__all__ = ["EpochSums", "NonFiniteLossError", "Progress", "StopSignals", "Trainer", "evaluate"]
 
 
 class NonFiniteLossError(BestformerError):
     """A NaN or inf loss (or gradient) stopped the run."""
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 products in hardware (AVX512-BF16 or AMX-BF16; Linux flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of an ``amp`` option: ``"auto"`` is bf16 on CUDA and off elsewhere; ``"fast"`` is bf16 on
-    CUDA and on CPUs with native bf16 products (where it is ~1.3-1.5x faster), off elsewhere."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "fast":
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def check_labels(y: Tensor, num_classes: int, where: str) -> None:
-    """Labels must be class indices in ``[0, num_classes)``."""
-    if y.dtype.is_floating_point or y.dim() != 1:
-        raise InputError(f"{where}: labels must be a 1-D tensor of class indices, got {y.dtype} "
-                         f"of shape {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
-        raise InputError(f"{where}: label {bad} is out of range for {num_classes} classes "
-                         f"(expected 0..{num_classes - 1}); does the dataset match the model's num_classes?")
-
-
-def merged_logits(out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
-    """The prediction of a model output (two heads: their mean, as the models do in eval mode)."""
-    logits, dist = split_outputs(out)
-    return logits if dist is None else (logits + dist) / 2
-
-
-def _log(ctx: DistContext, msg: str, err: bool = False) -> None:
-    if ctx.is_main:
-        tqdm.write(msg, file=sys.stderr if err else sys.stdout)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 256,
-             ctx: DistContext | None = None, amp: str = "off", workers: int = 0, desc: str = "eval",
-             where: str = "dataset", flip: bool = False) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (in %) and mean cross-entropy of ``model`` on ``dataset`` (eval mode; with two
-    heads the prediction is their mean). Sums are reduced over ranks. Returns ``loss, acc1, acc5, count``.
-    ``flip``: test-time augmentation, the logits averaged over each image and its horizontal mirror."""
-    ctx = ctx or DistContext()
-    net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    loader = DataLoader(batched(dataset), batch_size=batch_size,
-                        sampler=ShardedSampler(dataset, ctx.world_size, ctx.rank), num_workers=workers,
-                        pin_memory=ctx.device.type == "cuda", collate_fn=collate)
-    dtype = amp_dtype(amp, ctx.device)
-    k = min(5, num_classes)
-    sums = {"loss": 0.0, "correct1": 0.0, "correct5": 0.0, "count": 0.0}
-    try:
-        for x, y in progress(loader, desc=desc, leave=False, dynamic_ncols=True):
-            check_labels(y, num_classes, where)
-            x, y = time_first(x).to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            with autocast(ctx.device, dtype):
-                logits = merged_logits(net(x)).float()
-                if flip:
-                    logits = (logits + merged_logits(net(x.flip(-1))).float()) / 2
-            top = logits.topk(k, dim=-1).indices
-            sums["loss"] += float(F.cross_entropy(logits, y, reduction="sum"))
-            sums["correct1"] += float((top[:, 0] == y).sum())
-            sums["correct5"] += float((top == y[:, None]).any(dim=-1).sum())
-            sums["count"] += y.numel()
-    finally:
-        net.train(was_training)
-    sums = all_reduce_sums(sums)
-    n = max(sums["count"], 1.0)
-    return {"loss": sums["loss"] / n, "acc1": 100.0 * sums["correct1"] / n, "acc5": 100.0 * sums["correct5"] / n,
-            "count": int(sums["count"])}
-
-
-class StopSignals:
-    """While active, SIGINT and SIGTERM only set :attr:`received` (the loop stops after the current step);
-    a second signal restores the default behaviour and raises ``KeyboardInterrupt`` at once."""
-
-    def __init__(self, ctx: DistContext) -> None:
-        self.ctx = ctx
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if self.received is not None:  # the second signal: stop at once (exit 130 / 143, as the signal says)
-            self._restore()
-            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
-        self.received = signal.Signals(signum).name
-        _log(self.ctx, f"\n{self.received} received: finishing the current step and writing a checkpoint "
-                       "(send it again to stop at once without saving)", err=True)
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-
-@dataclass
-class EpochSums:
-    """Running sums of one training epoch (saved in the resume state when a checkpoint falls mid-epoch)."""
-
-    loss: float = 0.0
-    correct: float = 0.0
-    count: float = 0.0
-    grad_norm: float = 0.0
-    grad_norm_max: float = 0.0
-    steps: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    lr: float = 0.0
-
-
-@dataclass
-class Progress:
-    """Where the run stands; stored as JSON in the resume state."""
-
-    epoch: int = 0  # the epoch in progress (0-based)
-    global_step: int = 0
-    samples_seen: int = 0
-    best_acc: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0
-    skipped_total: int = 0
-    finished: bool = False
-    stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-    firing: list[dict[str, float]] = field(default_factory=list)
-    sums: dict[str, float] = field(default_factory=lambda: asdict(EpochSums()))
-    spikes: dict[str, list[int]] = field(default_factory=dict)  # firing-rate counts of the epoch so far
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -262,40 +91,23 @@ class Trainer:
         self.dev = self.ctx.device
         self.stopped_by: str | None = None  # the signal (SIGINT / SIGTERM) that interrupted fit()
         self.train_set, self.val_set = train_set, val_set
-        self.module = model.to(self.dev)
-        if cfg.channels_last and self.dev.type == "cpu":
-            channels_last_convolutions(self.module)
-        self.model = wrap_ddp(self.module, self.ctx, sync_bn=cfg.sync_bn)
+        self.model = prepare_model(model, cfg, self.ctx)
         self.module = unwrap_model(self.model)
         self.distiller = distiller.to(self.dev) if distiller is not None else None
         self.config_extra = config_extra or {}
-        decay = [p for p in self.module.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in self.module.parameters() if p.requires_grad and p.ndim <= 1]
-        # no weight decay on BatchNorm, biases and the attention's lambda (timm's convention)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr)
+        self.optimizer = build_optimizer(self.module, cfg)
         self.dtype = amp_dtype(cfg.amp, self.dev)
         self.scaler = torch.amp.GradScaler(self.dev.type, enabled=self.dtype is torch.float16)
-        self.sampler = sampler or ShardedBatchSampler(train_set, cfg.batch_size, cfg.accum_steps,
-                                                      self.ctx.world_size, self.ctx.rank, shuffle=True, seed=cfg.seed)
-        # a private generator: creating the loader's iterator must not draw from the global torch RNG
-        self.loader = DataLoader(batched(train_set), batch_sampler=self.sampler, num_workers=cfg.workers,
-                                 pin_memory=self.dev.type == "cuda", collate_fn=collate,
-                                 generator=torch.Generator().manual_seed(cfg.seed))
+        self.sampler = sampler or build_sampler(train_set, cfg, self.ctx)
+        self.loader = build_loader(train_set, self.sampler, cfg, self.dev)
         self.set_max_steps(cfg.max_steps)
-        self.time_schedule = self._time_step_schedule()
+        self.time_schedule = build_time_step_schedule(cfg, self.module)
         self.deadline: float | None = None  # perf_counter time at which a budgeted run must stop training
         self.plan: BudgetPlan | None = None  # a budgeted run's plan, re-fitted after every epoch until plan_end
         self.plan_end = math.inf
         self._ckpt_s = 0.0
         self.clock0 = time.perf_counter()  # the run's start, for the wall-clock column of the history
-        if cfg.rand_augment and (mean is None or std is None):
-            raise ConfigError("rand_augment needs the normalization (mean, std) of the training images")
-        rand_augment = RandAugment.from_spec(cfg.rand_augment, mean=mean, std=std) if cfg.rand_augment else None
-        self.augment = BatchAugment(num_classes, cfg.crop_padding, cfg.flip, cfg.random_erasing, cfg.mixup,
-                                    cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.seed, self.ctx.rank,
-                                    rand_augment)
+        self.augment = build_augmentation(cfg, num_classes, self.ctx.rank, mean, std)
         self.monitor = FiringRateMonitor(self.module)
         self.progress = Progress()
         self.last_checkpoint: str | None = None
@@ -307,19 +119,8 @@ class Trainer:
     def set_max_steps(self, steps: int | None) -> None:
         """End the run (and its cosine schedule) after ``steps`` optimizer steps; ``None``: after ``epochs +
         cooldown_epochs`` epochs."""
-        cfg, spe = self.cfg, self.sampler.steps_per_epoch
-        epochs, cooldown = (cfg.epochs, cfg.cooldown_epochs) if steps is None else (steps / spe, 0)
-        k = cfg.lr_factor(self.sampler.global_batch)
-        self.schedule = CosineSchedule(cfg.lr * k, cfg.min_lr, cfg.warmup_lr * k, cfg.warmup_epochs, epochs, cooldown,
-                                       spe)
-        self.total_steps = (cfg.epochs + cfg.cooldown_epochs) * spe if steps is None else steps
-
-    def _time_step_schedule(self) -> TimeStepSchedule | None:
-        if self.cfg.time_step_schedule is None:
-            return None
-        if not hasattr(self.module, "set_time_steps"):
-            raise ConfigError(f"time_step_schedule: {self.module.model_name} cannot change its time steps")
-        return parse_time_step_schedule(self.cfg.time_step_schedule, self.module.built_time_steps)
+        self.schedule, self.total_steps = build_schedule(self.cfg, self.sampler.global_batch,
+                                                         self.sampler.steps_per_epoch, steps)
 
     @property
     def planned_schedule(self) -> TimeStepSchedule:
@@ -335,79 +136,14 @@ class Trainer:
             self.module.set_time_steps(t)
 
     def measure_costs(self, steps: int = 2, eval_batches: int = 2) -> tuple[dict[int, float], float]:
-        """Seconds of one training step at each ``T`` of the schedule (forward, backward, data and augmentation
-        on the first batches of the real training split, and the optimizer's step; the fastest of ``steps`` after a
-        warm-up step) and of one validation pass (extrapolated from ``eval_batches`` batches). Weights, BatchNorm
-        statistics, the optimizer's state and the gradients are restored: the run starts as if nothing was
-        measured (a test checks the weights)."""
-        saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        saved_opt = copy.deepcopy(self.optimizer.state_dict())
-        times = self.planned_schedule.time_steps
-        step_s: dict[int, float] = {}
-        self.model.train()
-        try:
-            batches = itertools.cycle(self.loader)  # a small split may hold fewer batches than the measurement
-            for t in times:
-                if self.time_schedule is not None:
-                    self.module.set_time_steps(t)
-                best = math.inf
-                for i in range(steps + 1):
-                    t0 = time.perf_counter()
-                    x, y = next(batches)
-                    x, target = self.augment(time_first(x).to(self.dev), y.to(self.dev), 0, True)
-                    with autocast(self.dev, self.dtype):
-                        loss = self.loss(x, target, self.model(x))
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(self.optimizer)  # the optimizer's time counts too (its state is restored)
-                    self.scaler.update()
-                    if self.dev.type == "cuda":
-                        torch.cuda.synchronize(self.dev)
-                    if i:
-                        best = min(best, time.perf_counter() - t0)
-                    self.optimizer.zero_grad(set_to_none=True)
-                step_s[t] = best
-        finally:
-            self.module.load_state_dict(saved)
-            self.optimizer.load_state_dict(saved_opt)
-            self.optimizer.zero_grad(set_to_none=True)
-            self._set_time_steps(None)
-        eval_s = 0.0
-        if self.val_set is not None:
-            n = min(len(self.val_set), eval_batches * self.cfg.batch_size)
-            subset = torch.utils.data.Subset(self.val_set, range(n))
-            t0 = time.perf_counter()
-            evaluate(self.model, subset, num_classes=self.num_classes, batch_size=self.cfg.batch_size,
-                     amp=self.cfg.amp, flip=self.cfg.eval_flip, desc="timing")
-            eval_s = (time.perf_counter() - t0) * len(self.val_set) / max(n, 1)
-        return step_s, eval_s
+        """Step and validation seconds on this machine (:func:`~.measure.measure_costs`), for a time budget."""
+        return measure_costs(self, steps, eval_batches)
 
     # ------------------------------------------------------------------------------------------- state
     def load_state(self, state: ResumeState) -> None:
         """Continue from a resume state (weights, optimizer, scaler, RNG, position, history)."""
-        trained_on = state.progress.get("train_size")
-        if trained_on != len(self.train_set):
-            raise ConfigError(f"{state.path}: the run was trained on {trained_on} training samples, the training "
-                              f"split now has {len(self.train_set)}; resume with the same data")
-        saved_batch = state.progress.get("global_batch", self.global_batch)
-        if saved_batch != self.global_batch:
-            raise ConfigError(f"{state.path}: the run was trained with global batch {saved_batch}, this trainer's is "
-                              f"{self.global_batch} (batch size x accumulation x processes); resume with the same "
-                              "global batch")
-        check_fits(self.module, state.model, f"resume state {state.path}")
-        try:
-            self.optimizer.load_state_dict(state.optimizer)
-            for param, st in self.optimizer.state.items():
-                for key, t in st.items():
-                    if torch.is_tensor(t) and t.dim() and t.shape != param.shape:
-                        raise ValueError(f"optimizer {key} is {tuple(t.shape)} for a parameter {tuple(param.shape)}")
-            if state.scaler is not None:
-                self.scaler.load_state_dict(state.scaler)
-            state.restore_rng()
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise FileFormatError(f"resume state {state.path} does not fit this run ({err})") from None
-        self.module.load_state_dict(state.model)
-        known = {f for f in Progress.__dataclass_fields__}
-        self.progress = Progress(**{k: v for k, v in state.progress.items() if k in known})
+        state.restore(self.module, self.optimizer, self.scaler, len(self.train_set), self.global_batch)
+        self.progress = Progress.from_json(state.progress)
         self.monitor.load(self.progress.spikes)
         self.last_checkpoint = str(state.path)
 
@@ -451,8 +187,8 @@ class Trainer:
         where = f"step {p.global_step} (epoch {p.epoch + 1})"
         if p.skipped_total < cfg.skip_nonfinite:
             p.skipped_total += 1
-            _log(self.ctx, f"warning: {what} at {where}; step skipped ({p.skipped_total} of "
-                           f"--skip-nonfinite {cfg.skip_nonfinite})", err=True)
+            log_main(self.ctx, f"warning: {what} at {where}; step skipped ({p.skipped_total} of "
+                              f"--skip-nonfinite {cfg.skip_nonfinite})", err=True)
             return
         ckpt = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                 else "no checkpoint was written yet")
@@ -543,9 +279,9 @@ class Trainer:
                 if p.global_step >= self.total_steps:
                     break
                 if self.deadline is not None and time.perf_counter() > self.deadline:
-                    _log(self.ctx, f"warning: the time budget ran out at step {p.global_step} of the planned "
-                                   f"{self.total_steps} (the machine was slower than measured); training stops "
-                                   "here, before the schedule's end", err=True)
+                    log_main(self.ctx, f"warning: the time budget ran out at step {p.global_step} of the planned "
+                                      f"{self.total_steps} (the machine was slower than measured); training stops "
+                                      "here, before the schedule's end", err=True)
                     self.total_steps = p.global_step
                     break
                 if cfg.ckpt_every_steps and p.global_step % cfg.ckpt_every_steps == 0 \
@@ -600,8 +336,8 @@ class Trainer:
         for kind, names in (("dead (never fired)", dead), ("saturated (fired at every position and step)",
                                                            saturated)):
             if names:
-                _log(self.ctx, f"warning: epoch {p.epoch + 1}: {len(names)} spiking layer(s) {kind} in the "
-                               f"sampled steps: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}", err=True)
+                log_main(self.ctx, f"warning: epoch {p.epoch + 1}: {len(names)} spiking layer(s) {kind} in the "
+                                  f"sampled steps: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}", err=True)
         score = row["val_acc"] if val else row["train_acc"]
         improved = val is None or p.best_acc is None or score > p.best_acc
         if improved:
@@ -610,9 +346,9 @@ class Trainer:
             p.bad_epochs += 1
         val_txt = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}%" if val else "no validation split"
         fr_txt = f" | firing rate {row['firing_rate']:.3f}" if rates else ""
-        _log(self.ctx, f"epoch {p.epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
-                       f"{val_txt} | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3g}{fr_txt} | "
-                       f"{row['time_s']:.1f} s")
+        log_main(self.ctx, f"epoch {p.epoch + 1}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
+                          f"{val_txt} | lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3g}{fr_txt} | "
+                          f"{row['time_s']:.1f} s")
         p.epoch += 1
         p.sums = asdict(EpochSums())
         self._refit(sums["seconds"], time.perf_counter() - t_end + self._ckpt_s)
@@ -635,8 +371,8 @@ class Trainer:
         total = refit_steps(plan.step_s, sched, p.global_step, self.total_steps, slowdown, overhead_s,
                             self.plan_end - time.perf_counter(), self.sampler.steps_per_epoch, p.epoch)
         if total != self.total_steps:
-            _log(self.ctx, f"budget: re-planned to {total} steps (was {self.total_steps}; steps took x{slowdown:.2f} "
-                           f"the measured time, an epoch's end {overhead_s:.1f} s)")
+            log_main(self.ctx, f"budget: re-planned to {total} steps (was {self.total_steps}; steps took "
+                               f"x{slowdown:.2f} the measured time, an epoch's end {overhead_s:.1f} s)")
             self.cfg = self.cfg.replace(max_steps=total)
             self.set_max_steps(total)
 
@@ -650,8 +386,8 @@ class Trainer:
                 interrupted = self.train_epoch(stop) == "interrupted"
                 if not interrupted:
                     if self.end_epoch():
-                        _log(self.ctx, f"early stopping: no better validation accuracy in {self.cfg.patience} "
-                                       f"epochs (best {p.best_acc:.2f}% at epoch {p.best_epoch})")
+                        log_main(self.ctx, f"early stopping: no better validation accuracy in {self.cfg.patience} "
+                                          f"epochs (best {p.best_acc:.2f}% at epoch {p.best_epoch})")
                         break
                     interrupted = self._stop_requested(stop)
                 if interrupted:  # the signal sets the exit code; a rank that saw none was sent torchrun's SIGTERM

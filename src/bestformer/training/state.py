@@ -15,23 +15,22 @@ are functions of ``(seed, epoch, step)``, so the position restores them.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .. import __version__
-from ..errors import FileFormatError
-from .checkpoint import check_finite
-from .container import check_header, read_container, write_container
+from ..errors import ConfigError, FileFormatError
+from .checkpoint import FileFormat, check_finite, check_fits
+from .container import read_container, write_container
 
 RESUME_FORMAT = "bestformer-resume"
 #: 2: the header records the SHA-256 of the tensor data (format 1 files still load)
 RESUME_VERSION = 2
 RESUME_FILE = "resume.safetensors"
-_META_KEY = "bestformer_resume"
+RESUME = FileFormat(RESUME_FORMAT, RESUME_VERSION, "bestformer_resume", "resume state")
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -84,6 +83,45 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 
 
 @dataclass
+class EpochSums:
+    """Running sums of one training epoch (saved in the resume state when a checkpoint falls mid-epoch)."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    grad_norm: float = 0.0
+    grad_norm_max: float = 0.0
+    steps: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    lr: float = 0.0
+
+
+@dataclass
+class Progress:
+    """Where the run stands; stored as JSON in the resume state."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    global_step: int = 0
+    samples_seen: int = 0
+    best_acc: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    skipped_total: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    firing: list[dict[str, float]] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=lambda: asdict(EpochSums()))
+    spikes: dict[str, list[int]] = field(default_factory=dict)  # firing-rate counts of the epoch so far
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> Progress:
+        """The progress stored in a resume state (the trainer's other keys, e.g. ``config``, left out)."""
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
 class ResumeState:
     """A loaded resume file: ``model`` / ``optimizer`` / ``scaler`` state dicts, RNG states, and ``progress``
     (the JSON the trainer stored: position, best result, history, partial epoch sums, config)."""
@@ -99,6 +137,33 @@ class ResumeState:
     def restore_rng(self) -> None:
         restore_rng(self.rng_tensors, self.rng_meta)
 
+    def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                train_size: int, global_batch: int) -> None:
+        """Load the weights, optimizer, loss scaler and RNG states into a trainer's parts, once checked to fit: the
+        same training-split size and global batch (the position is counted in samples), the same tensors."""
+        trained_on = self.progress.get("train_size")
+        if trained_on != train_size:
+            raise ConfigError(f"{self.path}: the run was trained on {trained_on} training samples, the training "
+                              f"split now has {train_size}; resume with the same data")
+        saved_batch = self.progress.get("global_batch", global_batch)
+        if saved_batch != global_batch:
+            raise ConfigError(f"{self.path}: the run was trained with global batch {saved_batch}, this trainer's is "
+                              f"{global_batch} (batch size x accumulation x processes); resume with the same "
+                              "global batch")
+        check_fits(module, self.model, f"resume state {self.path}")
+        try:
+            optimizer.load_state_dict(self.optimizer)
+            for param, st in optimizer.state.items():
+                for key, t in st.items():
+                    if torch.is_tensor(t) and t.dim() and t.shape != param.shape:
+                        raise ValueError(f"optimizer {key} is {tuple(t.shape)} for a parameter {tuple(param.shape)}")
+            if self.scaler is not None:
+                scaler.load_state_dict(self.scaler)
+            self.restore_rng()
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise FileFormatError(f"resume state {self.path} does not fit this run ({err})") from None
+        module.load_state_dict(self.model)
+
 
 def save_resume_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       scaler: torch.amp.GradScaler | None, progress: dict[str, Any]) -> Path:
@@ -109,16 +174,10 @@ def save_resume_state(path: str | Path, model: torch.nn.Module, optimizer: torch
     tensors.update(opt_tensors)
     rng_tensors, rng_meta = capture_rng()
     tensors.update(rng_tensors)
-    header = {
-        "format": RESUME_FORMAT,
-        "format_version": RESUME_VERSION,
-        "library_version": __version__,
-        "optimizer": opt_meta,
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "rng": rng_meta,
-        "progress": progress,
-    }
-    write_container(path, tensors, _META_KEY, header, default=_json_default)
+    header = RESUME.header(optimizer=opt_meta,
+                           scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+                           rng=rng_meta, progress=progress)
+    write_container(path, tensors, RESUME.meta_key, header, default=_json_default)
     return path
 
 
@@ -133,8 +192,8 @@ def _json_default(obj: Any) -> Any:
 def load_resume_state(path: str | Path) -> ResumeState:
     """Read and validate a resume file; any damage gives one :class:`FileFormatError` naming the file."""
     path = Path(path)
-    tensors, header = read_container(path, _META_KEY, "resume state")
-    header = check_header(header, path, RESUME_FORMAT, RESUME_VERSION, "resume state", hashed_from=2)
+    tensors, header = read_container(path, RESUME.meta_key, RESUME.what)
+    header = RESUME.check(header, path)
     try:
         progress, opt_meta, rng_meta = header["progress"], header["optimizer"], header["rng"]
         if not (isinstance(progress, dict) and isinstance(opt_meta["state"], dict)

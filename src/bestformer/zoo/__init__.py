@@ -118,24 +118,19 @@ def slice_accuracy(name: str, data_dir: str | None, split: str, limit: int, batc
     import torch
 
     from ..data import time_first
-    from ..neurons import get_backend, set_backend
-    from ..training.runner import saved_model_data
+    from ..neurons import use_backend
+    from ..training.saved import saved_model_data
 
     model, header = load_pretrained(name)
     data = getattr(saved_model_data(model, header["meta"], source=f"zoo entry {name}", data_dir=data_dir,
                                     limit=limit), split)
-    backend = get_backend()
-    set_backend("plain")  # the compiled kernels are float32 only
     model = model.double()
     correct = 0
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(data), batch_size):
-                xs, ys = zip(*(data[i] for i in range(lo, min(lo + batch_size, len(data)))), strict=True)
-                x = time_first(torch.stack([torch.as_tensor(v) for v in xs]).double())
-                correct += int((model(x).argmax(1) == torch.as_tensor(ys)).sum())
-    finally:
-        set_backend(backend)
+    with torch.no_grad(), use_backend("plain"):  # the compiled kernels are float32 only
+        for lo in range(0, len(data), batch_size):
+            xs, ys = zip(*(data[i] for i in range(lo, min(lo + batch_size, len(data)))), strict=True)
+            x = time_first(torch.stack([torch.as_tensor(v) for v in xs]).double())
+            correct += int((model(x).argmax(1) == torch.as_tensor(ys)).sum())
     return len(data), 100.0 * correct / len(data)
 
 

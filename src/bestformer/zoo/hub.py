@@ -20,7 +20,6 @@ from typing import Any
 
 from torch import nn
 
-from .. import __version__
 from ..errors import ConfigError, FileFormatError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..training.checkpoint import (
@@ -32,6 +31,7 @@ from ..training.checkpoint import (
     read_sidecar,
 )
 from ..training.container import read_container, write_container
+from ..version import __version__
 from .bits import pack_state, unpack_state
 
 PRETRAINED_FORMAT = "bestformer-pretrained"

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ...errors import InputError
-from ..functional import LIFParameters, LIFState
+from ..functional import LIFParameters, LIFState, check_time_first
 from ..surrogate import Surrogate
 from . import cpu, generic
 from .spec import KernelSpec, kernel_spec
@@ -126,8 +126,7 @@ def fused_lif_multistep(x: Tensor, p: LIFParameters, surrogate: Surrogate, state
     ``engine`` forces one of :mod:`.cpu`, :mod:`.triton_lif`, :mod:`.generic` (tests); by default
     :func:`select_engine` picks it from the tensor's device and dtype.
     """
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise InputError(f"LIF expects a time-first tensor [T, ...] with T >= 1, got shape {tuple(x.shape)}")
+    check_time_first(x, "LIF")
     if not x.is_floating_point():
         raise InputError(f"LIF expects a floating-point input, got {x.dtype}")
     v0 = None

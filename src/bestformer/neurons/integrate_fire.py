@@ -1,4 +1,4 @@
-"""Integrate-and-fire neurons of the converted model, with the delayed IF (DIF) neuron of CSDformer.
+"""Integrate-and-fire neurons of the converted CSDformer model, with its delayed IF (DIF) neuron.
 
 A quantized ReLU ``q(x) = theta / L * clamp(floor(x L / theta + 1/2), 0, L)`` becomes an IF neuron with
 threshold ``theta``, soft reset and initial membrane ``theta / 2`` (the rounding offset). With a constant
@@ -19,7 +19,8 @@ the matching length so that streams that meet are aligned.
 
 Representation: every stream is stored as its ``T``-step window ``[T, B, ...]``. Aligned streams have equal
 windows, so adding two windows element-wise is the same as adding the aligned streams (the delay lines are
-implicit) and the ``delay`` only shifts where a window lies in absolute time (:attr:`SpikingCSD.latency`).
+implicit) and the ``delay`` only shifts where a window lies in absolute time
+(:attr:`bestformer.convert.SpikingCSD.latency`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError
-from ..neurons import LIFParameters, LIFState, Sigmoid, lif_multistep
+from ..errors import ConfigError
+from .functional import LIFParameters, LIFState, check_time_first, lif_multistep
+from .surrogate import Sigmoid
 
 # The converted model is not trained: the surrogate only satisfies the LIF core's signature.
 _HEAVISIDE = Sigmoid()
@@ -51,8 +53,7 @@ def if_neuron(x: Tensor, threshold: Tensor | float, delay: int = 0) -> Tensor:
     and the initial membrane ``threshold / 2 + sum(x[:delay])``; from then on it sees ``x[delay:]`` followed
     by ``delay`` steps without input.
     """
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise InputError(f"IF neuron expects a time-first tensor [T, ...], got shape {tuple(x.shape)}")
+    check_time_first(x, "IF neuron")
     steps = x.shape[0]
     check_delay(delay, steps)
     v_th = float(threshold)

@@ -5,7 +5,7 @@ Built by :func:`bestformer.convert.convert` (each class converts the ANN module 
 - a quantized activation ``q`` with clipping value ``theta`` becomes an :class:`IFNeuron` with threshold
   ``theta`` (delay ``d``); its spikes carry the amplitude ``theta``, which is folded into the weights of the
   layer that reads them, so every linear and convolutional layer receives binary spikes;
-- BatchNorm is folded into the linear or convolutional layer before it (``fold_bn``);
+- BatchNorm is folded into the linear or convolutional layer before it (:func:`bestformer.layers.fold.fold_bn`);
 - ``Q K^T`` and ``A V`` are computed by temporal decomposition (:func:`spike_matmul`): every term is a spike
   times an integer count; NReLU's constant ``c`` and the amplitudes of both operands are folded into the
   threshold of the IF neuron that reads the product: ``theta_A T / (c theta_Q theta_K)``;
@@ -16,33 +16,24 @@ Built by :func:`bestformer.convert.convert` (each class converts the ANN module 
 The first convolution receives the analog input: a static image is the same input current at every step
 (computed once, as in every direct-encoding SNN), an event tensor ``[T, B, C, H, W]`` gives one frame per step.
 With ``T = L`` and full delay (``d >= T - 1``) the logits equal the quantized ANN's; every stream lies in a ``T``-step
-window (``bestformer.convert.neurons``), and the output window of the last neuron ends at step
+window (``bestformer.neurons.integrate_fire``), and the output window of the last neuron ends at step
 :attr:`SpikingCSD.latency`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-from ..layers import ConvBN, LinearBN, ResidualBlock, merge_heads, split_heads
-from ..models.spiking_transformer import SpikingTransformer
-from .activation import QuantReLU
-from .decompose import SpikeMaxPool2d, spike_matmul
-from .neurons import IFNeuron
-
-if TYPE_CHECKING:
-    from ..models.csd import CSDMLP, CSDStemStage, CSDTransformer, NReLUAttention
-
-
-def fold_bn(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Weight and bias of ``BN(W x + b)`` in evaluation mode as one affine layer:
-    ``W' = W * g``, ``b' = beta + (b - mean) * g`` with ``g = gamma / sqrt(var + eps)`` per output channel."""
-    g = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    b = bn.bias + ((bias if bias is not None else 0.0) - bn.running_mean) * g
-    return weight * g.view(-1, *([1] * (weight.dim() - 1))), b
+from ...errors import ConfigError
+from ...layers import ConvBN, LinearBN, ResidualBlock, merge_heads, split_heads
+from ...layers.decompose import SpikeMaxPool2d, spike_matmul
+from ...layers.fold import fold_bn
+from ...neurons import IFNeuron
+from ...neurons.integrate_fire import check_delay
+from ...quant import QuantReLU
+from ..base import BaseModel
+from .ann import CSDMLP, CSDStemStage, CSDTransformer, NReLUAttention
 
 
 def _theta(act: QuantReLU) -> Tensor:
@@ -140,7 +131,7 @@ class SpikingCSDMLP(nn.Module):
         return self.fc2(self.hidden_neuron(self.fc1(self.in_neuron(x))))
 
 
-class SpikingCSD(nn.Module):
+class SpikingCSD(BaseModel):
     """The spike-driven model converted from a ``csd_*`` ANN (module docstring); build it with
     :func:`bestformer.convert.convert`.
 
@@ -149,8 +140,6 @@ class SpikingCSD(nn.Module):
     pre_logits=True)`` the ANN-equivalent features; ``time_steps`` is ``T``; input ``[B, C, H, W]`` images or
     ``[T, B, C, H, W]`` frames. Inference only: its weights do not require gradients.
     """
-
-    check_input = SpikingTransformer.check_input
 
     @torch.no_grad()
     def __init__(self, ann: CSDTransformer, time_steps: int, delay: int) -> None:
@@ -206,8 +195,37 @@ class SpikingCSD(nn.Module):
             return counts * self.feature_scale
         return self.head(counts)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _make_head(self, num_classes: int) -> nn.Module:
+        raise ConfigError("a converted model's head is its ANN's: reset_classifier on the csd_* ANN, train it, "
+                          "then convert")
 
     def extra_repr(self) -> str:
         return f"time_steps={self.time_steps}, delay={self.delay}, latency={self.latency}"
+
+
+def convert(ann: nn.Module, time_steps: int | None = None, delay: int | None = None) -> SpikingCSD:
+    """Convert a CSDformer ANN into a :class:`SpikingCSD` (BatchNorm folded with its running statistics,
+    quantized ReLUs to IF/DIF neurons, products and max-pooling by temporal decomposition).
+
+    Args:
+        ann: a ``csd_*`` model (:class:`CSDTransformer`), normally trained.
+        time_steps: ``T``; default ``L`` (the ANN's ``levels``), the exact setting.
+        delay: ``d`` of the DIF neurons, from 0 (plain IF) to ``T``; default ``T`` (exact).
+
+    The result is in eval mode, does not require gradients and keeps ``model_name`` with ``model_args`` plus
+    ``spiking={"time_steps": T, "delay": d}``, so ``save_checkpoint`` / ``load_checkpoint`` rebuild it.
+    """
+    if isinstance(ann, SpikingCSD):
+        raise ConfigError("this model is already a converted spiking model; convert the csd_* ANN it came from")
+    if not isinstance(ann, CSDTransformer):
+        name = getattr(ann, "model_name", type(ann).__name__)
+        raise ConfigError(f"convert needs a CSDformer ANN (a csd_* model such as csd_tiny), got {name!r}")
+    steps = ann.levels if time_steps is None else time_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"time_steps must be an integer >= 1, got {steps!r}")
+    d = check_delay(steps if delay is None else delay, steps)
+    snn = SpikingCSD(ann, steps, d).eval()
+    if hasattr(ann, "model_name"):
+        snn.model_name = ann.model_name
+        snn.model_args = {**ann.model_args, "spiking": {"time_steps": steps, "delay": d}}
+    return snn

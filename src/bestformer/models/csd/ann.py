@@ -6,7 +6,7 @@ self-attention, activations quantized and trained, then converted (``bestformer.
 
 Our design where the paper is silent (its method section is not public):
 
-- every activation is a :class:`~bestformer.convert.QuantReLU` with ``L = levels`` levels (QCFS form), so the
+- every activation is a :class:`~bestformer.quant.QuantReLU` with ``L = levels`` levels (QCFS form), so the
   converted model is exact after ``T = L`` steps; the attention map is ``QuantNReLU(Q K^T) = q(Q K^T / N)``;
 - tokenizer: four stages ``Conv3x3 -> BN -> q -> [MaxPool 3/2/1]`` with widths ``D/8, D/4, D/2, D`` and the
   pooling stages chosen from the image size as in BESTformer's stem (28 px -> 7 x 7 tokens, 32 px -> 8 x 8,
@@ -19,21 +19,20 @@ Our design where the paper is silent (its method section is not public):
 - head: ``q(x)`` averaged over tokens, then a linear classifier.
 
 The model runs time-first with one step (``[1, B, N, D]`` tokens), the library's ANN convention; an event input
-``[F, B, C, H, W]`` (``F = time_steps`` frames) is averaged over its frames (rate coding).
+``[F, B, C, H, W]`` (``F = input_frames`` frames) is averaged over its frames (rate coding). ``F`` is named
+apart from the converted model's time steps ``T`` (``bestformer.convert.convert(ann, time_steps=T)``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from torch import Tensor, nn
 
-from ..convert.activation import QuantNReLU, QuantReLU
-from ..errors import ConfigError
-from ..layers import ConvBN, LinearBN, ResidualBlock, TimeMaxPool2d, auto_pool_stages, merge_heads, split_heads
-from ._registry import InputConfig, build_model, register_model
-from .spiking_transformer import SpikingTransformer
+from ...errors import ConfigError
+from ...layers import ConvBN, LinearBN, ResidualBlock, TimeMaxPool2d, auto_pool_stages, merge_heads, split_heads
+from ...quant import QuantNReLU, QuantReLU
+from ..base import BaseModel
 
 
 class CSDStemStage(nn.Module):
@@ -104,39 +103,46 @@ def token_grid(img_size: int, pool_stages: Sequence[bool]) -> int:
     return side
 
 
-class CSDTransformer(nn.Module):
+def frames_option(input_frames: int, time_steps: int | None) -> int:
+    """``input_frames``, or its deprecated alias ``time_steps`` when only that one is given."""
+    if time_steps is None:
+        return input_frames
+    if input_frames not in (1, time_steps):
+        raise ConfigError(f"input_frames={input_frames!r} and its alias time_steps={time_steps!r} disagree; "
+                          "give input_frames only")
+    return time_steps
+
+
+class CSDTransformer(BaseModel):
     """CSDformer's conversion-oriented, activation-quantized ANN (module docstring).
 
     Args:
         num_classes, in_channels, img_size: data options.
-        time_steps: input frames of an event tensor ``[F, B, C, H, W]`` (averaged); 1 for images. The
-            converted model's ``T`` is chosen at conversion (``bestformer.convert.convert``).
+        input_frames: ``F``, the frames of an event tensor ``[F, B, C, H, W]`` (averaged); 1 for images. The
+            converted model's ``T`` is chosen at conversion (``bestformer.convert.convert``). The model's
+            ``time_steps`` (the contract's name for the frames a model takes) is ``F``.
+        time_steps: deprecated alias of ``input_frames``.
         embed_dim, depth, num_heads, mlp_ratio: width ``D`` (divisible by 8), blocks, heads, MLP ratio.
         levels: ``L``, levels of every quantized activation (``T = L`` makes the conversion exact).
         attn_scale: NReLU's constant ``c``; ``None``: ``1 / N`` for ``N`` tokens.
         pool_stages: which of the four tokenizer stages max-pool; ``None`` chooses from ``img_size``.
     """
 
-    # The same input checks (rank, channels, size, frames) and messages as the spiking models.
-    check_input = SpikingTransformer.check_input
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32, time_steps: int = 1,
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32, input_frames: int = 1,
                  embed_dim: int = 384, depth: int = 4, num_heads: int = 8, mlp_ratio: float = 4.0,
-                 levels: int = 8, attn_scale: float | None = None, pool_stages: Sequence[bool] | None = None
-                 ) -> None:
+                 levels: int = 8, attn_scale: float | None = None, pool_stages: Sequence[bool] | None = None,
+                 time_steps: int | None = None) -> None:
         super().__init__()
-        for key, val in (("num_classes", num_classes), ("in_channels", in_channels), ("img_size", img_size),
-                         ("time_steps", time_steps), ("embed_dim", embed_dim), ("depth", depth),
-                         ("num_heads", num_heads), ("levels", levels)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
+        frames = frames_option(input_frames, time_steps)
+        self._set_data_options(num_classes, in_channels, img_size, frames, embed_dim=embed_dim, depth=depth,
+                               num_heads=num_heads, levels=levels)
+        self.input_frames = frames
         if embed_dim % 8:
             raise ConfigError(f"embed_dim must be divisible by 8 (tokenizer widths D/8..D), got {embed_dim}")
         pools = tuple(bool(p) for p in pool_stages) if pool_stages is not None else auto_pool_stages(img_size)
         if len(pools) != 4:
             raise ConfigError(f"pool_stages needs 4 booleans, got {pool_stages!r}")
-        self.num_classes, self.in_channels, self.img_size = num_classes, in_channels, img_size
-        self.time_steps, self.num_features, self.embed_dim = time_steps, embed_dim, embed_dim
+        self.num_features = self.embed_dim = embed_dim
         self.levels, self.pool_stages = levels, pools
         self.num_tokens = token_grid(img_size, pools) ** 2
         self.attn_scale = 1.0 / self.num_tokens if attn_scale is None else float(attn_scale)
@@ -153,11 +159,6 @@ class CSDTransformer(nn.Module):
     def _make_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.embed_dim, num_classes) if num_classes else nn.Identity()
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head for ``num_classes`` outputs (0: no head, ``forward`` returns features)."""
-        self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
-
     def forward_tokens(self, x: Tensor) -> Tensor:
         """Tokenizer and encoder: the residual stream ``[1, B, N, D]`` after the last block."""
         self.check_input(x)
@@ -172,47 +173,3 @@ class CSDTransformer(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features ``[B, 1, D]``: the quantized final stream averaged over tokens."""
         return self.final_act(self.forward_tokens(x)).mean(dim=(0, 2)).unsqueeze(1)
-
-    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor:
-        feats = feats.mean(dim=1)
-        return feats if pre_logits else self.head(feats)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-# ----------------------------------------------------------------------------------------------- registry
-_SIZES: dict[str, tuple[dict[str, Any], InputConfig]] = {
-    "tiny": (dict(embed_dim=64, depth=1, num_heads=4), InputConfig(28, 1, 10, 1, "mnist")),
-    "4_384": (dict(embed_dim=384, depth=4, num_heads=8), InputConfig(32, 3, 10, 1, "cifar10")),
-    "8_512": (dict(embed_dim=512, depth=8, num_heads=8), InputConfig(224, 3, 1000, 1, "imagenet")),
-}
-
-
-def _register(size: str) -> None:
-    arch, inp = _SIZES[size]
-    name = f"csd_{size}"
-    defaults = {**arch, "img_size": inp.img_size, "in_channels": inp.in_channels,
-                "num_classes": inp.num_classes, "time_steps": inp.time_steps}
-
-    def entry(**overrides: Any) -> nn.Module:
-        # ``spiking={"time_steps": T, "delay": d}`` builds the converted model of this architecture, which is
-        # how a converted checkpoint is rebuilt by ``load_checkpoint`` (its weights are then loaded).
-        spiking = overrides.pop("spiking", None)
-        ann = build_model(CSDTransformer, name, defaults, overrides)
-        if spiking is None:
-            return ann
-        if not isinstance(spiking, dict) or set(spiking) - {"time_steps", "delay"}:
-            raise ConfigError(f"spiking must be a dict with keys 'time_steps' and 'delay', got {spiking!r}")
-        from ..convert import convert  # bestformer.convert imports this package: resolve at call time
-
-        return convert(ann.eval(), **spiking)
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = (f"CSDformer {size.replace('_', '-')} ANN: {defaults}; with spiking=dict(time_steps=T, "
-                     "delay=d), its converted spike-driven model")
-    register_model(entry, inp)
-
-
-for _size in _SIZES:
-    _register(_size)

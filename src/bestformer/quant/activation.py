@@ -19,14 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .ste import ste_floor
 
 #: lower bound of ``theta``: keeps the quantization step and the converted threshold positive
 MIN_THETA = 1e-3
-
-
-def ste_floor(x: Tensor) -> Tensor:
-    """``floor(x)`` forward, identity gradient (straight-through estimator)."""
-    return x + (torch.floor(x) - x).detach()
 
 
 class QuantReLU(nn.Module):
@@ -93,7 +89,7 @@ class QuantNReLU(QuantReLU):
 
     ``c`` is a constant (``1/N`` for ``N`` tokens by default in the ``csd_*`` models), so the attention map
     needs neither an exponent nor a row-wise division; after conversion ``c`` is folded into the threshold
-    of the IF neuron that binarizes the map (``bestformer.convert``).
+    of the IF neuron that binarizes the map (:mod:`bestformer.convert`).
     """
 
     def __init__(self, scale: float, levels: int = 8, theta: float = 1.0) -> None:

@@ -1,0 +1,93 @@
+"""The model contract every registered family keeps (timm's): one base class.
+
+A model of this library takes images ``[B, C, H, W]`` or event frames ``[T, B, C, H, W]`` and returns logits.
+Its parts, in timm's names:
+
+- ``forward_features(x) -> [B, S, D]``: pooled features of ``S`` streams (2 for BESTformer's reversible
+  encoder, Eq. 12; 1 otherwise), ``D = num_features``;
+- ``forward_head(feats, pre_logits=False)``: logits (or, with ``pre_logits``, the pooled ``[B, D]``);
+- ``forward(x) = forward_head(forward_features(x))``;
+- ``reset_classifier(num_classes)``: a new head (0: none, ``forward`` returns features);
+- ``check_input(x)``: one clear error for an input that does not fit (rank, channels, size, frames);
+- the data options ``num_classes``, ``in_channels``, ``img_size``, ``time_steps`` as attributes.
+
+A new family subclasses :class:`BaseModel`, implements ``forward_features`` and ``_make_head``, and registers its
+sizes with :func:`bestformer.models.register_family` (see ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InputError
+
+
+def check_positive_ints(**values: Any) -> None:
+    """Raise one :class:`ConfigError` line for the first option that is not an integer >= 1."""
+    for key, val in values.items():
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
+
+
+class BaseModel(nn.Module):
+    """The shared contract (module docstring). Subclasses call :meth:`_set_data_options` first in ``__init__``,
+    implement :meth:`forward_features` and :meth:`_make_head`, and set ``self.head``."""
+
+    num_classes: int
+    in_channels: int
+    img_size: int
+    time_steps: int
+    num_features: int
+
+    def _set_data_options(self, num_classes: int, in_channels: int, img_size: int, time_steps: int,
+                          **architecture: Any) -> None:
+        """Check the data options (and any integer ``architecture`` options given) and keep the data options."""
+        check_positive_ints(num_classes=num_classes, in_channels=in_channels, img_size=img_size,
+                            time_steps=time_steps, **architecture)
+        self.num_classes, self.in_channels, self.img_size, self.time_steps = (num_classes, in_channels, img_size,
+                                                                              time_steps)
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head for ``num_classes`` outputs (0: no head, ``forward`` returns features)."""
+        self.num_classes = num_classes
+        self.head = self._make_head(num_classes)
+
+    def check_input(self, x: Tensor) -> None:
+        """Clear errors for inputs that do not fit the model (rank, channels, size, time steps)."""
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (4, 5):
+            raise InputError(f"expected images [B, C, H, W] or event frames [T, B, C, H, W], "
+                             f"got a tensor of shape {tuple(x.shape)}")
+        if x.dim() == 5 and x.shape[0] != self.time_steps:
+            raise InputError(f"event input has T={x.shape[0]} frames but the model has time_steps="
+                             f"{self.time_steps}; rebuild with time_steps={x.shape[0]} or re-bin the events")
+        c, h, w = x.shape[-3:]
+        if c != self.in_channels:
+            raise InputError(f"input has {c} channels, the model expects in_channels={self.in_channels}")
+        if (h, w) != (self.img_size, self.img_size):
+            raise InputError(f"input is {h}x{w}, the model expects img_size={self.img_size} "
+                             f"({self.img_size}x{self.img_size})")
+        if not x.is_floating_point():
+            raise InputError(f"input must be a floating-point tensor, got {x.dtype}")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Pooled features ``[B, S, D]``."""
+        raise NotImplementedError
+
+    def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Any:
+        """Logits of the streams' mean (one head); ``pre_logits``: the mean itself, ``[B, D]``."""
+        feats = feats.mean(dim=1)
+        return feats if pre_logits else self.head(feats)
+
+    def forward(self, x: Tensor) -> Any:
+        return self.forward_head(self.forward_features(x))
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, in_channels={self.in_channels}, img_size={self.img_size}, "
+                f"time_steps={self.time_steps}, num_features={self.num_features}")

@@ -1,0 +1,120 @@
+"""A job's configuration: the config itself (defaults, recipe, command line: :func:`resolve_config`), the
+distillation it asks for, the model options filled from the data, and what may change when a run is resumed."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..training.config import TrainConfig, config_from_dict, resolve_config, resolve_time_steps, with_recipe
+from ..training.dist import DistContext, replan_batches
+from ..training.distill import Distiller, get_distiller, list_distillers
+from ..training.evaluation import log_main
+
+__all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "LAZY_DISTILLERS", "RESUMABLE", "check_same_run", "distill_choices",
+           "keep_global_batch", "make_distiller", "model_options", "resolve_config", "resolve_distill",
+           "resolve_time_steps", "resumed_config"]
+
+#: distillers that live in modules imported only when chosen
+LAZY_DISTILLERS = {"fgd": "bestformer.training.fgd"}
+#: options that may change on resume: the run's length, its checkpointing and where / how fast it executes (another
+#: device or thread count can change float rounding); the others define the experiment and must stay
+RESUMABLE = ("epochs", "cooldown_epochs", "patience", "ckpt_every_steps", "monitor_every", "skip_nonfinite",
+             "device", "workers", "threads", "neuron_backend", "channels_last", "sync_bn", "data_dir", "download",
+             "log")
+DATA_FIELDS = ("num_classes", "in_channels", "img_size", "time_steps")
+#: options that a resume on another number of processes adjusts (keeping batch_size x accum_steps x processes)
+BATCH_LAYOUT = ("batch_size", "accum_steps")
+
+
+def distill_choices() -> list[str]:
+    return ["none", *dict.fromkeys([*list_distillers(), *LAZY_DISTILLERS])]
+
+
+def resolve_distill(cfg: TrainConfig) -> str:
+    """The distillation of a run (default ``hard`` with a teacher, ``none`` without), checked before any
+    training; a distiller living in its own module (``fgd``) is imported only now that it is chosen."""
+    name = cfg.distill or ("hard" if cfg.teacher is not None else "none")
+    if name == "none":
+        if cfg.teacher is not None:
+            raise ConfigError("a teacher was given with --distill none; drop --teacher or choose a distillation")
+        return name
+    if cfg.teacher is None:
+        raise ConfigError(f"--distill {name} needs a teacher (--teacher PATH or NAME)")
+    if name in LAZY_DISTILLERS and name not in list_distillers():
+        try:
+            importlib.import_module(LAZY_DISTILLERS[name])
+        except ImportError as err:
+            raise ConfigError(f"distillation {name!r} is not available in this installation ({err})") from None
+    get_distiller(name)  # an unknown name: one line with the registered choices
+    return name
+
+
+def make_distiller(name: str, teacher: nn.Module, student: nn.Module, label_smoothing: float) -> Distiller:
+    factory = get_distiller(name)
+    kwargs: dict[str, Any] = {"label_smoothing": label_smoothing}
+    try:
+        if "student" in inspect.signature(factory).parameters:
+            kwargs["student"] = student
+    except (TypeError, ValueError):
+        pass
+    return factory(teacher, **kwargs)
+
+
+def model_options(bundle: Any, time_steps: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Options of a model for ``bundle``: its data fields from the dataset (``time_steps``: the run's resolved
+    ``T``, :func:`~bestformer.training.config.resolve_time_steps`), then ``extra``."""
+    data = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels, "img_size": bundle.img_size,
+            "time_steps": time_steps}
+    for key in DATA_FIELDS:
+        if key in extra and extra[key] != data[key] and not (key == "time_steps" and not bundle.is_event):
+            raise ConfigError(f"model option {key}={extra[key]!r} contradicts the dataset {bundle.name} "
+                              f"({key}={data[key]}); leave it out, it is filled from the data")
+    return {**data, **extra}
+
+
+def check_same_run(progress: dict[str, Any], cfg: TrainConfig, where: Any) -> None:
+    """A resume state's config must equal ``cfg`` except for :data:`RESUMABLE` and the batch layout."""
+    saved = progress.get("config", {})
+    # the per-process layout follows the number of processes (a teacher's is derived from its student's): what
+    # must stay is the global batch, which keep_global_batch and Trainer.load_state check
+    changed = [k for k in saved if k not in (*RESUMABLE, *BATCH_LAYOUT) and saved.get(k) != cfg.to_dict().get(k)]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"{where} was trained with {k}={saved[k]!r}, not {getattr(cfg, k)!r}: "
+                          f"only {', '.join(RESUMABLE)} may change on --resume")
+
+
+def keep_global_batch(cfg: TrainConfig, progress: dict[str, Any], ctx: DistContext) -> TrainConfig:
+    """On resume, the run's global batch on this run's number of processes (see
+    :func:`~bestformer.training.dist.replan_batches`); the batch size and accumulation are adjusted, and recorded."""
+    saved = progress.get("global_batch")
+    if saved is None or saved == cfg.batch_size * cfg.accum_steps * ctx.world_size:
+        return cfg
+    plan = replan_batches(saved, ctx.world_size, cfg.batch_size)
+    log_main(ctx, f"resuming on {ctx.world_size} process(es) instead of {progress.get('world_size')}: global batch "
+                  f"{saved} kept as batch size {plan.batch_size} x accumulation {plan.accum_steps} x "
+                  f"{ctx.world_size} process(es)")
+    return cfg.replace(batch_size=plan.batch_size, accum_steps=plan.accum_steps)
+
+
+def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[str, Any], where: str) -> TrainConfig:
+    """The config of a resumed run: its ``saved`` options, with those of ``overrides`` that changed (only
+    :data:`RESUMABLE` ones may). ``recipe``: the original command's ``--recipe``, whose values count as given."""
+    # the original command repeated: its recipe's values count as given (without one, only the options given)
+    given = with_recipe(None if recipe is None or recipe.lower() == "none" else recipe, overrides)
+    asked = config_from_dict({**saved, **given}, "options").to_dict()
+    # a run on CUDA trained at its recipe's cuda_batch_size: the recipe's CPU batch_size repeated is no change
+    on_cuda = saved.get("cuda_batch_size") is not None and saved.get("batch_size") == saved.get("cuda_batch_size")
+    changed = [k for k in given if asked[k] != saved.get(k) and not (k == "batch_size" and on_cuda)]
+    bad = [k for k in changed if k not in RESUMABLE]
+    if bad:
+        k = bad[0]
+        raise ConfigError(f"--{k.replace('_', '-')} cannot change on --resume (the run has {saved.get(k)!r}, the "
+                          f"command {asked[k]!r}; the continuation would not be exact); changeable: "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}")
+    return config_from_dict({**saved, **{k: asked[k] for k in changed}}, where)

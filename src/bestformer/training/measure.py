@@ -1,0 +1,63 @@
+"""What a training step and a validation pass cost on this machine: the measurement a time budget is planned
+from (:func:`~.budget.plan_budget`)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from typing import Any
+
+import torch
+
+from ..data import time_first
+from .evaluation import autocast, evaluate
+
+
+def measure_costs(tr: Any, steps: int = 2, eval_batches: int = 2) -> tuple[dict[int, float], float]:
+    """Seconds of one training step of ``tr`` (a :class:`~.engine.Trainer`) at each ``T`` of its schedule
+    (forward, backward, data and augmentation on the first batches of the real training split, and the optimizer's
+    step; the fastest of ``steps`` after a warm-up step) and of one validation pass (extrapolated from
+    ``eval_batches`` batches). Weights, BatchNorm statistics, the optimizer's state and the gradients are restored:
+    the run starts as if nothing was measured (a test checks the weights)."""
+    saved = {k: v.detach().clone() for k, v in tr.module.state_dict().items()}
+    saved_opt = copy.deepcopy(tr.optimizer.state_dict())
+    step_s: dict[int, float] = {}
+    tr.model.train()
+    try:
+        batches = itertools.cycle(tr.loader)  # a small split may hold fewer batches than the measurement
+        for t in tr.planned_schedule.time_steps:
+            if tr.time_schedule is not None:
+                tr.module.set_time_steps(t)
+            best = math.inf
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                x, y = next(batches)
+                x, target = tr.augment(time_first(x).to(tr.dev), y.to(tr.dev), 0, True)
+                with autocast(tr.dev, tr.dtype):
+                    loss = tr.loss(x, target, tr.model(x))
+                tr.scaler.scale(loss).backward()
+                tr.scaler.step(tr.optimizer)  # the optimizer's time counts too (its state is restored)
+                tr.scaler.update()
+                if tr.dev.type == "cuda":
+                    torch.cuda.synchronize(tr.dev)
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+                tr.optimizer.zero_grad(set_to_none=True)
+            step_s[t] = best
+    finally:
+        tr.module.load_state_dict(saved)
+        tr.optimizer.load_state_dict(saved_opt)
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr._set_time_steps(None)
+    eval_s = 0.0
+    if tr.val_set is not None:
+        cfg = tr.cfg
+        n = min(len(tr.val_set), eval_batches * cfg.batch_size)
+        subset = torch.utils.data.Subset(tr.val_set, range(n))
+        t0 = time.perf_counter()
+        evaluate(tr.model, subset, num_classes=tr.num_classes, batch_size=cfg.batch_size, amp=cfg.amp,
+                 flip=cfg.eval_flip, desc="timing")
+        eval_s = (time.perf_counter() - t0) * len(tr.val_set) / max(n, 1)
+    return step_s, eval_s

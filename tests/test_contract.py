@@ -1,0 +1,89 @@
+"""The model contract (bestformer.models.base.BaseModel), checked once for every registered model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bestformer
+from bestformer import ConfigError, InputError
+from bestformer.models import BaseModel, CSDTransformer, QSDTransformer, SpikingTransformer
+
+# a small build of each class (the data options are overridden alike below)
+SMALL = {
+    SpikingTransformer: dict(embed_dim=32, depth=1, num_heads=2, stem_widths=None, pool_stages=None),
+    QSDTransformer: dict(embed_dims=(8, 16, 16, 16), conv_depths=(1, 1, 1), depths=(1, 1), num_heads=2),
+    CSDTransformer: dict(embed_dim=32, depth=1, num_heads=2),
+}
+DATA = dict(img_size=16, in_channels=2, num_classes=10, time_steps=2)
+
+
+def _build(name: str) -> BaseModel:
+    with torch.device("meta"):
+        cls = type(bestformer.create_model(name))
+    torch.manual_seed(0)
+    return bestformer.create_model(name, **SMALL[cls], **DATA)
+
+
+def test_every_registered_model_is_covered() -> None:
+    names = bestformer.list_models()
+    assert len(names) >= 37
+    with torch.device("meta"):
+        classes = {type(bestformer.create_model(n)) for n in names}
+    assert classes == set(SMALL)
+
+
+@pytest.mark.parametrize("name", bestformer.list_models())
+def test_model_contract(name: str) -> None:
+    model = _build(name)
+    assert isinstance(model, BaseModel)
+    assert model.model_name == name and SMALL[type(model)].items() <= model.model_args.items()
+    assert (model.num_classes, model.in_channels, model.img_size, model.time_steps) == (10, 2, 16, 2)
+    assert "num_classes=10" in repr(model)
+    x = torch.randn(3, 2, 16, 16)
+
+    # training mode: every parameter gets a finite gradient
+    out = model(x)
+    outs = out if isinstance(out, tuple) else (out,)
+    assert all(o.shape == (3, 10) and torch.isfinite(o).all() for o in outs)
+    sum(o.pow(2).sum() for o in outs).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without gradient: {missing}"
+
+    # eval mode: forward is forward_head(forward_features); pre_logits is the mean over streams
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        streams = 2 if getattr(model, "reversible", False) else 1
+        assert feats.shape == (3, streams, model.num_features)
+        assert torch.equal(model.forward_head(feats), model(x))
+        assert torch.equal(model.forward_head(feats, pre_logits=True), feats.mean(dim=1))
+        assert model(torch.rand(2, 3, 2, 16, 16)).shape == (3, 10)  # event frames [T, B, C, H, W]
+        for bad, what in ((torch.randn(3, 1, 16, 16), "channels"), (torch.randn(3, 2, 12, 12), "img_size"),
+                          (torch.randn(3, 3, 2, 16, 16), "time_steps"), (torch.randn(2, 16, 16), "shape"),
+                          (torch.ones(3, 2, 16, 16, dtype=torch.long), "floating")):
+            with pytest.raises(InputError, match=what):
+                model(bad)
+        model.reset_classifier(4)
+        assert model(x).shape == (3, 4)
+        model.reset_classifier(0)
+        assert model(x).shape == (3, model.num_features)
+
+
+@pytest.mark.parametrize("name", ["bestformer_tiny", "qsd_tiny", "csd_tiny", "a2os2a_tiny"])
+def test_options_are_checked(name: str) -> None:
+    with pytest.raises(ConfigError, match="has no option 'embed_dimm'"):
+        bestformer.create_model(name, embed_dimm=3)
+    with pytest.raises(ConfigError, match="num_heads must be an integer >= 1, got 0"):
+        bestformer.create_model(name, num_heads=0)
+    with pytest.raises(ConfigError, match="img_size must be an integer >= 1, got True"):
+        bestformer.create_model(name, img_size=True)
+
+
+@pytest.mark.parametrize("name", bestformer.list_models())
+def test_input_config_matches_the_default_build(name: str) -> None:
+    cfg = bestformer.get_input_config(name)
+    with torch.device("meta"):
+        model = bestformer.create_model(name)
+    assert (model.img_size, model.in_channels, model.num_classes, model.time_steps) == (
+        cfg.img_size, cfg.in_channels, cfg.num_classes, cfg.time_steps)
