@@ -324,7 +324,7 @@ class OpCounter(TorchFunctionMode):
         frame = self._stack[-1]
         x, w = a["input"], a["weight"]
         layer_bits = weight_bits_of(frame.module)
-        wbits = layer_bits if layer_bits is not None else FULL_PRECISION  # a functional call with a float weight
+        weight_bits = layer_bits if layer_bits is not None else FULL_PRECISION  # a functional call with a float weight
         kx = self._kind(x)
         sops = None
         if op == "linear":
@@ -338,7 +338,8 @@ class OpCounter(TorchFunctionMode):
                 sops = _nonzero_conv_products(x, w, func, a)
             shape = f"{tuple(x.shape[-3:])} -> {tuple(out.shape[-3:])}"
         key = self._site(frame, op, layer_bits is not None)
-        self._record(key, op, f"{kx} x w{wbits}", wbits, self._charge(wbits), shape, macs, sops, kx.bits)
+        self._record(key, op, f"{kx} x w{weight_bits}", weight_bits, self._charge(weight_bits), shape, macs, sops,
+                     kx.bits)
 
     def _block_charge(self) -> int:
         """``b_w`` of an activation product: the widest weight of the innermost running module that has any."""

@@ -97,12 +97,12 @@ def model_size(model: nn.Module, deploy: bool = True) -> ModelSize:
     bits = 0
     by_bits: dict[int, int] = {}
     for name, module in model.named_modules():
-        wbits = weight_bits_of(module)
-        if wbits is None or is_distill_head(name):
+        weight_bits = weight_bits_of(module)
+        if weight_bits is None or is_distill_head(name):
             continue
         counted.update(id(p) for p in module.parameters(recurse=False))
-        bits += wbits * module.weight.numel()
-        by_bits[wbits] = by_bits.get(wbits, 0) + module.weight.numel()
+        bits += weight_bits * module.weight.numel()
+        by_bits[weight_bits] = by_bits.get(weight_bits, 0) + module.weight.numel()
         bias = getattr(module, "bias", None)
         if bias is not None:
             bits += BIAS_BITS * bias.numel()
