@@ -31,7 +31,7 @@ from bestformer.analysis.report import si
 from bestformer.cli import main
 from bestformer.errors import ConfigError, InputError
 from bestformer.layers import SpikingSelfAttention
-from bestformer.neurons import LIF
+from bestformer.neurons import IELIF, LIF
 from bestformer.quant import BinaryLinear, QuantConv2d, QuantLinear
 
 
@@ -187,7 +187,7 @@ def test_matmul_of_two_spike_operands_counts_joint_non_zeros() -> None:
     (op,) = counter.op_stats()
     # (q0, k0): 1 product with both non-zero, (q0, k1): 0, (q1, k0): 2, (q1, k1): 1; 2 x 2 x 2 MACs in all
     assert (op.name, op.operands, op.macs, op.sops, op.charge_bits) == ("(model)/matmul0", "binary x binary", 8, 4,
-                                                                         32)
+                                                                         16)  # fp_bits: 16 by default
 
 
 @pytest.mark.parametrize("mode", ["token", "channel", "ssa"])
@@ -231,7 +231,29 @@ def test_einsum_is_counted_like_matmul() -> None:
     assert op.macs == 2 * 3 * 4 * 5 and op.sops == a.sum().item() * 5 and op.operands == "binary x real"
 
 
+def test_full_precision_baseline_is_counted_at_16_bits_as_table2() -> None:
+    with torch.device("meta"):
+        spikformer = bestformer.create_model("spikformer_8_512")
+        bestformer_4 = bestformer.create_model("bestformer_4_384")
+    size = model_size(spikformer, deploy=False)
+    params = sum(p.numel() for p in spikformer.parameters())
+    assert size.fp_bits == 16 and size.paper_bytes == params * 2  # every parameter at 16 bits
+    assert size.paper_mb == pytest.approx(59.36, rel=1e-3)  # Table 2: 29.68 M parameters, 59.36 MB
+    assert model_size(spikformer, deploy=False, fp_bits=32).paper_bytes == params * 4
+    # a quantized model keeps its full-precision parts at 32 bits (Table 2's 1.18 MB needs them), whatever fp_bits
+    assert model_size(bestformer_4, deploy=False, fp_bits=8).paper_bytes == model_size(bestformer_4,
+                                                                                      deploy=False).paper_bytes
+    with pytest.raises(ConfigError, match="fp_bits must be an integer in"):
+        model_size(spikformer, deploy=False, fp_bits=0)
+
+
 # --------------------------------------------------------------------------------- Table 3: NS-ACE relations
+def test_ns_ace_charges_full_precision_at_16_bits_by_default() -> None:
+    prof = profile_model(tiny("spikformer_tiny"), synthetic=True, batches=1, batch_size=2, deploy=False,
+                         progress=False)
+    assert prof.fp_bits == 16 and prof.ns_ace == pytest.approx(16 * prof.sops, rel=1e-12)  # Table 3's relation
+
+
 @pytest.mark.parametrize(("name", "kw", "fp_bits", "factor"), [
     ("bestformer_tiny", {}, 32, 1),  # 1-bit weights and spikes: NS-ACE = SOPs (2.13 G = 2.13 G)
     ("bestformer_tiny", {"weight_bits": 2}, 32, 2),  # 2-bit weights: 2 x SOPs (3.93 G -> 7.86 G)
@@ -266,6 +288,41 @@ def test_layer_firing_rate_equals_the_neuron_feeding_it() -> None:
     assert by_name(prof.layers, "blocks.0.attn/matmul0").macs == 4 * 4 * 64 * 16 * 64  # T heads N d N
 
 
+class _LevelsThenLinear(nn.Module):
+    """IE-LIF (D = 4) spikes, reshaped, into a full-precision linear layer."""
+
+    def __init__(self, amplitude: float = 1.0) -> None:
+        super().__init__()
+        self.neuron = IELIF(levels=4, amplitude=amplitude)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.neuron(x).reshape(x.shape[0], x.shape[1], 6))
+
+
+@pytest.mark.parametrize("amplitude", [1.0, 2.0])
+def test_multilevel_spikes_are_charged_by_their_declared_levels(amplitude: float) -> None:
+    model = _LevelsThenLinear(amplitude)
+    x = torch.tensor([0.0, 0.3, 0.6, 1.2, 2.0, 5.0]).repeat(2, 1).view(1, 2, 2, 3)  # [T=1, B=2, 2, 3]
+    s = model.neuron(x)
+    levels = torch.round(s / (amplitude / 4))  # the binary spikes each output stands for (4-1-4 form)
+    assert set(levels.unique().tolist()) > {0.0, 1.0} and levels.max() <= 4
+    with OpCounter(model) as counter:
+        counter.run(x, batch_size=2)
+    (fc,) = [op for op in counter.op_stats() if op.name == "fc"]
+    assert fc.operands == "multilevel5 x w32"  # D + 1 = 5 values: ceil(log2 5) = 3 bits
+    assert fc.events == int(torch.count_nonzero(s)) * 2 / 2  # per sample
+    assert fc.sops == levels.sum().item() * 2 / 2
+    assert fc.ns_ace == 16 * 3 * fc.events  # b_w (full precision at 16) x b_a x non-zero products
+    # a batch whose spikes only reach level 2 is still charged the declared 3 bits (the data alone: 1 or 2 bits)
+    low = torch.full((1, 2, 2, 3), 0.45)
+    assert set(torch.round(model.neuron(low) / (amplitude / 4)).unique().tolist()) <= {0.0, 1.0, 2.0}
+    with OpCounter(model) as counter:
+        counter.run(low, batch_size=2)
+    (fc,) = [op for op in counter.op_stats() if op.name == "fc"]
+    assert fc.operands == "multilevel5 x w32" and fc.ns_ace == 16 * 3 * fc.events
+
+
 def test_ann_counts_only_real_macs_and_presets() -> None:
     prof = profile_model(bestformer.create_model("ann_tiny"), synthetic=True, batches=1, batch_size=2,
                          energy="int8", deploy=False, progress=False)
@@ -290,11 +347,13 @@ def test_every_family_is_accounted_without_family_code(name: str) -> None:
     assert prof.macs > 0 and prof.model_size_mb > 0 and prof.samples == 1
     assert (prof.sops > 0) == bool(prof.neurons)  # spiking models have synaptic operations, ANNs none
     for layer in prof.layers:
-        assert layer.real_macs + layer.sops <= layer.macs
+        assert layer.real_macs + layer.events <= layer.macs and layer.sops >= layer.events
         kinds = layer.operands.split(" x ")
+        if "multilevel" not in layer.operands:  # only declared multi-level spikes stand for several binary ones
+            assert layer.sops == layer.events
         if layer.weight_bits is not None and layer.sops and "|" not in layer.operands:
-            # weight layer fed by one kind of event: NS-ACE = b_w * b_a * SOPs exactly
-            assert layer.ns_ace == layer.charge_bits * _bits_of(kinds[0]) * layer.sops
+            # weight layer fed by one kind of event: NS-ACE = b_w * b_a * (non-zero event products) exactly
+            assert layer.ns_ace == layer.charge_bits * _bits_of(kinds[0]) * layer.events
     for neuron in prof.neurons:
         assert 0 <= neuron.firing_rate <= 1 and neuron.elements > 0
 

@@ -120,7 +120,8 @@ def test_lsq_levels_and_gradient_scale(bits: int) -> None:
     w = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
     q = LSQQuantizer(bits, weight=w.detach()).double()
     qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    assert torch.allclose(q.step, 2 * w.detach().abs().mean(1) / math.sqrt(qp))  # the code's initialisation
+    # the code's initialisation: one layer-wide step in every channel
+    assert torch.allclose(q.step, (2 * w.detach().abs().mean() / math.sqrt(qp)).expand_as(q.step))
     with torch.no_grad():
         q.step.fill_(2.0 / qp)  # clip beyond about 2 sigma, so both gradient cases are exercised
     wq = q(w)
@@ -157,7 +158,8 @@ def test_bestformer_runs_at_low_bits(bits: int) -> None:
 
 
 def test_qsdsa_equals_its_formula_and_spike_driven_operands() -> None:
-    attn = QSDSA(8, heads=2, neuron_layer=get_neuron("ielif"), weight_bits=4)
+    assert not QSDSA(8, heads=2, neuron_layer=get_neuron("ielif")).token_mean  # the code's sum by default
+    attn = QSDSA(8, heads=2, neuron_layer=get_neuron("ielif"), weight_bits=4, token_mean=True)
     x = torch.randn(1, 2, 8, 3, 3)
     q, k, v = attn.qkv(x)
     for t in (q, k, v):
@@ -338,3 +340,15 @@ def test_a_few_fgd_steps_on_digits_lower_the_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert min(losses[-2:]) < 0.9 * losses[0], losses
+
+
+def test_authors_attention_is_the_default_and_old_checkpoints_keep_theirs() -> None:
+    from bestformer.models import saved_model_args
+
+    assert not bestformer.create_model("qsd_tiny").stages[3][1].attn.token_mean  # Q-SDSA as the paper and code
+    # checkpoints store only the options given: one written before 0.2.0 was built with the token mean on
+    assert saved_model_args("qsd_tiny", {}, "0.1.0") == {"attn_token_mean": True}
+    assert saved_model_args("ann_qsd_8_512", {"weight_bits": 32}, "0.1.9")["attn_token_mean"] is True
+    assert saved_model_args("qsd_tiny", {"attn_token_mean": False}, "0.1.0") == {"attn_token_mean": False}
+    assert saved_model_args("qsd_tiny", {}, "0.2.0") == {} and saved_model_args("bestformer_tiny", {}, "0.1.0") == {}
+    assert saved_model_args("qsd_tiny", {}, None) == {"attn_token_mean": True}  # unknown: the oldest

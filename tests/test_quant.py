@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import bestformer
 from bestformer.errors import ConfigError
 from bestformer.quant import (
     BinaryConv1d,
@@ -83,13 +84,24 @@ def test_lsq_levels_codes_and_init(bits: int) -> None:
     w = torch.randn(6, 32)
     q = LSQQuantizer(bits, weight=w)
     qp = 2 ** (bits - 1) - 1
-    assert torch.allclose(q.step, 2 * w.abs().mean(1) / qp**0.5)
+    assert torch.allclose(q.step, (2 * w.abs().mean() / qp**0.5).expand(6))  # the authors': layer-wide
+    assert torch.allclose(LSQQuantizer(bits, weight=w, per_channel_init=True).step, 2 * w.abs().mean(1) / qp**0.5)
     wq = q(w)
     for row in wq:
         assert row.unique().numel() <= 2**bits
     codes, scale = q.codes(w)
     assert int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) <= qp
     assert torch.allclose(codes.float() * scale[:, None], wq)
+
+
+def test_lsq_initialisation_by_hand() -> None:
+    w = torch.tensor([[1.0, -1.0], [3.0, -3.0]])  # mean |W| = 2; per channel 1 and 3; Qp = 7 at 4 bits
+    layer, channel = get_weight_quantizer("lsq4", w), get_weight_quantizer("lsq4c", w)
+    assert torch.allclose(layer.step, torch.tensor([4.0, 4.0]) / 7**0.5)
+    assert torch.allclose(channel.step, torch.tensor([2.0, 6.0]) / 7**0.5)
+    assert (layer.alias, channel.alias) == ("lsq4", "lsq4c") and get_weight_quantizer(4, w).per_channel_init is False
+    model = bestformer.create_model("qsd_tiny", weight_bits="lsq4c")
+    assert model.stages[1][0].conv.conv.weight_quantizer.per_channel_init
 
 
 def test_lsq_step_gradient_scale() -> None:

@@ -4,6 +4,7 @@ encoder blocks (Fig. 2 / 5b). ``profile_model`` runs them all; ``bestformer prof
 
 from .energy import ENERGY_PRESETS, EnergyModel, get_energy_model
 from .ops import NeuronStats, OpCounter, OpStats
+from .precision import FP_BITS
 from .profile import profile_model
 from .report import Profile
 from .representation import BlockRepresentation, RepresentationProbe, value_entropy, value_set_size
@@ -12,6 +13,7 @@ from .values import ValueKind, classify_values
 
 __all__ = [
     "ENERGY_PRESETS",
+    "FP_BITS",
     "BlockRepresentation",
     "EnergyModel",
     "ModelSize",

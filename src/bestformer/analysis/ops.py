@@ -17,13 +17,16 @@ Conventions (the field's, Spikformer / Spike-driven Transformer / BESTformer Tab
 - A product with an *event* operand (binary, ternary or multi-level spikes, small integer counts) is a synaptic
   operation: ``SOPs`` = the products whose event operands are all non-zero, counted exactly from the masks
   (``fr * T * MACs`` with ``fr = SOPs / MACs`` the measured rate; for a linear layer ``fr`` is exactly the
-  input's fraction of non-zeros, for a zero-padded convolution border taps are not counted). Weights are taken
-  as dense.
+  input's fraction of non-zeros, for a zero-padded convolution border taps are not counted), where a level ``k``
+  of a declared multi-level spike counts as ``k`` binary spikes (QSD's 4-1-4 inference form:
+  :mod:`~bestformer.analysis.spikes`). Weights are taken as dense.
   A product without event operands (the first convolution on images, the heads, every layer of an ANN) counts
   its MACs as ``real_macs`` (charged at ``E_MAC``).
 - ``NS-ACE`` (Shen et al., CVPR 2024, as used in BESTformer Table 3): ``sum b_w * b_a * SOPs`` over synaptic
-  operations. ``b_a`` is the event operand's bits (1 for binary spikes, ``ceil(log2 L)`` for ``L`` levels; the
-  lower when both operands are events: the lower-precision operand drives, the other is accumulated). ``b_w``
+  operations, each non-zero entry counted once. ``b_a`` is the event operand's bits (1 for binary spikes,
+  ``ceil(log2(D + 1))`` for a neuron that declares ``D`` levels, ``ceil(log2 L)`` for another operand with ``L``
+  levels; the lower when both operands are events: the lower-precision operand drives, the other is accumulated).
+  ``b_w``
   is the layer's weight bits, full precision charged at ``fp_bits``; an activation x activation product has no
   weight and is charged at the weight bits of the block that computes it (the widest weight among the innermost
   running module's layers), which is what Table 3's relations imply (the 2-bit Q-Spikformer's NS-ACE is exactly
@@ -49,9 +52,18 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..quant import weight_bits_of
+from .precision import FP_BITS, FULL_PRECISION, check_fp_bits
+from .spikes import (
+    Declarations,
+    conv_products,
+    declared_levels,
+    event_counts,
+    exact_sum,
+    multilevel_kind,
+    product_counts,
+)
 from .values import ValueKind, classify_values
 
-FULL_PRECISION = 32
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 #: intercepted torch functions -> the product they compute
@@ -80,6 +92,8 @@ class OpStats:
     ``name`` is the module path, with ``/matmul0``, ``/matmul1``... for the activation products a module issues
     itself. ``operands`` reads like ``"binary x w1"`` (spikes times 1-bit weights) or ``"binary x binary"``.
     ``weight_bits`` is the layer's (``None`` for activation products); ``charge_bits`` the ``b_w`` of NS-ACE.
+    ``events``: the products whose event operands are non-zero, each entry once; ``sops``: the same with every
+    declared multi-level spike counted as the binary spikes it stands for (equal for binary spikes).
     """
 
     name: str
@@ -93,12 +107,13 @@ class OpStats:
     sops: float = 0.0
     ns_ace: float = 0.0
     calls: int = 0
+    events: float = 0.0
 
     @property
     def firing_rate(self) -> float | None:
-        """``SOPs / MACs`` of the synaptic part (``None`` when the product has no event operand)."""
+        """``events / MACs`` of the synaptic part (``None`` when the product has no event operand)."""
         event_macs = self.macs - self.real_macs
-        return self.sops / event_macs if event_macs > 0 else None
+        return self.events / event_macs if event_macs > 0 else None
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "firing_rate": self.firing_rate}
@@ -153,29 +168,6 @@ def _layer_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def _mask(x: Tensor, kind: ValueKind) -> Tensor:
-    """1 where an event operand is non-zero; all ones for a value operand (every entry is accumulated)."""
-    return (x != 0).float() if kind.event else torch.ones_like(x, dtype=torch.float32)
-
-
-def _count(t: Tensor) -> int:
-    """Exact integer sum of a tensor of counts."""
-    return round(t.sum(dtype=torch.float64).item())
-
-
-def _nonzero_conv_products(x: Tensor, weight: Tensor, conv: Callable[..., Tensor], a: dict[str, Any]) -> int:
-    """Exact number of (non-zero input, weight) products of a convolution: the non-zero inputs are summed per
-    group and convolved with an all-ones kernel, which counts the taps of every output position."""
-    groups = int(a["groups"])
-    spatial = weight.dim() - 2
-    batched = x if x.dim() == spatial + 2 else x.unsqueeze(0)
-    m = (batched != 0).float()
-    m = m.view(m.shape[0], groups, m.shape[1] // groups, *m.shape[2:]).sum(2)
-    ones = torch.ones(groups, 1, *weight.shape[2:], dtype=m.dtype, device=m.device)
-    taps = conv(m, ones, None, a["stride"], a["padding"], a["dilation"], groups)
-    return _count(taps) * (weight.shape[0] // groups)
-
-
 class OpCounter(TorchFunctionMode):
     """Count products and spikes while a model runs. Use as a context manager around :meth:`run`::
 
@@ -186,13 +178,14 @@ class OpCounter(TorchFunctionMode):
 
     Args:
         model: any ``nn.Module``; hooks are added to all its modules and removed on exit.
-        fp_bits: bits NS-ACE charges a full-precision (32-bit) weight (Table 3 of BESTformer uses 16).
+        fp_bits: bits NS-ACE charges a full-precision (32-bit) weight (16, as BESTformer's Table 3:
+            :mod:`~bestformer.analysis.precision`).
     """
 
-    def __init__(self, model: nn.Module, fp_bits: int = FULL_PRECISION) -> None:
+    def __init__(self, model: nn.Module, fp_bits: int = FP_BITS) -> None:
         super().__init__()
         self.model = model
-        self.fp_bits = int(fp_bits)
+        self.fp_bits = check_fp_bits(fp_bits)
         self.samples = 0
         self._ops: dict[str, OpStats] = {}
         self._op_kinds: dict[str, set[str]] = {}
@@ -204,6 +197,7 @@ class OpCounter(TorchFunctionMode):
         self._block_bits: dict[int, int | None] = {}
         self._kinds: dict[int, tuple[weakref.ref[Tensor], ValueKind]] = {}
         self._input_storages: set[int] = set()
+        self._declared = Declarations()
 
     # ------------------------------------------------------------------------------------------- life cycle
     def __enter__(self) -> OpCounter:
@@ -219,16 +213,19 @@ class OpCounter(TorchFunctionMode):
         self._handles.clear()
         self._stack.clear()
         self._kinds.clear()
+        self._declared.clear()
 
     def run(self, x: Tensor, batch_size: int | None = None) -> Any:
         """Run the model on one batch (no gradient) and count it. ``batch_size`` defaults to the batch axis of a
         time-first ``[T, B, ...]`` (5-D) or image ``[B, ...]`` input."""
         self._input_storages = {x.untyped_storage().data_ptr()}
         self._kinds.clear()
+        self._declared.clear()
         with torch.no_grad():
             out = self.model(x)
         self.samples += batch_size if batch_size is not None else batch_size_of(x)
         self._kinds.clear()
+        self._declared.clear()
         return out
 
     # -------------------------------------------------------------------------------------------- results
@@ -239,7 +236,7 @@ class OpCounter(TorchFunctionMode):
         for key, s in self._ops.items():
             out.append(OpStats(s.name, s.op, " | ".join(sorted(self._op_kinds[key])), s.weight_bits,
                                s.charge_bits, s.shape, s.macs / n, s.real_macs / n, s.sops / n, s.ns_ace / n,
-                               s.calls))
+                               s.calls, s.events / n))
         return out
 
     def neuron_stats(self) -> list[NeuronStats]:
@@ -261,6 +258,9 @@ class OpCounter(TorchFunctionMode):
             if out is not None and inp is not None and not isinstance(inp, nn.Parameter):
                 kind = self._kind(out)
                 if kind.event and (not (kind_in := self._kind(inp)).event or kind.levels < kind_in.levels):
+                    if (levels := declared_levels(module)) is not None:
+                        self._declared.declare(out, levels)
+                        kind = multilevel_kind(levels[0])
                     self._count_spikes(frame.name or "(model)", out, kind)
                     spiking = True
         if spiking and self._stack:
@@ -273,7 +273,9 @@ class OpCounter(TorchFunctionMode):
         stats.elements += out.numel()
 
     def _kind(self, x: Tensor) -> ValueKind:
-        """Classify ``x``, cached per tensor object for the current batch."""
+        """Classify ``x`` (from its neuron's declaration, else its values), cached per tensor for the batch."""
+        if (levels := self._declared.get(x)) is not None:
+            return multilevel_kind(levels[0])
         hit = self._kinds.get(id(x))
         if hit is not None and hit[0]() is x:
             return hit[1]
@@ -286,6 +288,8 @@ class OpCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         op = PRODUCT_FUNCS.get(func)
+        if op is None:
+            self._declared.follow(func, args, out)
         if op is None or not self._stack or not isinstance(out, Tensor):
             return out
         if op == "einsum":
@@ -308,17 +312,19 @@ class OpCounter(TorchFunctionMode):
         return self.fp_bits if bits >= FULL_PRECISION else bits
 
     def _record(self, key: str, op: str, operands: str, weight_bits: int | None, charge: int, shape: str,
-                macs: int, sops: int | None, b_a: int) -> None:
-        """Add one call: ``sops=None`` for a product without event operands (all its MACs are real-valued)."""
+                macs: int, counts: tuple[int, int] | None, b_a: int) -> None:
+        """Add one call: ``counts`` = ``(event operations, SOPs)``; ``None`` for a product without event operands
+        (all its MACs are real-valued)."""
         s = self._ops.setdefault(key, OpStats(key, op, "", weight_bits, charge, shape))
         self._op_kinds.setdefault(key, set()).add(operands)
         s.macs += macs
         s.calls += 1
-        if sops is None:
+        if counts is None:
             s.real_macs += macs
         else:
-            s.sops += sops
-            s.ns_ace += charge * b_a * sops
+            s.events += counts[0]
+            s.sops += counts[1]
+            s.ns_ace += charge * b_a * counts[0]
 
     def _weight_layer(self, op: str, func: Callable[..., Tensor], a: dict[str, Any], out: Tensor) -> None:
         frame = self._stack[-1]
@@ -326,19 +332,23 @@ class OpCounter(TorchFunctionMode):
         layer_bits = weight_bits_of(frame.module)
         weight_bits = layer_bits if layer_bits is not None else FULL_PRECISION  # a functional call with a float weight
         kx = self._kind(x)
-        sops = None
+        counts = None
+        declared = self._declared.get(x)
+        if kx.event:
+            mask, spikes = event_counts(x, kx, declared)
         if op == "linear":
             macs = x.numel() * w.shape[0]
             if kx.event:
-                sops = int(torch.count_nonzero(x).item()) * w.shape[0]
+                counts = (exact_sum(mask) * w.shape[0], exact_sum(spikes) * w.shape[0])
             shape = f"{tuple(x.shape[-1:])} -> {tuple(out.shape[-1:])}"
         else:
             macs = out.numel() * w.shape[1] * math.prod(w.shape[2:])
             if kx.event:
-                sops = _nonzero_conv_products(x, w, func, a)
+                events = conv_products(mask, w, func, a)
+                counts = (events, conv_products(spikes, w, func, a) if declared is not None else events)
             shape = f"{tuple(x.shape[-3:])} -> {tuple(out.shape[-3:])}"
         key = self._site(frame, op, layer_bits is not None)
-        self._record(key, op, f"{kx} x w{weight_bits}", weight_bits, self._charge(weight_bits), shape, macs, sops,
+        self._record(key, op, f"{kx} x w{weight_bits}", weight_bits, self._charge(weight_bits), shape, macs, counts,
                      kx.bits)
 
     def _block_charge(self) -> int:
@@ -360,12 +370,13 @@ class OpCounter(TorchFunctionMode):
             return
         ka, kb = self._kind(a), self._kind(b)
         events = [k for k in (ka, kb) if k.event]
-        sops = _count(combine(_mask(a, ka), _mask(b, kb))) if events else None
+        counts = product_counts(combine, [event_counts(a, ka, self._declared.get(a)),
+                                          event_counts(b, kb, self._declared.get(b))], [ka, kb]) if events else None
         b_a = min(k.bits for k in events) if events else 0  # the lowest-precision event operand drives
         key = self._site(self._stack[-1], op, False)
         shape = f"{tuple(a.shape[-2:])} @ {tuple(b.shape[-2:])}"
         self._record(key, op, f"{ka} x {kb}", None, self._block_charge(), shape,
-                     out.numel() * a.shape[-1] if macs is None else macs, sops, b_a)
+                     out.numel() * a.shape[-1] if macs is None else macs, counts, b_a)
 
     def _einsum(self, args: tuple[Any, ...], out: Tensor) -> None:
         equation, operands = args[0], args[1:]
@@ -378,5 +389,5 @@ class OpCounter(TorchFunctionMode):
         def combine(x: Tensor, y: Tensor) -> Tensor:
             return torch.einsum(equation, x, y)
 
-        macs = _count(combine(torch.ones_like(a, dtype=torch.float32), torch.ones_like(b, dtype=torch.float32)))
+        macs = exact_sum(combine(torch.ones_like(a, dtype=torch.float32), torch.ones_like(b, dtype=torch.float32)))
         self._product("einsum", a, b, out, combine, macs)

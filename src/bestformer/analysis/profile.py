@@ -13,10 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, FileFormatError, InputError
+from ..layers.deploy_form import deployment_form, has_deploy_form
 from ..models import get_input_config
 from ..progress import progress_bar
 from .energy import EnergyModel, get_energy_model
-from .ops import FULL_PRECISION, OpCounter, batch_size_of
+from .ops import OpCounter, batch_size_of
+from .precision import FP_BITS
 from .report import Profile
 from .representation import RepresentationProbe
 from .size import model_size
@@ -95,7 +97,7 @@ def _positive(name: str, value: int) -> int:
 # ----------------------------------------------------------------------------------------------------- profile
 def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None, batches: int = 4,
                   energy: str | EnergyModel = "45nm", synthetic: bool = False, *, dataset: str | None = None,
-                  data_dir: str | Path | None = None, batch_size: int = 16, fp_bits: int = FULL_PRECISION,
+                  data_dir: str | Path | None = None, batch_size: int = 16, fp_bits: int = FP_BITS,
                   representation: bool = False, blocks: list[str] | None = None, deploy: bool = True,
                   measured_on: str | None = None, seed: int = 0, progress: bool = True) -> Profile:
     """Profile ``model`` on up to ``batches`` batches.
@@ -106,12 +108,17 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
             ``bestformer.data.build_datasets`` from ``data_dir``; or random input with ``synthetic=True``.
         energy: ``"45nm"`` (E_MAC 4.6 pJ, E_AC 0.9 pJ), ``"fp16"``, ``"int8"`` or an :class:`EnergyModel`.
         batch_size: batch size of synthetic and dataset input.
-        fp_bits: bits NS-ACE charges a full-precision weight (32; BESTformer's Table 3 counts 16).
+        fp_bits: bits of a full-precision weight in NS-ACE and in a full-precision model's size (16, the papers'
+            tables: :mod:`~bestformer.analysis.precision`).
         representation: also measure the encoder blocks' value-set size and entropy (Fig. 2 / 5b).
         blocks: module names of the encoder blocks (default: those of ``model.blocks`` or ``model.stages``).
         deploy: also measure the deployment file (``bestformer.deploy``) when available.
         measured_on: label of ``inputs`` in the output (default ``"inputs"``).
 
+    Products, SOPs, energy and NS-ACE are counted on the model's deployment form
+    (:func:`bestformer.layers.deploy_form.deployment_form`: a copy with its re-parameterised convolutions
+    folded, e.g. QSD-Transformer's ``RepConvBN`` and ``SepConv``), so each operation is charged by the operand
+    types it has at deployment; size is that of ``model``. A model without such layers is counted as it is.
     The model runs in eval mode without gradients; its training flag is restored afterwards.
     """
     _positive("batches", batches)
@@ -127,11 +134,12 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
     else:
         stream, label = _dataset_batches(model, dataset, data_dir, batches, batch_size)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    probe = RepresentationProbe(model, blocks) if representation else None
-    was_training = model.training
-    model.eval()
+    counted = deployment_form(model) if has_deploy_form(model) else model
+    probe = RepresentationProbe(counted, blocks) if representation else None
+    was_training = counted.training
+    counted.eval()
     try:
-        with OpCounter(model, fp_bits=fp_bits) as counter, probe or contextlib.nullcontext():
+        with OpCounter(counted, fp_bits=fp_bits) as counter, probe or contextlib.nullcontext():
             for x in progress_bar(islice(stream, batches), total=batches, desc="profile", unit="batch",
                           disable=None if progress else True):
                 x = x.to(device)
@@ -139,12 +147,12 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
                     probe.set_batch(batch_size_of(x))
                 counter.run(x)
     finally:
-        model.train(was_training)
+        counted.train(was_training)
     if counter.samples == 0:
         raise InputError("no input batches to profile (the inputs or the dataset split are empty)")
     return Profile(
         model_name=getattr(model, "model_name", type(model).__name__),
-        size=model_size(model, deploy=deploy),
+        size=model_size(model, deploy=deploy, fp_bits=fp_bits),
         layers=counter.op_stats(),
         neurons=counter.neuron_stats(),
         energy_model=energy_model,

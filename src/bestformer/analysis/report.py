@@ -82,6 +82,13 @@ class Profile:
         return self.energy_model.energy_pj(self.real_macs, self.sops)
 
     @property
+    def e_mac_share(self) -> float:
+        """Fraction of ``energy_pj`` spent on real-valued MACs (``E_MAC * real_macs``): in a spike-driven model
+        counted in its deployment form, the share of the first (encoding) layer; 0 for a model without energy."""
+        energy = self.energy_pj
+        return self.energy_model.e_mac_pj * self.real_macs / energy if energy else 0.0
+
+    @property
     def mean_firing_rate(self) -> float | None:
         """Spikes over neuron outputs of every spiking layer together (``None`` for a model without any)."""
         elements = sum(n.elements for n in self.neurons)
@@ -97,6 +104,7 @@ class Profile:
             "real_macs": self.real_macs,
             "sops": self.sops,
             "energy_pj": self.energy_pj,
+            "e_mac_share": self.e_mac_share,
             "ns_ace": self.ns_ace,
             "firing_rates_measured_on": self.firing_rates_measured_on,
             "mean_firing_rate": self.mean_firing_rate,
@@ -136,7 +144,8 @@ def format_summary(p: Profile) -> str:
     return (
         f"{p.model_name}: {si(p.size.paper_bytes, 'B')} (paper convention), {si(p.params)} params "
         f"({si(p.binary_params)} 1-bit), {si(p.macs)} MACs ({si(p.real_macs)} real-valued), {si(p.sops)} SOPs, "
-        f"energy {energy_str(p.energy_pj)} ({p.energy_model.name}), NS-ACE {si(p.ns_ace)}"
+        f"energy {energy_str(p.energy_pj)} ({p.energy_model.name}, {100 * p.e_mac_share:.1f}% E_MAC), "
+        f"NS-ACE {si(p.ns_ace)}"
         + (f", mean firing rate {fr:.4f}" if fr is not None else "")
         + f"; per sample, measured on {p.firing_rates_measured_on} ({p.samples} samples)"
     )
@@ -184,13 +193,14 @@ def _totals_table(p: Profile) -> Table:
     t.add_column("value", justify="right")
     deploy = "-" if p.size.deploy_bytes is None else f"{p.size.deploy_bytes / 1e6:.3f} MB"
     rows = [
-        ("model size (paper convention)", si(p.size.paper_bytes, "B")),
+        (f"model size (paper convention; full precision at {p.size.fp_bits} bits)", si(p.size.paper_bytes, "B")),
         ("deployment file", deploy),
         ("parameters (1-bit)", f"{p.params:,} ({p.binary_params:,})"),
         ("MACs (real-valued operands)", f"{si(p.macs)} ({si(p.real_macs)})"),
         ("SOPs", si(p.sops)),
         (f"energy ({p.energy_model.name}: E_MAC {p.energy_model.e_mac_pj} pJ, E_AC {p.energy_model.e_ac_pj} pJ)",
          energy_str(p.energy_pj)),
+        ("E_MAC share of the energy (real-valued MACs)", f"{100 * p.e_mac_share:.1f}%"),
         (f"NS-ACE (full precision at {p.fp_bits} bits)", si(p.ns_ace)),
         ("mean firing rate", "-" if p.mean_firing_rate is None else f"{p.mean_firing_rate:.4f}"),
         ("firing rates measured on", f"{p.firing_rates_measured_on} ({p.samples} samples)"),

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from ..analysis.precision import FP_BITS
 from .options import integer, output_file
 
 HELP = "model size, MACs, firing rates, SOPs, energy and NS-ACE of a model or checkpoint"
@@ -37,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     acct = parser.add_argument_group("accounting")
     acct.add_argument("--energy", default="45nm", choices=("45nm", "fp16", "int8"),
                       help="energy per MAC / AC: 45nm 4.6 / 0.9 pJ (default), fp16 1.5 / 0.4, int8 0.23 / 0.03")
-    acct.add_argument("--fp-bits", type=integer(1, 64), default=32,
-                      help="bits NS-ACE charges a full-precision weight (default 32; BESTformer's Table 3 uses 16)")
+    acct.add_argument("--fp-bits", type=integer(1, 64), default=FP_BITS,
+                      help="bits of a full-precision weight in NS-ACE and in a full-precision model's size (default "
+                           "16, as the papers' Tables 2 and 3)")
     acct.add_argument("--representation", action="store_true",
                       help="also measure each encoder block's value-set size and entropy (paper Fig. 2 / 5b)")
     out = parser.add_argument_group("output")

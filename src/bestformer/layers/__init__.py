@@ -4,6 +4,7 @@ from .a2os2a import A2OS2A
 from .attention import SpikingSelfAttention, get_attention, merge_heads, register_attention, split_heads
 from .basic import ConvBN, LinearBN, TimeMaxPool2d
 from .blocks import ResidualBlock, ReversibleBlock
+from .deploy_form import FoldedConv2d, deployment_form, has_deploy_form
 from .mlp import SpikingMLP
 from .norm import DistributedBatchNorm, convert_distributed_batchnorm
 from .qsd import QSDSA, ConvBlock, QSDBlock, RepConvBN, SepConv
@@ -15,6 +16,7 @@ __all__ = [
     "ConvBN",
     "ConvBlock",
     "DistributedBatchNorm",
+    "FoldedConv2d",
     "LinearBN",
     "PatchSplitting",
     "QSDBlock",
@@ -27,7 +29,9 @@ __all__ = [
     "TimeMaxPool2d",
     "auto_pool_stages",
     "convert_distributed_batchnorm",
+    "deployment_form",
     "get_attention",
+    "has_deploy_form",
     "merge_heads",
     "register_attention",
     "split_heads",

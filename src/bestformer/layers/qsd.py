@@ -10,8 +10,8 @@ Ours: (1) :class:`RepConvBN` pads the input spikes with zeros instead of padding
 output with that BatchNorm's shift (the code's ``BNAndPadLayer``): the same function at inference, exactly
 re-parameterisable into one 3x3 convolution on spikes plus a bias, without a special layer; (2) no bias on
 a convolution that a BatchNorm follows (the BatchNorm's shift absorbs it); (3) one BatchNorm after each
-q/k/v/projection conv (the code stacks a second one, which folds into the first); (4) Q-SDSA averages
-``k^T v`` over the tokens by default (:class:`QSDSA` says why; ``token_mean=False`` is the code's sum).
+q/k/v/projection conv (the code stacks a second one, which folds into the first); (4) an option of Q-SDSA
+to average ``k^T v`` over the tokens (``token_mean=True``, off by default: the code's sum; :class:`QSDSA`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from ..errors import InputError
 from ..quant import QuantConv2d, bits_to_quantizer
 from .attention import merge_heads, split_heads
 from .basic import ConvBN
+from .deploy_form import FoldedConv2d
+from .fold import fold_bn
 from .mlp import SpikingMLP
 
 
@@ -43,6 +45,15 @@ def to_tokens(x: Tensor) -> Tensor:
 def from_tokens(x: Tensor, hw: tuple[int, int]) -> Tensor:
     """``[T, B, N, C] -> [T, B, C, H, W]``."""
     return x.transpose(-1, -2).reshape(*x.shape[:2], x.shape[-1], *hw)
+
+
+def _conv_bn_affine(layer: ConvBN) -> tuple[Tensor, Tensor]:
+    """A 1x1 :class:`ConvBN` in evaluation mode as ``(W [out, in], b [out])``: quantized weight, BN folded."""
+    conv = layer.conv
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+        raise InputError(f"only a dense 1x1 stride-1 convolution folds here, got {conv}")
+    w, b = fold_bn(conv.quantized_weight(), conv.bias, layer.bn)
+    return w.flatten(1), b
 
 
 class RepConvBN(nn.Module):
@@ -64,6 +75,34 @@ class RepConvBN(nn.Module):
         y = self.expand(F.pad(x, (1, 1, 1, 1)))
         return self.pw(per_step(self.dw, y))
 
+    @torch.no_grad()
+    def deploy_form(self) -> FoldedConv2d:
+        """The evaluation-mode chain as one dense 3x3 convolution (padding 1) with bias on the input spikes
+        (the re-parameterisation of the code's ``RepConv``, which Spike-driven Transformer v2 and
+        QSD-Transformer fold before inference), applied to every time step like this module.
+
+        With ``A, b1`` the first 1x1 convolution with its BatchNorm folded (:func:`~bestformer.layers.fold.fold_bn`,
+        quantized weights, running statistics), ``D`` the depthwise 3x3 and ``P, b2`` the last 1x1 with its
+        BatchNorm: the first stage gives ``A x~ + b1`` at every position of the zero-padded input ``x~``, its
+        border included (where ``x~ = 0``), so ``W[o, i, u, v] = sum_c P[o, c] D[c, u, v] A[c, i]`` and
+        ``bias = P (b1 * sum_uv D) + b2``: exact, because the input (not the BatchNorm output) is zero-padded.
+        The folded convolution declares the weight bits of the layers it replaces (``weight_bits``).
+        """
+        dw = self.dw
+        if dw.kernel_size != (3, 3) or dw.padding != (0, 0) or dw.stride != (1, 1) or dw.groups != dw.in_channels:
+            raise InputError(f"RepConvBN folds a depthwise 3x3 without padding, got {dw}")
+        a, b1 = _conv_bn_affine(self.expand)
+        p, b2 = _conv_bn_affine(self.pw)
+        d = dw.quantized_weight()[:, 0]  # [C, 3, 3]
+        mid = b1 * d.sum(dim=(1, 2)) + (dw.bias if dw.bias is not None else 0.0)
+        weight = torch.einsum("oc,cuv,ci->oiuv", p, d, a)
+        conv = FoldedConv2d(a.shape[1], p.shape[0], 3, padding=1, bias=True,
+                            weight_bits=max(self.expand.conv.weight_bits, dw.weight_bits, self.pw.conv.weight_bits),
+                            device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(p @ mid + b2)
+        return conv
+
 
 class SepConv(nn.Module):
     """Inverted separable convolution (MobileNetV2 style, as Spike-driven Transformer v2):
@@ -83,6 +122,41 @@ class SepConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.neuron2(self.pw1(self.neuron1(x)))
         return self.pw2(per_step(self.dw, y))
+
+    @torch.no_grad()
+    def deploy_form(self) -> FoldedSepConv:
+        """Evaluation-mode form: ``neuron1 -> pw1 -> neuron2`` unchanged (the same modules), then the depthwise
+        ``k x k`` and the last 1x1 with its BatchNorm as one dense ``k x k`` convolution (hidden -> dim) with
+        bias on the spikes of ``neuron2`` (the re-parameterisation of Spike-driven Transformer v2's separable
+        convolution, as the code's ``RepConv``): ``W[o, c, u, v] = P[o, c] D[c, u, v]``, ``bias = b2 + P b_dw``,
+        with ``P, b2`` the 1x1 convolution's quantized weight with its BatchNorm folded
+        (:func:`~bestformer.layers.fold.fold_bn`). Exact: the depthwise convolution zero-pads the spikes."""
+        dw = self.dw
+        if dw.groups != dw.in_channels or dw.in_channels != dw.out_channels:
+            raise InputError(f"SepConv folds a depthwise convolution, got {dw}")
+        p, b2 = _conv_bn_affine(self.pw2)
+        d = dw.quantized_weight()[:, 0]  # [hidden, k, k]
+        weight = p[:, :, None, None] * d[None]
+        bias = b2 + (p @ dw.bias if dw.bias is not None else 0.0)
+        conv = FoldedConv2d(p.shape[1], p.shape[0], dw.kernel_size, stride=dw.stride, padding=dw.padding,
+                            dilation=dw.dilation, bias=True,
+                            weight_bits=max(dw.weight_bits, self.pw2.conv.weight_bits),
+                            device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        return FoldedSepConv(self.neuron1, self.pw1, self.neuron2, conv)
+
+
+class FoldedSepConv(nn.Module):
+    """:meth:`SepConv.deploy_form`: ``neuron1 -> pw1 (ConvBN) -> neuron2 -> conv`` with ``conv`` the folded
+    dense ``k x k`` convolution (a :class:`~bestformer.layers.deploy_form.FoldedConv2d`) on spikes."""
+
+    def __init__(self, neuron1: nn.Module, pw1: nn.Module, neuron2: nn.Module, conv: FoldedConv2d) -> None:
+        super().__init__()
+        self.neuron1, self.pw1, self.neuron2, self.conv = neuron1, pw1, neuron2, conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.neuron2(self.pw1(self.neuron1(x))))
 
 
 class ConvBlock(nn.Module):
@@ -126,11 +200,11 @@ class QSDSA(nn.Module):
     ``RepConvBN`` projection. Every product has a multi-level spike as one operand (1-bit spikes over ``D``
     virtual steps at inference); both constants fold into the attention neuron's threshold.
 
-    ``token_mean`` is ours (the code has ``token_mean=False``): without it ``k^T v`` sums over all ``N``
-    tokens, and with the rectified (dense) q/k/v every input of the attention neuron exceeds its
-    saturation at initialisation (measured: 100 % on 8 x 8 digits, 64 tokens), so the attention output is
-    a constant and its q/k/v convolutions get (almost) no gradient; averaging over tokens keeps it in range
-    (0 % saturated at initialisation, 12 % after 30 steps).
+    ``token_mean=False`` (the default) is the paper's formula and the authors' code: ``k^T v`` sums over all
+    ``N`` tokens. ``token_mean=True`` is ours: with the rectified (dense) q/k/v every input of the attention
+    neuron exceeds its saturation at initialisation (measured: 100 % on 8 x 8 digits, 64 tokens), so the
+    attention output is a constant and its q/k/v convolutions get (almost) no gradient; averaging over tokens
+    keeps it in range (0 % saturated at initialisation, 12 % after 30 steps).
 
     Args:
         dim, heads: width and number of heads. neuron_layer: IE-LIF factory (``ReLU`` for the ANN teacher).
@@ -140,7 +214,7 @@ class QSDSA(nn.Module):
 
     def __init__(self, dim: int, heads: int, neuron_layer: Callable[..., nn.Module],
                  weight_bits: int | str | None = 4, rectify: bool = True, attn_scale: float = 0.25,
-                 token_mean: bool = True) -> None:
+                 token_mean: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise InputError(f"width {dim} is not divisible by num_heads {heads}")
@@ -178,7 +252,7 @@ class QSDBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, neuron_layer: Callable[..., nn.Module],
                  weight_bits: int | str | None = 4, mlp_ratio: float = 4.0, layer_scale_init: float = 1e-6,
-                 rectify: bool = True, attn_scale: float = 0.25, token_mean: bool = True) -> None:
+                 rectify: bool = True, attn_scale: float = 0.25, token_mean: bool = False) -> None:
         super().__init__()
         self.attn = QSDSA(dim, heads, neuron_layer, weight_bits, rectify, attn_scale, token_mean)
         self.mlp = SpikingMLP(dim, int(dim * mlp_ratio), neuron_layer, weight_bits)  # 1x1 convs on tokens

@@ -9,8 +9,10 @@ from ._registry import (
     is_model,
     list_models,
     register_alias,
+    register_default_change,
     register_family,
     register_model,
+    saved_model_args,
 )
 from .base import BaseModel
 from .csd import CSDTransformer
@@ -32,7 +34,9 @@ __all__ = [
     "list_models",
     "qsd",
     "register_alias",
+    "register_default_change",
     "register_family",
     "register_model",
+    "saved_model_args",
     "spiking_transformer",
 ]

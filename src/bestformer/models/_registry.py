@@ -132,3 +132,29 @@ def register_family(cls: type[nn.Module], family: str, sizes: Mapping[str, tuple
         register_model(entry, inp)
         names.append(name)
     return names
+
+
+#: (model-name pattern, option, the default before, first library version with the new default)
+_DEFAULT_CHANGES: list[tuple[str, str, Any, tuple[int, ...]]] = []
+
+
+def _version(text: Any) -> tuple[int, ...]:
+    """``"0.2.0"`` -> ``(0, 2, 0)``; anything unreadable counts as the oldest version."""
+    parts = str(text).split("+")[0].split(".")
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else (0,)
+
+
+def register_default_change(pattern: str, option: str, old_value: Any, since: str) -> None:
+    """Record that ``option`` of the models matching ``pattern`` changed its default in version ``since``: a model
+    saved by an older version without that option is rebuilt with ``old_value`` (:func:`saved_model_args`)."""
+    _DEFAULT_CHANGES.append((pattern, option, old_value, _version(since)))
+
+
+def saved_model_args(name: str, model_args: dict[str, Any], library_version: Any) -> dict[str, Any]:
+    """The options that rebuild model ``name`` saved with ``model_args`` by bestformer ``library_version``: a
+    checkpoint stores only the options given, so an option whose default changed since is pinned to its old
+    default."""
+    saved = _version(library_version)
+    pinned = {option: old for pattern, option, old, since in _DEFAULT_CHANGES
+              if saved < since and fnmatch.fnmatchcase(name, pattern)}
+    return {**pinned, **model_args}

@@ -30,7 +30,7 @@ from ..layers.qsd import ConvBlock, Downsample, QSDBlock
 from ..layers.stem import auto_pool_stages
 from ..neurons import get_neuron
 from ..quant import QuantLinear, bits_to_quantizer
-from ._registry import InputConfig, register_family
+from ._registry import InputConfig, register_default_change, register_family
 from .base import BaseModel
 
 
@@ -51,8 +51,9 @@ class QSDTransformer(BaseModel):
         rectify: the rectification before the q/k/v neurons (an ablation switch).
         layer_scale_init: initial layer-scale of both residual branches (1e-6).
         attn_scale: Q-SDSA's constant (0.25).
-        attn_token_mean: divide Q-SDSA's ``k^T v`` by the number of tokens (ours, on by default;
-            ``False`` is the authors' code: see :class:`~bestformer.layers.qsd.QSDSA`).
+        attn_token_mean: divide Q-SDSA's ``k^T v`` by the number of tokens (ours; off by default, the
+            paper's formula and the authors' code: see :class:`~bestformer.layers.qsd.QSDSA`). Checkpoints of
+            bestformer < 0.2.0, whose default it was, load with it on.
         strides: strides of the four downsampling convolutions before the last stage (each 1 or 2);
             ``None`` chooses from ``img_size``.
     """
@@ -62,7 +63,7 @@ class QSDTransformer(BaseModel):
                  depths: Sequence[int] = (6, 2), num_heads: int = 8, mlp_ratio: float = 4.0,
                  weight_bits: int = 4, neuron: str = "ielif", neuron_kwargs: dict[str, Any] | None = None,
                  rectify: bool = True, layer_scale_init: float = 1e-6, attn_scale: float = 0.25,
-                 attn_token_mean: bool = True, strides: Sequence[int] | None = None) -> None:
+                 attn_token_mean: bool = False, strides: Sequence[int] | None = None) -> None:
         super().__init__()
         self._set_data_options(num_classes, in_channels, img_size, time_steps, num_heads=num_heads)
         embed_dims, conv_depths, depths = tuple(embed_dims), tuple(conv_depths), tuple(depths)
@@ -143,3 +144,5 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 
 for _family, _defaults in _FAMILIES.items():
     register_family(QSDTransformer, _family, _SIZES, _defaults)
+# issue 21: the authors' Q-SDSA (no token mean) became the default in 0.2.0
+register_default_change("*qsd_*", "attn_token_mean", True, since="0.2.0")

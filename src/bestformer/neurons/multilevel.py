@@ -183,6 +183,16 @@ class IELIF(nn.Module):
     def levels(self) -> int:
         return self.params.levels
 
+    @property
+    def spike_levels(self) -> int:
+        """``D``, declared: an output stands for up to ``D`` binary spikes (what the accounting charges)."""
+        return self.params.levels
+
+    @property
+    def spike_unit(self) -> float:
+        """The value of one binary spike of the inference form, ``amplitude / D``."""
+        return self.amplitude / self.params.levels
+
     def forward(self, x: Tensor, state: IELIFState | None = None,
                 return_state: bool = False) -> Tensor | tuple[Tensor, IELIFState]:
         if x.dim() < 2:

@@ -3,8 +3,8 @@
 
 - :class:`SignBinarizer` (alias ``"binary"``): BESTformer's 1-bit weights, Eq. 5-6 (IR-Net's
   balanced, standardized sign).
-- :class:`LSQQuantizer` (aliases ``"lsq2"`` ... ``"lsq8"``): b-bit learned-step-size quantization
-  (Esser et al., ICLR 2020), as in the QSD-Transformer code.
+- :class:`LSQQuantizer` (aliases ``"lsq2"`` ... ``"lsq8"``; ``"lsq2c"`` ... with per-channel step initialisation):
+  b-bit learned-step-size quantization (Esser et al., ICLR 2020), as in the QSD-Transformer code.
 """
 
 from __future__ import annotations
@@ -80,12 +80,17 @@ class LSQQuantizer(Quantizer):
     """b-bit learned step size quantization, one step per output channel.
 
     ``w_q = s * round(clamp(w / s, -2^(b-1), 2^(b-1) - 1))`` with a straight-through round; ``s`` is
-    learned, initialised to ``2 mean|W| / sqrt(Qp)`` and its gradient scaled by ``1 / sqrt(numel * Qp)``
-    (the QSD-Transformer code's settings).
+    learned and its gradient scaled by ``1 / sqrt(numel * Qp)`` (the QSD-Transformer code's settings). Every
+    channel's step starts at the layer-wide ``2 mean|W| / sqrt(Qp)``, as the authors' code does (at its first
+    training forward; here from the weight the layer is built with, the same weight when training from scratch).
+    ``per_channel_init=True`` (spec ``"lsq4c"``; ours before) starts each channel at its own ``2 mean|W_c| /
+    sqrt(Qp)``.
     """
 
-    def __init__(self, bits: int = 4, out_channels: int | None = None, weight: Tensor | None = None) -> None:
+    def __init__(self, bits: int = 4, out_channels: int | None = None, weight: Tensor | None = None,
+                 per_channel_init: bool = False) -> None:
         super().__init__()
+        self.per_channel_init = bool(per_channel_init)
         if not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ConfigError(f"LSQ weight bits must be an integer from 2 to 8, got {bits!r}")
         self.precision = bits
@@ -101,12 +106,12 @@ class LSQQuantizer(Quantizer):
 
     @property
     def alias(self) -> str:  # type: ignore[override]
-        return f"lsq{self.precision}"
+        return f"lsq{self.precision}" + ("c" if self.per_channel_init else "")
 
     @torch.no_grad()
     def init_step(self, w: Tensor) -> None:
-        s = 2 * w.abs().mean(dim=_per_channel_dims(w)) / math.sqrt(self.qp)
-        self.step.copy_(s.clamp_min(1e-8))
+        mean = w.abs().mean(dim=_per_channel_dims(w)) if self.per_channel_init else w.abs().mean()
+        self.step.copy_((2 * mean / math.sqrt(self.qp)).clamp_min(1e-8).expand_as(self.step))
 
     def _step(self, w: Tensor) -> Tensor:
         g = 1.0 / math.sqrt(w.numel() * self.qp)
@@ -124,7 +129,7 @@ class LSQQuantizer(Quantizer):
             return q, s.flatten()
 
 
-_LSQ = re.compile(r"^lsq([2-8])$")
+_LSQ = re.compile(r"^lsq([2-8])(c?)$")
 
 
 def bits_to_quantizer(bits: int | str | None) -> int | str | None:
@@ -135,7 +140,8 @@ def bits_to_quantizer(bits: int | str | None) -> int | str | None:
 
 def get_weight_quantizer(spec: str | int | Quantizer | None, weight: Tensor | None = None) -> Quantizer | None:
     """Resolve a weight quantizer: ``None`` / ``32`` / ``16`` (full precision), ``1`` / ``"binary"``,
-    ``2..8`` / ``"lsq2".."lsq8"``, or an instance. ``weight`` initialises data-dependent quantizers."""
+    ``2..8`` / ``"lsq2".."lsq8"`` (``"lsq2c".."lsq8c"``: per-channel step initialisation), or an instance.
+    ``weight`` initialises data-dependent quantizers."""
     if spec is None or isinstance(spec, Quantizer):
         return spec
     if isinstance(spec, bool):
@@ -152,7 +158,8 @@ def get_weight_quantizer(spec: str | int | Quantizer | None, weight: Tensor | No
         return SignBinarizer()
     m = _LSQ.match(str(spec))
     if m:
-        return get_weight_quantizer(int(m.group(1)), weight)
+        return LSQQuantizer(int(m.group(1)), weight=weight, per_channel_init=bool(m.group(2)))
     raise ConfigError(
-        f"unknown weight quantizer {spec!r}; expected 'binary', 'lsq2'..'lsq8', a bit-width or None"
+        f"unknown weight quantizer {spec!r}; expected 'binary', 'lsq2'..'lsq8' ('lsq2c'..'lsq8c'), a bit-width "
+        "or None"
     )

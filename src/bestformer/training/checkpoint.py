@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import BestformerError, FileFormatError
 from ..fileio import atomic_write_json
-from ..models import create_model
+from ..models import create_model, saved_model_args
 from ..version import __version__
 from .container import HASH_KEY, check_header, read_container, write_container
 
@@ -269,7 +269,8 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict
     """
     path = Path(path)
     state, header = read_checkpoint(path)
-    args = {**header["model_args"], **overrides}
+    args = {**saved_model_args(header["model_name"], header["model_args"], header.get("library_version")),
+            **overrides}
     model = build_for_state(header["model_name"], args, state, f"checkpoint {path}")
     model.load_state_dict(state)
     model.eval()
