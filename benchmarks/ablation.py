@@ -9,9 +9,9 @@ each over several seeds, mean and standard deviation of the validation and test 
 
     python benchmarks/ablation.py digits --seeds 3
     python benchmarks/ablation.py mnist --data-dir ../shared/data/mnist --budget 0.05
-    python benchmarks/ablation.py cifar10 --recipe cifar10-fast --set time_budget=60m --seeds 3 \
+    python benchmarks/ablation.py cifar10 --recipe cifar10-fast --set time_budget=null --set epochs=20 --seeds 3 \
         --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz --results runs/table4.json --runs 1
-                                                         # issue 21's Table 4: one 60-minute run per call, resumable
+                                  # issue 21: one run of the 60-minute budget.s 7,040 steps per call, resumable
     python benchmarks/ablation.py cifar10 --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz \
         --model bestformer_tiny --budget 0.08 --set epochs=3 --set batch_size=64 --set accum_steps=1 \
         --set lr=0.005 --set warmup_lr=0.0005 --set warmup_epochs=0.3 --set cooldown_epochs=0 --set mixup=0 \
@@ -33,7 +33,9 @@ the full method to the baseline last; writes
 benchmark incremental: every finished (variant, seed) run is added to FILE at once, a later call with the same
 options skips what FILE holds (and refuses FILE if its options differ), and ``--runs N`` stops after N new runs.
 So a table of 12 one-hour runs can be built over several sessions; the table and plot are written when every run
-is in.
+is in. With ``--results FILE`` the run folders are ``runs/<FILE's stem>/<variant>-s<seed>``: a run cut off by the end
+of a session (SIGTERM writes its resume state) is continued exactly where it stopped by the next call, and a
+finished run whose result is not in FILE yet is read back from its folder.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pathlib import Path
 
 from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text, checked
 from bestformer.fileio import atomic_write_json
-from bestformer.pipeline import resolve_config, train
+from bestformer.pipeline import resolve_config, resume, train
 from bestformer.training import TrainConfig, load_recipe
 
 #: variant -> (model options, distilled)
@@ -59,11 +61,27 @@ VARIANTS: dict[str, tuple[dict, bool]] = {
 }
 
 
+def run_once(cfg: TrainConfig) -> dict:
+    """The result of ``cfg``'s run: read back from its folder when an earlier call finished it, continued from its
+    resume state when an earlier call was cut off, else trained. ``{"val", "test", "minutes", "run_dir"}``."""
+    folder = Path(cfg.out) / cfg.name
+    summary = folder / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
+        done = json.loads(summary.read_text())
+        seconds = done["seconds"]
+        val, test = done.get("val"), done.get("test")
+    else:
+        res = checked(resume(folder) if folder.is_dir() else train(cfg))
+        seconds, val, test = res.seconds, res.val, res.test
+    return {"val": val["acc1"] if val else None, "test": test["acc1"] if test else None,
+            "minutes": round(seconds / 60, 2), "run_dir": folder}
+
+
 def train_teacher(cfg: TrainConfig) -> str:
     """The shared teacher, trained first as its own run with the config a distilled run would give it
     (``TrainConfig.teacher_config``); returns its best checkpoint."""
     tcfg = cfg.teacher_config(str(cfg.teacher), None).replace(name=f"teacher-{cfg.name}")
-    return str(checked(train(tcfg)).run_dir / "best.safetensors")
+    return str(run_once(tcfg)["run_dir"] / "best.safetensors")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -96,6 +114,8 @@ def main() -> None:
     ledger = Path(args.results) if args.results else None
     identity = {"dataset": args.dataset, "recipe": recipe_name, "budget": args.budget, "model": model,
                 "overrides": {k: v for k, v in args.overrides}, "limit": args.limit}
+    if ledger is not None:  # stable run folders, so that a later call continues a run cut off
+        base["out"] = str(Path("runs") / ledger.stem)
     if ledger is not None and ledger.is_file():
         saved = json.loads(ledger.read_text())
         if saved["identity"] != identity:
@@ -121,10 +141,8 @@ def main() -> None:
                 if ledger is not None:  # kept at once: a later call reuses it
                     atomic_write_json(ledger, {"identity": identity, "runs": results,
                                                "teacher_checkpoint": teacher_ckpt})
-            res = checked(train(cfg))
-            results[name].append({"seed": seed, "val": res.val["acc1"] if res.val else None,
-                                  "test": res.test["acc1"] if res.test else None,
-                                  "minutes": round(res.seconds / 60, 2)})
+            res = run_once(cfg)
+            results[name].append({"seed": seed, "val": res["val"], "test": res["test"], "minutes": res["minutes"]})
             new_runs += 1
             if ledger is not None:
                 atomic_write_json(ledger, {"identity": identity, "runs": results, "teacher_checkpoint": teacher_ckpt})
