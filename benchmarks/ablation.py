@@ -11,7 +11,7 @@ each over several seeds, mean and standard deviation of the validation and test 
     python benchmarks/ablation.py mnist --data-dir ../shared/data/mnist --budget 0.05
     python benchmarks/ablation.py cifar10 --recipe cifar10-fast --set time_budget=null --set epochs=20 --seeds 3 \
         --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz --results runs/table4.json --runs 1
-                                  # issue 21: one run of the 60-minute budget.s 7,040 steps per call, resumable
+                                  # issue 21: one run of the 60-minute budget's 7,040 steps per call, resumable
     python benchmarks/ablation.py cifar10 --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz \
         --model bestformer_tiny --budget 0.08 --set epochs=3 --set batch_size=64 --set accum_steps=1 \
         --set lr=0.005 --set warmup_lr=0.0005 --set warmup_epochs=0.3 --set cooldown_epochs=0 --set mixup=0 \
