@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--batch-size", type=integer(1), default=16, help="samples per batch (default 16)")
     data.add_argument("--synthetic", action="store_true",
                       help="random input instead of data (the output says firing rates were measured on it)")
-    data.add_argument("--seed", type=integer(0), default=0, help="seed of the synthetic input")
+    data.add_argument("--seed", type=integer(0), default=0,
+                      help="seed of the synthetic input and of a freshly built (untrained) model's weights")
     data.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     acct = parser.add_argument_group("accounting")
     acct.add_argument("--energy", default="45nm", choices=("45nm", "fp16", "int8"),
@@ -52,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
     """The model to profile and the dataset its checkpoint was trained on (if recorded)."""
+    import torch
+
     from ..errors import ConfigError, FileFormatError
     from ..models import is_model
     from ..training import load_checkpoint
@@ -60,6 +63,7 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
     options = {k: getattr(args, k) for k in _MODEL_OPTIONS if getattr(args, k) is not None}
     path = Path(args.model)
     if is_model(args.model):
+        torch.manual_seed(args.seed)  # an untrained model's profile is the same at every call
         return create_model(args.model, **options), None
     if path.is_file() or path.suffix == ".safetensors":
         if options:
