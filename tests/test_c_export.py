@@ -157,6 +157,19 @@ def test_example_driver(tiny, tmp_path):
     assert lines[-2:] == ["argmax", str(int(got.argmax()))]
 
 
+def test_cli_export_c(tmp_path, capsys):
+    from bestformer.cli import main as cli_main
+
+    out = tmp_path / "model.c"
+    assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "-o", str(out)]) == 0
+    assert "arena" in capsys.readouterr().out
+    header = (tmp_path / "model.h").read_text()
+    assert "bestformer_tiny" in header and "#define BESTFORMER_INPUT_SIZE 784u" in header
+    assert (tmp_path / "example.c").exists()
+    assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "-o", str(tmp_path / "m.c")]) == 2
+    assert "give -o" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("events", "overrides", "use_fma"), [
     (True, dict(attention="channel", reversible=False, distill_head=False, img_size=16, embed_dim=32, num_heads=2,
                 time_steps=3, depth=2), True),

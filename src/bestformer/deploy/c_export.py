@@ -328,7 +328,7 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False) ->
             ("uint64_t", "row", "s.row"), ("uint64_t", "kv", "s.kv")] + ([("float", "x1", "x1")] if g.rev else [])
     input_size = math.prod(g.input_shape)
     template = _template("runtime.c")
-    model_name = pm.header.get("model_name", "") or "model"
+    model_name = pm.header.get("model_name") or getattr(model_or_packed, "model_name", "") or "model"
     summary = (f"T={g.t}, input {'x'.join(map(str, g.input_shape))}{' event frames' if g.events else ''}, D={g.d}, "
                f"depth={g.depth}, heads={g.heads}, {a['attention']} attention, "
                f"{'reversible' if g.rev else 'residual'}, {'two heads' if g.distill else 'one head'}, "
