@@ -96,6 +96,12 @@ class CLib:
         return np.stack(outs)
 
 
+def _x86_with_fma() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return os.uname().machine in ("x86_64", "AMD64") and cpuinfo.exists() and \
+        " fma " in cpuinfo.read_text().replace("\n", " ")
+
+
 def assert_bit_equal(a: np.ndarray, b: np.ndarray) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype == np.float32
     diff = a.view(np.uint32) != b.view(np.uint32)
@@ -141,6 +147,16 @@ def test_error_codes(tiny):
     assert lib.call(x)[0] == -3
     x[5] = np.inf
     assert lib.call(x)[0] == -3
+
+
+def test_a_build_that_fuses_float_operations_refuses_to_run(tiny):
+    """Compiled with -ffp-contract=fast on a target with FMA, a * b + c would be fused in the LIF and the results
+    would silently differ: bestformer_predict detects it and returns BESTFORMER_ERR_BUILD."""
+    _, _, info, _ = tiny
+    if not _x86_with_fma():
+        pytest.skip("needs an x86 CPU with FMA")
+    lib = CLib(info, ("-ffp-contract=fast", "-mfma"))
+    assert lib.call(np.zeros(info.input_size, np.float32))[0] == -4
 
 
 def test_example_driver(tiny, tmp_path):
@@ -227,10 +243,10 @@ def test_fmaf_emulation_equals_hardware_fma(tiny, tmp_path):
     # the emulation is needed: plain double rounding differs on the constructed midpoints
     naive = (a.astype(np.float64) * b + c).astype(np.float32)
     assert (naive.view(np.uint32) != soft.view(np.uint32)).sum() > 0
-    flags = ("-mfma",) if os.uname().machine in ("x86_64", "AMD64") else ()
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if flags and " fma " not in cpuinfo.replace("\n", " "):
+    x86 = os.uname().machine in ("x86_64", "AMD64")
+    if x86 and not _x86_with_fma():
         pytest.skip("this x86 CPU has no FMA instruction to compare the emulation with")
+    flags = ("-mfma",) if x86 else ()
     hw_lib = CLib(info, ("-DBESTFORMER_TEST_HOOKS", *flags))
     hw = run(hw_lib.lib, 0)
     assert "__builtin_fmaf" in info.files["model.c"].read_text()

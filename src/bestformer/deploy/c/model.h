@@ -22,6 +22,7 @@ extern "C" {{
 #define BESTFORMER_ERR_NULL (-1)  /* a NULL pointer */
 #define BESTFORMER_ERR_ALIGN (-2) /* arena not aligned to BESTFORMER_ARENA_ALIGN */
 #define BESTFORMER_ERR_INPUT (-3) /* NaN or infinity in the input */
+#define BESTFORMER_ERR_BUILD (-4) /* compiled with float contraction (-ffp-contract=fast): results would differ */
 
 /* logits[BESTFORMER_NUM_CLASSES] of one input; arena: BESTFORMER_ARENA_BYTES writable bytes, nothing kept between
  * calls (one arena per concurrent caller). Returns BESTFORMER_OK or a BESTFORMER_ERR_* code. */

@@ -19,6 +19,23 @@
 #if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0 && FLT_EVAL_METHOD != -1
 #error "bestformer needs float arithmetic evaluated in float (FLT_EVAL_METHOD 0), e.g. SSE2 instead of x87 (-mfpmath=sse)"
 #endif
+#ifdef __FAST_MATH__
+#error "bestformer must not be compiled with -ffast-math (it reorders and fuses float operations)"
+#endif
+#if INT_MAX < 2147483647
+#error "bestformer needs an int of at least 32 bits"
+#endif
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF /* clang contracts a * b + c by default; GCC does not in ISO C modes (-std=c99) */
+#endif
+
+/* 1 when the compiler fused a * b + c behind our back (-ffp-contract=fast, gnu99 with an FMA target): the
+ * operands are volatile so that nothing is folded; a fused result is 2^-24, the two-rounding one 0. */
+static int bf_contracted(void) {
+    volatile float a = 1.0f + 0x1p-12f, c = -(1.0f + 0x1p-11f);
+    float x = a, y = a, z = c;
+    return x * y + z != 0.0f;
+}
 
 /* ---- popcount: one portable scalar function chosen at compile time ------------------------------------------
  * Hook for vector paths (AVX-512 VPOPCNTDQ, AVX2 nibble lookup, NEON vcnt): define BF_AND_POPCOUNT(a, b, n)
