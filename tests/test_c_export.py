@@ -8,6 +8,7 @@ Skipped with the reason when no C compiler exists.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import shutil
 import subprocess
@@ -193,10 +194,18 @@ def test_cli_export_c(tmp_path, capsys):
                  neuron_kwargs={"decay_input": False, "tau": 2.5}), False),
     (False, dict(attention="token", reversible=False, distill_head=True, img_size=20, embed_dim=32, num_heads=2,
                  neuron_kwargs={"reset": "soft", "v_reset": -0.25, "tau": 3.0}), True),
+    # the other LIF branches: IF (tau = inf without decay_input), beta (V - V_reset) + V_reset + X, tau = 4
+    (False, dict(img_size=10, embed_dim=32, num_heads=2, time_steps=2,
+                 neuron_kwargs={"tau": math.inf, "decay_input": False}), True),
+    (False, dict(img_size=10, embed_dim=32, num_heads=2, time_steps=2,
+                 neuron_kwargs={"tau": 2.0, "v_reset": 0.125, "decay_input": False}), True),
+    (False, dict(img_size=10, embed_dim=32, num_heads=2, time_steps=2,
+                 neuron_kwargs={"tau": 4.0, "v_threshold": 0.5}), True),
 ])
 def test_variants_bit_equal(events, overrides, use_fma, tmp_path):
-    """Channel attention, residual blocks, one head, event frames, 3-word rows, tau 3 / no decay_input / soft
-    reset, and BatchNorm evaluated as mul+add (the runtime and the C code both follow the recorded rounding)."""
+    """Channel attention, residual blocks, one head, event frames, 3-word rows, every LIF branch (tau 3 / 4 / inf,
+    decay_input or not, V_reset, soft reset), and BatchNorm evaluated as mul+add (the runtime and the C code both
+    follow the recorded rounding)."""
     model = calibrated(seed=len(overrides), events=events, **overrides)
     pm = PackedModel(fold_model(model), threads=1)
     pm.use_fma = use_fma
