@@ -94,6 +94,12 @@ static float bf_fmaf_soft(float a, float b, float c) {
     double p = (double)a * (double)b, s = p + (double)c, rd, gd, bb, err;
     float r = (float)s, g;
     uint32_t bits;
+    uint64_t u;
+    memcpy(&u, &s, sizeof u);
+    /* the common case: s in the normal float range and not halfway between two floats (a float midpoint has the
+     * low 29 of the 52 mantissa bits equal to 1 followed by zeros) */
+    if ((u & UINT64_C(0x1FFFFFFF)) != UINT64_C(0x10000000) &&
+        (u & UINT64_C(0x7FF0000000000000)) >= UINT64_C(0x3810000000000000)) return r; /* |s| >= 2^-126 */
     rd = (double)r;
     if (rd == s || r - r != 0.0f) return r; /* s is a float (then r is exact enough), or overflow to inf */
     if (r == 0.0f) {
