@@ -139,6 +139,19 @@ def test_tiny_logits_bit_equal_packed_runtime_and_argmax_pytorch(tiny):
     assert "malloc" not in info.files["model.c"].read_text()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_export_from_a_packed_file(tiny, dtype, tmp_path):
+    """From a .bst file (float16 storage included: the C constants are its values, as the runtime reads them)."""
+    from bestformer.deploy.fold import export_packed
+
+    model = tiny[0]
+    path = export_packed(model, tmp_path / "m.bst", dtype=dtype)
+    info = export_c(path, tmp_path / "c")
+    assert "bestformer_tiny" in info.files["model.h"].read_text()
+    x = grid_inputs(model, 2, seed=9).numpy()
+    assert_bit_equal(CLib(info).predict(x), PackedModel.load(path, threads=1).predict(x))
+
+
 def test_error_codes(tiny):
     _, _, info, lib = tiny
     x = np.zeros(info.input_size, np.float32)
