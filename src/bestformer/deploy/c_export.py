@@ -11,7 +11,8 @@
 
 No ``malloc``: every intermediate lives in the caller's arena (its size is exact, computed here); libc only
 (``string.h`` for ``memcpy``; no libm: ``fmaf`` is emulated exactly unless the compiler has a hardware FMA).
-Build: ``cc -std=c99 -O2 -ffp-contract=off -c model.c``.
+Build: ``cc -std=c99 -O2 -ffp-contract=off -c model.c``; a build that would fuse other float operations is refused
+(``-ffast-math`` and x87 at compile time, contraction at run time: ``BESTFORMER_ERR_BUILD``).
 
 The C code computes what the numba runtime (:mod:`bestformer.deploy.kernels`) computes, operation for operation
 (see ``c/runtime.c``), so its spikes are those of the packed runtime and of PyTorch, and its logits equal the
@@ -31,13 +32,16 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError
 from ..fileio import atomic_write_bytes
 from .packfile import PackedModelData
+
+if TYPE_CHECKING:
+    from .runtime import PackedModel
 
 #: the flags the generated code is written for (``-ffp-contract=off``: only the explicit fma is fused)
 CFLAGS = ("-std=c99", "-O2", "-ffp-contract=off")
@@ -65,7 +69,7 @@ class CExportInfo:
         return [compiler, *CFLAGS, "-c", str(self.files["model.c"]), "-o", output]
 
 
-def _packed(model_or_packed: Any):
+def _packed(model_or_packed: Any) -> PackedModel:
     from .runtime import PackedModel
 
     if isinstance(model_or_packed, PackedModel):
