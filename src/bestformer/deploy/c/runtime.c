@@ -40,7 +40,12 @@ static int bf_contracted(void) {
 /* ---- popcount: one portable scalar function chosen at compile time ------------------------------------------
  * Hook for vector paths (AVX-512 VPOPCNTDQ, AVX2 nibble lookup, NEON vcnt): define BF_AND_POPCOUNT(a, b, n)
  * before this point (or with -D) as an expression summing popcount(a[k] & b[k]) for k < n over uint64_t arrays;
- * every binary product of this file goes through bf_and_popcount, and bf_popcount_words for popcount(s). */
+ * every binary product of this file goes through bf_and_popcount, and bf_popcount_words for popcount(s). E.g.
+ *     my_popcount.h:  static int my_and_popcount(const uint64_t *a, const uint64_t *b, int n);  (AVX-512:
+ *                     _mm512_popcnt_epi64 over 8 words at a time, then the scalar tail)
+ *     cc -std=c99 -O2 -ffp-contract=off -mavx512vpopcntdq -include my_popcount.h \
+ *        -DBF_AND_POPCOUNT=my_and_popcount -c model.c
+ * The counts are exact integers, so any summation order gives the same result. */
 #ifndef BF_POPCOUNT64
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__POPCNT__) || !(defined(__x86_64__) || defined(__i386__)))
 /* the compiler's builtin: one instruction where the target has one (x86 with -mpopcnt / -march=native, aarch64) */
