@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,16 @@ def test_export_from_a_packed_file(tiny, dtype, tmp_path):
     assert "bestformer_tiny" in info.files["model.h"].read_text()
     x = grid_inputs(model, 2, seed=9).numpy()
     assert_bit_equal(CLib(info).predict(x), PackedModel.load(path, threads=1).predict(x))
+
+
+def test_export_from_a_file_needs_no_torch(tiny, tmp_path):
+    from bestformer.deploy.fold import export_packed
+
+    path = export_packed(tiny[0], tmp_path / "m.bst")
+    code = ("import sys; from bestformer.deploy import export_c; "
+            f"print(export_c({str(path)!r}, {str(tmp_path / 'c')!r}).arena_bytes, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == [str(tiny[2].arena_bytes), "False"]
 
 
 def test_error_codes(tiny):
