@@ -88,7 +88,8 @@ def _f32(x: float) -> str:
     x = float(np.float32(x))
     if not math.isfinite(x):
         raise ConfigError(f"cannot export the non-finite constant {x!r} to C")
-    return float.hex(x) + "f"
+    mantissa, exponent = float.hex(x).split("p")  # exact; trailing zeros of the mantissa dropped
+    return f"{mantissa.rstrip('0').rstrip('.')}p{exponent}f"
 
 
 class _Writer:
