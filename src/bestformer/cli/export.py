@@ -1,24 +1,29 @@
-"""``bestformer export CKPT --format packed|nir|onnx -o OUT``: write a deployment file from a checkpoint.
+"""``bestformer export CKPT --format packed|nir|onnx|c -o OUT``: write a deployment file from a checkpoint.
 
 ``packed``: the folded 1-bit model as one ``.bst`` file for the bit-packed runtime (``bestformer predict``);
 ``nir``: the Neuromorphic Intermediate Representation of the parts NIR can express; ``onnx``: one ONNX graph
-(T unrolled, +-1 weights, BatchNorm folded, dynamic batch) for onnxruntime, TensorRT, OpenVINO (docs/deploy.md).
+(T unrolled, +-1 weights, BatchNorm folded, dynamic batch) for onnxruntime, TensorRT, OpenVINO; ``c``: a C99
+library (``-o FOLDER/model.c``; ``model.h`` and ``example.c`` beside it) whose logits equal the packed runtime's
+(docs/deploy.md).
 CKPT may be a zoo entry, ``zoo:NAME``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from .options import integer, number, output_file
 
-HELP = "write a deployment file (packed 1-bit model, NIR graph or ONNX) from a checkpoint"
+HELP = "write a deployment file (packed 1-bit model, NIR graph, ONNX or a C library) from a checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT",
                         help="a .safetensors checkpoint written by bestformer, or zoo:NAME")
-    parser.add_argument("--format", choices=("packed", "nir", "onnx"), default="packed",
-                        help="packed: .bst file for `bestformer predict`; nir: NIR graph (HDF5); onnx: ONNX graph")
+    parser.add_argument("--format", choices=("packed", "nir", "onnx", "c"), default="packed",
+                        help="packed: .bst file for `bestformer predict`; nir: NIR graph (HDF5); onnx: ONNX graph; "
+                             "c: C99 library (-o FOLDER/model.c; model.h and example.c are written beside it)")
     parser.add_argument("-o", "--output", required=True, type=output_file(),
                         help="file to write (e.g. model.bst or model.nir)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
@@ -40,14 +45,17 @@ def run(args: argparse.Namespace) -> int:
     out = args.output
     model, meta = load_weights_spec(args.checkpoint)
     name = meta["model_name"]
-    if args.format == "onnx":
+    if args.format in ("onnx", "c"):
         if args.verify or args.subgraphs:
             raise ConfigError("--verify and --subgraphs apply to --format packed / nir")
         from ..data import is_event_dataset
-        from ..deploy.onnx_export import export_onnx
 
         dataset = meta.get("dataset") or (meta.get("config") or {}).get("dataset")
         events = bool(dataset) and is_event_dataset(dataset)
+        if args.format == "c":
+            return _export_c(model, out, events, name)
+        from ..deploy.onnx_export import export_onnx
+
         export_onnx(model, out, events=events)
         print(f"wrote {out} (ONNX, {out.stat().st_size / 1e6:.3f} MB, input "
               f"{'[T, B, C, H, W] event frames' if events else '[B, C, H, W] images'}, dynamic batch) from {name}")
@@ -82,4 +90,18 @@ def run(args: argparse.Namespace) -> int:
         got = packed.predict(x)
         print(f"verify on {args.verify} random inputs: max |logit difference| {np.abs(got - ref).max():.2e}, "
               f"argmax identical on {(got.argmax(1) == ref.argmax(1)).mean():.0%}")
+    return 0
+
+
+def _export_c(model: Any, out: Path, events: bool, name: str) -> int:
+    from ..deploy.c_export import CFLAGS, export_c
+    from ..errors import ConfigError
+
+    if out.name != "model.c":
+        raise ConfigError(f"--format c writes model.c, model.h and example.c into one folder: give -o "
+                          f"{out.parent / 'model.c'} (got {out.name!r})")
+    info = export_c(model, out.parent, events=events)
+    print(f"wrote {out} with model.h and example.c (C99, {info.weight_bytes / 1e3:.1f} KB of constants, arena "
+          f"{info.arena_bytes} bytes, input {'[T][C][H][W] event frames' if events else '[C][H][W]'}) from {name}; "
+          f"build: cc {' '.join(CFLAGS)} -c {out}")
     return 0

@@ -3,7 +3,9 @@
 
 - :func:`export_packed` (``bestformer export CKPT --format packed``) folds a model and writes a ``.bst`` file;
 - :class:`PackedModel` (``bestformer predict``) loads and runs it with popcounts on 64-bit words;
-- :func:`export_nir` (``bestformer export CKPT --format nir``) writes the parts NIR can express.
+- :func:`export_nir` (``bestformer export CKPT --format nir``) writes the parts NIR can express;
+- :func:`export_c` (``bestformer export CKPT --format c``) writes a C99 inference library (no malloc, libc only)
+  whose logits equal the packed runtime's bit for bit.
 
 Names load on first use (PEP 562): ``from bestformer.deploy import PackedModel`` does not import torch.
 """
@@ -20,6 +22,7 @@ _LAZY = {
     "read_packed": "packfile",
     "write_packed": "packfile",
     "export_nir": "nir_export",
+    "export_c": "c_export",
     "to_nir": "nir_export",
 }
 
