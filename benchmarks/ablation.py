@@ -66,8 +66,8 @@ def run_once(cfg: TrainConfig) -> dict:
     resume state when an earlier call was cut off, else trained. ``{"val", "test", "minutes", "run_dir"}``."""
     folder = Path(cfg.out) / cfg.name
     summary = folder / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
-        done = json.loads(summary.read_text())
+    done = json.loads(summary.read_text()) if summary.is_file() else {}
+    if done.get("status") == "finished":
         seconds = done["seconds"]
         val, test = done.get("val"), done.get("test")
     else:

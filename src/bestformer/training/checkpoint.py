@@ -232,9 +232,13 @@ def _construction_budget(elements: int, modules: int) -> Iterator[None]:
             h.remove()
 
 
-def build_for_state(name: str, args: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
-    """Build model ``name(**args)`` for the weights ``state`` only once it is known to fit them: first on the
-    ``meta`` device (nothing allocated) under a budget of a few times the file's own size, then for real."""
+def build_for_state(header: dict[str, Any], overrides: dict[str, Any], state: dict[str, torch.Tensor], what: str
+                    ) -> nn.Module:
+    """Build the model a checkpoint ``header`` names (its options as saved, :func:`saved_model_args`, plus
+    ``overrides``) for the weights ``state`` only once it is known to fit them: first on the ``meta`` device
+    (nothing allocated) under a budget of a few times the file's own size, then for real."""
+    name = header["model_name"]
+    args = {**saved_model_args(name, header["model_args"], header.get("library_version")), **overrides}
     held = sum(t.numel() for t in state.values())
     budget = (4 * held + 2**20, 16 * len(state) + 4096)
     try:
@@ -269,9 +273,7 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict
     """
     path = Path(path)
     state, header = read_checkpoint(path)
-    args = {**saved_model_args(header["model_name"], header["model_args"], header.get("library_version")),
-            **overrides}
-    model = build_for_state(header["model_name"], args, state, f"checkpoint {path}")
+    model = build_for_state(header, overrides, state, f"checkpoint {path}")
     model.load_state_dict(state)
     model.eval()
     meta = dict(header.get("meta", {}))

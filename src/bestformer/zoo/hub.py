@@ -22,7 +22,6 @@ from torch import nn
 
 from ..errors import ConfigError, FileFormatError
 from ..fileio import atomic_write_json, atomic_write_text
-from ..models import saved_model_args
 from ..training.checkpoint import (
     agreed_header,
     build_for_state,
@@ -77,9 +76,7 @@ def from_pretrained(spec: str | Path, **overrides: Any) -> tuple[nn.Module, dict
     mode, header)``. ``overrides`` change model options that keep the weights' shapes (e.g. the neuron backend)."""
     directory = _download(str(spec)[len(HUB_PREFIX):]) if str(spec).startswith(HUB_PREFIX) else Path(spec)
     state, header = read_pretrained(directory)
-    args = {**saved_model_args(header["model_name"], header["model_args"], header.get("library_version")),
-            **overrides}
-    model = build_for_state(header["model_name"], args, state, f"pretrained model {directory}")
+    model = build_for_state(header, overrides, state, f"pretrained model {directory}")
     model.load_state_dict(state)
     return model.eval(), header
 
