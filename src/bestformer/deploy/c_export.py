@@ -38,6 +38,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..fileio import atomic_write_bytes
+from .c_plan import SCRATCH, Geometry, cname, plan_arena, predict_body
 from .packfile import PackedModelData
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 #: the flags the generated code is written for (``-ffp-contract=off``: only the explicit fma is fused)
 CFLAGS = ("-std=c99", "-O2", "-ffp-contract=off")
-_ALIGN = 64  # arena regions start on cache lines (the API needs 8: uint64_t and double)
 
 
 @dataclass
@@ -104,6 +104,14 @@ class _Writer:
         self.parts.append(f"static const uint64_t {name}[{max(flat.size, 1)}] = {{\n    "
                           + ",\n    ".join(lines or ["0"]) + "\n};\n")
 
+    def blocks(self, name: str, w: np.ndarray) -> None:
+        """Binary weights [O][...] (rows of packed words) as blocks of 8 outputs [ceil(O/8)][K][8], zero rows
+        padding the last block: the layout of ``bf_gemm`` (8 lanes per input word)."""
+        w = np.ascontiguousarray(w, dtype=np.uint64).reshape(w.shape[0], -1)
+        pad = np.zeros((-w.shape[0] % 8, w.shape[1]), np.uint64)
+        full = np.concatenate([w, pad])
+        self.words(name, full.reshape(-1, 8, w.shape[1]).transpose(0, 2, 1))
+
     def floats(self, name: str, arr: np.ndarray) -> None:
         flat = np.ascontiguousarray(arr, dtype=np.float32).ravel()
         self.weight_bytes += flat.size * 4
@@ -118,196 +126,27 @@ def _template(name: str) -> str:
     return resources.files("bestformer.deploy").joinpath(f"c/{name}").read_text(encoding="utf-8")
 
 
-def _cname(name: str) -> str:
-    return "bf_" + name.replace(".", "_")
+#: the kernels, in the order pasted into model.c: portability checks and fmaf, the popcount paths and the block
+#: product, the layers, the attention, the heads
+_RUNTIME = ("base.c", "popcount.c", "layers.c", "attention.c", "head.c")
 
 
-# ------------------------------------------------------------------------------------------------ the plan
-def _words(n: int) -> int:
-    return (n + 63) // 64
-
-
-@dataclass
-class _Geometry:
-    """Shapes of one sample through the model (``*_w``: 64-bit words of a packed row)."""
-
-    t: int
-    c_in: int
-    img: int
-    d: int
-    heads: int
-    hidden: int
-    classes: int
-    depth: int
-    channel: bool
-    rev: bool
-    distill: bool
-    events: bool
-    widths: list[int]
-    stages: list[dict[str, Any]]
-    n_tok: int
-
-    @classmethod
-    def of(cls, a: dict[str, Any], events: bool) -> _Geometry:
-        d = a["embed_dim"]
-        widths = [d // 8, d // 4, d // 2, d, d]
-        stages = []
-        h = w = a["img_size"]
-        for i in range(4):
-            pool = a["pool_stages"][i]
-            hp, wp = ((h - 1) // 2 + 1, (w - 1) // 2 + 1) if pool else (h, w)
-            stages.append(dict(h=h, w=w, pool=pool, hp=hp, wp=wp, kw=_words(widths[i]), n_out=widths[i + 1]))
-            h, w = hp, wp
-        return cls(a["time_steps"], a["in_channels"], a["img_size"], d, a["num_heads"], a["mlp_hidden"],
-                   a["num_classes"], a["depth"], a["attention"] == "channel", a["reversible"], a["distill_head"],
-                   bool(events), widths, stages, h * w)
-
-    @property
-    def dh(self) -> int:  # a head's width
-        return self.d // self.heads
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        chw = (self.c_in, self.img, self.img)
-        return (self.t, *chw) if self.events else chw
-
-
-class _Arena:
-    """Regions of the caller's arena: ``name -> (offset, bytes)``. :meth:`take` places a region at the end of
-    everything so far, or at ``at`` (overlaying regions no longer live), and returns its end."""
-
-    def __init__(self) -> None:
-        self.size = 0
-        self.regions: dict[str, tuple[int, int]] = {}
-
-    def take(self, name: str, nbytes: int, at: int | None = None) -> int:
-        start = -(-(self.size if at is None else at) // _ALIGN) * _ALIGN
-        self.regions[name] = (start, nbytes)
-        self.size = max(self.size, start + nbytes)
-        return start + nbytes
-
-    @property
-    def nbytes(self) -> int:
-        return -(-self.size // _ALIGN) * _ALIGN
-
-
-def _plan(g: _Geometry) -> _Arena:
-    """The token streams; then the stem's two ping-pong buffers of packed spikes, overlaid by the blocks' buffers
-    (spikes, Q, K, V, the attention output; the MLP's hidden spikes overlay Q..O); then the vector scratch."""
-    ar = _Arena()
-    t, n, d, dh = g.t, g.n_tok, g.d, g.dh
-    work = ar.take("x0", 4 * t * n * d)
-    if g.rev:
-        work = ar.take("x1", 4 * t * n * d)
-    stem_words = max([t * g.img * g.img * _words(g.widths[0])]
-                     + [t * s["h"] * s["w"] * s["kw"] for s in g.stages]
-                     + [t * s["hp"] * s["wp"] * _words(s["n_out"]) for s in g.stages[:3]])
-    ar.take("stem_b", 8 * stem_words, ar.take("stem_a", 8 * stem_words, work))
-    blk = ar.take("s", 8 * t * n * _words(d), work)
-    end = ar.take("q", 8 * t * n * g.heads * _words(dh), blk)
-    end = ar.take("k", 8 * (g.heads * t * dh * _words(n) if g.channel else t * n * g.heads * _words(dh)), end)
-    end = ar.take("v", 8 * g.heads * t * dh * _words(n), end)
-    ar.take("o", 8 * t * n * _words(d), end)
-    ar.take("hid", 8 * t * n * _words(g.hidden), blk)
-    maxw = max([n, d, g.hidden, *g.widths])
-    for name, nbytes in (("h", 4 * maxw), ("v_mem", 4 * maxw), ("v2", 4 * maxw), ("f", maxw + 64),
-                         ("z", 4 * t * maxw), ("pc", 4 * t), ("y", 4 * g.widths[0]), ("row", 8 * t * _words(n)),
-                         ("kv", 8 * t * dh * _words(dh)), ("feat", 8 * 2 * d)):
-        ar.take(name, nbytes)
-    return ar
-
-
-def _body(g: _Geometry, lif_index: dict[str, int]) -> list[str]:
-    """The statements of ``bestformer_predict``: one call per layer, shapes as literals."""
-    t, n, d, dh, heads = g.t, g.n_tok, g.d, g.dh, g.heads
-    d_w, h_w, nw = _words(d), _words(g.hidden), _words(n)
-
-    def lif(name: str) -> str:
-        return f"&bf_lif[{lif_index[name]}]"
-
-    def bn(name: str, c: int) -> str:
-        return f"{_cname(name + '.bn')}, {_cname(name + '.bn')} + {c}"
-
-    def linear(src: str, kw: int, name: str, n_out: int, mode: str, lif_name: str | None, group: int,
-               out_b: str = "NULL", out_f: str = "NULL", other: str = "NULL") -> str:
-        return (f"bf_linear({src}, {n}, {kw}, {_cname(name + '.w')}, {bn(name, n_out)}, {n_out}, {mode}, "
-                f"{lif(lif_name) if lif_name else 'NULL'}, {group}, {out_b}, {out_f}, {other}, &s);")
-
-    body = ["/* stem */",
-            f"bf_stem_conv(input, {t if g.events else 1}, {g.c_in}, {g.img}, {g.img}, bf_stem_conv_w, "
-            f"{bn('stem.conv', g.widths[0])}, {g.widths[0]}, {lif('stem.0')}, stem_a, &s);"]
-    cur, other = "stem_a", "stem_b"
-    for i, st in enumerate(g.stages):
-        if st["pool"]:
-            body.append(f"bf_maxpool({cur}, {st['h']}, {st['w']}, {st['kw']}, {other});")
-            cur, other = other, cur
-        conv = (f"bf_conv3x3({cur}, {st['hp']}, {st['wp']}, {st['kw']}, {_cname(f'stem.{i}.w')}, "
-                f"{bn(f'stem.{i}', st['n_out'])}, {st['n_out']}, ")
-        if i < 3:
-            body.append(conv + f"BF_OUT_BITS, {lif(f'stem.{i + 1}')}, {other}, NULL, &s);")
-            cur, other = other, cur
-        else:
-            body.append(conv + "BF_OUT_FLOAT, NULL, NULL, x0, &s); /* the tokens [T][N][D] */")
-    if g.rev:
-        body.append(f"memcpy(x1, x0, sizeof(float) * {t * n * d}u); /* X0 = X1 = the stem's tokens */")
-    for j in range(g.depth):
-        p = f"b{j}"
-        vt_words = heads * t * dh * nw
-        body += [f"/* block {j}: attention ({'channel' if g.channel else 'token'} form) */",
-                 f"bf_lif_stream({'x1' if g.rev else 'x0'}, {n}, {d}, {lif(p + '.in')}, sb, &s);",
-                 linear("sb", d_w, p + ".q", d, "BF_OUT_BITS", p + ".q", dh, out_b="qb")]
-        if g.channel:  # K by channels (bits over tokens), like V
-            body += [f"memset(kb, 0, sizeof(uint64_t) * {vt_words}u);",
-                     linear("sb", d_w, p + ".k", d, "BF_OUT_BITS_T", p + ".k", dh, out_b="kb")]
-        else:
-            body.append(linear("sb", d_w, p + ".k", d, "BF_OUT_BITS", p + ".k", dh, out_b="kb"))
-        body += [f"memset(vb, 0, sizeof(uint64_t) * {vt_words}u);",
-                 linear("sb", d_w, p + ".v", d, "BF_OUT_BITS_T", p + ".v", dh, out_b="vb"),
-                 f"memset(ob, 0, sizeof(uint64_t) * {t * n * d_w}u);",
-                 f"bf_attention_{'channel' if g.channel else 'token'}(qb, kb, vb, {n}, {heads}, {dh}, "
-                 f"{_cname(p + '.scale')}, {lif(p + '.attn')}, {lif(p + '.out')}, ob, {d_w}, &s);"]
-        if g.rev:
-            body.append(linear("ob", d_w, p + ".o", d, "BF_OUT_REV", None, d, out_f="x0", other="x1")
-                        + " /* X0 = Attn(X1) + (X0 + X1) / 2 */")
-        else:
-            body.append(linear("ob", d_w, p + ".o", d, "BF_OUT_RES", None, d, out_f="x0") + " /* h = h + Attn(h) */")
-        body += [f"/* block {j}: MLP */",
-                 f"bf_lif_stream(x0, {n}, {d}, {lif(p + '.n1')}, sb, &s);",
-                 linear("sb", d_w, p + ".fc1", g.hidden, "BF_OUT_BITS", p + ".n2", g.hidden, out_b="hb")]
-        if g.rev:
-            body.append(linear("hb", h_w, p + ".fc2", d, "BF_OUT_REV", None, d, out_f="x1", other="x0")
-                        + " /* X1 = MLP(X0) + (X1 + X0) / 2 */")
-        else:
-            body.append(linear("hb", h_w, p + ".fc2", d, "BF_OUT_RES", None, d, out_f="x0") + " /* h = h + MLP(h) */")
-    body += ["/* heads: the time/token mean and the linear heads in double, one rounding to float */",
-             f"bf_mean_tokens(x0, {n}, {d}, feat);"]
-    if g.rev:
-        body.append(f"bf_mean_tokens(x1, {n}, {d}, feat + {d});")
-    if g.distill:  # eval output: the mean of both heads (the first on X0, the second on the last stream)
-        second = f"feat + {d}" if g.rev else "feat"
-        body += [f"for (c = 0; c < {g.classes}; c++)",
-                 f"    logits[c] = (float)((bf_head_logit(feat, bf_head_w, bf_head_b, {d}, c) + "
-                 f"bf_head_logit({second}, bf_head_dist_w, bf_head_dist_b, {d}, c)) / 2.0);"]
-    else:
-        if g.rev:  # one head on the mean of both streams' features: sum(feats) / 2 in the numba runtime
-            body.append(f"for (c = 0; c < {d}; c++) feat[c] = ((0.0 + feat[c]) + feat[{d} + c]) / 2.0;")
-        body += [f"for (c = 0; c < {g.classes}; c++)",
-                 f"    logits[c] = (float)bf_head_logit(feat, bf_head_w, bf_head_b, {d}, c);"]
-    return body
-
-
-def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False) -> CExportInfo:
+def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False, threads: int = 1) -> CExportInfo:
     """Write the C library of a 1-bit model (a ``SpikingTransformer``, a :class:`PackedModel`, its
     :class:`PackedModelData` or a ``.bst`` path) to ``out_dir``; returns a :class:`CExportInfo`.
 
     ``events``: the library takes event frames ``[T][C][H][W]`` per sample (a model trained on an event dataset)
-    instead of one static image ``[C][H][W]`` repeated over the ``T`` steps."""
+    instead of one static image ``[C][H][W]`` repeated over the ``T`` steps. ``threads``: the arena holds that many
+    scratch sets, so that a build with OpenMP (``-fopenmp``) runs each layer's rows on up to ``threads`` threads
+    (the results are the same bits for any thread count)."""
+    if not isinstance(threads, int) or not 1 <= threads <= 256:
+        raise ConfigError(f"threads must be an integer in 1..256, got {threads!r}")
     from .runtime import neuron_names
 
     pm = _packed(model_or_packed)
     a = pm.arch
-    g = _Geometry.of(a, events)
-    ar = _plan(g)
+    g = Geometry.of(a, events)
+    ar, one = plan_arena(g, threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -320,19 +159,18 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False) ->
         rows.append(f"    {{{_f32(tau)}, {_f32(beta)}, {_f32(vth)}, {_f32(vr)}, {_f32(inv_tau)}, {int(soft)}, "
                     f"{int(decay)}, {int(pow2)}}}, /* {name} */")
     wr.weight_bytes += len(rows) * 32
-    for name in sorted(pm.f):
-        wr.floats(_cname(name), pm.f[name])
+    for name in sorted(pm.f):  # the first convolution with its outputs innermost: [C][3][3][O]
+        wr.floats(cname(name), pm.f[name].transpose(1, 2, 3, 0) if name == "stem.conv.w" else pm.f[name])
     for name in sorted(pm.w):
-        wr.words(_cname(name), pm.w[name])
+        wr.blocks(cname(name), pm.w[name])
 
     ptrs = [("float", "x0", "x0"), ("uint64_t", "stem_a", "stem_a"), ("uint64_t", "stem_b", "stem_b"),
-            ("uint64_t", "s", "sb"), ("uint64_t", "q", "qb"), ("uint64_t", "k", "kb"), ("uint64_t", "v", "vb"),
-            ("uint64_t", "o", "ob"), ("uint64_t", "hid", "hb"), ("double", "feat", "feat"),
-            ("float", "h", "s.h"), ("float", "v_mem", "s.v"), ("float", "v2", "s.v2"),
-            ("unsigned char", "f", "s.f"), ("int", "z", "s.z"), ("int", "pc", "s.pc"), ("float", "y", "s.y"),
-            ("uint64_t", "row", "s.row"), ("uint64_t", "kv", "s.kv")] + ([("float", "x1", "x1")] if g.rev else [])
+            ("uint64_t", "s", "sb"), ("uint64_t", "q", "qb"), ("uint64_t", "kp", "kp"), ("uint64_t", "kb", "kb"),
+            ("uint64_t", "vt", "vt"), ("uint64_t", "o", "ob"), ("uint64_t", "hid", "hb"), ("double", "feat", "feat")]
+    ptrs += [("float", "x1", "x1")] if g.rev else []
+    ptrs += [("uint64_t", "kv", "kv")] if g.channel else []
     input_size = math.prod(g.input_shape)
-    template = _template("runtime.c")
+    template = "\n".join(_template(part) for part in _RUNTIME)
     model_name = pm.header.get("model_name") or getattr(model_or_packed, "model_name", "") or "model"
     summary = (f"T={g.t}, input {'x'.join(map(str, g.input_shape))}{' event frames' if g.events else ''}, D={g.d}, "
                f"depth={g.depth}, heads={g.heads}, {a['attention']} attention, "
@@ -349,16 +187,17 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False) ->
         f"#define BF_T {g.t}",
         f"#define BF_BN_FMA {1 if pm.use_fma else 0} /* the folded BatchNorm's rounding recorded in the file */",
         f"#define BF_ATTENTION_CHANNEL {1 if g.channel else 0}",
+        f"#define BF_THREADS {threads} /* scratch sets in the arena: the most OpenMP threads a call uses */",
         "#define BF_FLT_TRUE_MIN 0x1p-149f", "",
         template,
         "/* ---- weights and constants ---- */",
         "static const bf_lif_t bf_lif[%d] = {\n%s\n};\n" % (len(rows), "\n".join(rows)),  # noqa: UP031
         *wr.parts,
         "int bestformer_predict(const float *input, float *logits, void *arena) {",
-        "    bf_scratch_t s;",
+        "    bf_scratch_t s[BF_THREADS];",
         "    unsigned char *base = (unsigned char *)arena;",
         "    int c;",
-        *(f"    {ctype} *{var};" for ctype, _r, var in ptrs if not var.startswith("s.")),
+        *(f"    {ctype} *{var};" for ctype, _r, var in ptrs),
         "    if (input == NULL || logits == NULL || arena == NULL) return BESTFORMER_ERR_NULL;",
         "#ifdef UINTPTR_MAX",
         "    if ((uintptr_t)arena % BESTFORMER_ARENA_ALIGN != 0) return BESTFORMER_ERR_ALIGN;",
@@ -366,8 +205,12 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False) ->
         f"    if (!bf_check_input(input, {input_size}u)) return BESTFORMER_ERR_INPUT;",
         "    if (bf_contracted()) return BESTFORMER_ERR_BUILD;",
         *(f"    {var} = ({ctype} *)(base + {ar.regions[r][0]}u);" for ctype, r, var in ptrs),
-        *("    " + line for line in _body(g, {n: i for i, n in enumerate(names)})),
-        "    (void)stem_b; (void)sb; (void)qb; (void)kb; (void)vb; (void)ob; (void)hb;",
+        f"    for (c = 0; c < BF_THREADS; c++) {{ /* one scratch set per thread, {one.nbytes} bytes each */",
+        f"        unsigned char *sp = base + {ar.regions['scratch'][0]}u + (size_t)c * {one.nbytes}u;",
+        *(f"        s[c].{member} = ({ctype} *)(sp + {one.regions[name][0]}u);" for ctype, name, member in SCRATCH),
+        "    }",
+        *("    " + line for line in predict_body(g, {n: i for i, n in enumerate(names)})),
+        "    (void)stem_b; (void)sb; (void)qb; (void)kp; (void)kb; (void)vt; (void)ob; (void)hb;",
         "    return BESTFORMER_OK;",
         "}", "",
         "#ifdef BESTFORMER_TEST_HOOKS /* for tests/test_c_export.py: the fmaf in use, or its emulation */",

@@ -28,6 +28,9 @@ extern "C" {{
  * calls (one arena per concurrent caller). Returns BESTFORMER_OK or a BESTFORMER_ERR_* code. */
 int bestformer_predict(const float *input, float *logits, void *arena);
 
+/* the AND+popcount path compiled in: "avx512-vpopcntdq", "avx2", "neon" or "portable" (see model.c) */
+const char *bestformer_popcount_path(void);
+
 #ifdef __cplusplus
 }}
 #endif
