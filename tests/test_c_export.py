@@ -239,6 +239,56 @@ def test_variants_bit_equal(events, overrides, use_fma, tmp_path):
     assert_bit_equal(CLib(info).predict(x), pm.predict(x))
 
 
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _compiles(flags: tuple[str, ...], tmp_path: Path) -> bool:
+    src = tmp_path / "probe.c"
+    src.write_text("int main(void) { return 0; }\n")
+    return subprocess.run([CC, *flags, str(src), "-o", str(tmp_path / "probe")], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    """A model whose every width needs the paths' edge cases: 36 tokens and heads of 10 channels (blocks of 8 lanes
+    padded), 33-word rows into fc2 (the byte counters of AVX2 and NEON flushed after 31 words), 3 steps (the
+    AVX-512 path's 4-row tiles plus a tail)."""
+    model = calibrated(seed=5, img_size=12, embed_dim=40, num_heads=4, mlp_ratio=52, time_steps=3)
+    pm = PackedModel(fold_model(model), threads=1)
+    x = grid_inputs(model, 3, seed=11).numpy()
+    return pm, x, pm.predict(x)
+
+
+@pytest.mark.parametrize(("path", "flags", "cpu_flags"), [
+    ("portable", ("-DBF_FORCE_PORTABLE",), ()),
+    ("avx2", ("-mavx2", "-mpopcnt"), ("avx2", "popcnt")),
+    ("avx512-vpopcntdq", ("-mavx512f", "-mavx512vpopcntdq", "-O3"), ("avx512f", "avx512_vpopcntdq")),
+    ("openmp", ("-fopenmp", "-O3", "-march=native"), ()),
+])
+def test_popcount_paths_and_threads_bit_equal(padded, path, flags, cpu_flags, tmp_path):
+    """Every compile-time popcount path this CPU can run, and the OpenMP build on 3 scratch sets, give the packed
+    runtime's logits bit for bit, and the library names the path it was built with."""
+    pm, x, want = padded
+    missing = [f for f in cpu_flags if f not in _cpu_flags()]
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)}")
+    if not _compiles(flags, tmp_path):
+        pytest.skip(f"{CC} does not take {' '.join(flags)}")
+    info = export_c(pm, tmp_path, threads=3 if path == "openmp" else 1)
+    lib = CLib(info, flags)
+    lib.lib.bestformer_popcount_path.restype = ctypes.c_char_p
+    name = lib.lib.bestformer_popcount_path().decode()
+    assert name == path if path != "openmp" else name in ("avx512-vpopcntdq", "avx2", "neon", "portable")
+    assert_bit_equal(lib.predict(x), want)
+
+
 def _fma_cases(n: int = 20000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random triples over a wide exponent range (subnormal results included) and triples built so that
     ``a*b + c`` rounded to double lands exactly halfway between two floats (the double-rounding cases)."""

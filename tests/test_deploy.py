@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 import bestformer
 from bestformer.cli import main as cli_main
 from bestformer.deploy import kernels as K
+from bestformer.deploy.c_build import find_compiler
 from bestformer.deploy.fold import bn_constants, export_packed, fold_batchnorm, fold_model, neuron_modules
 from bestformer.deploy.packfile import DIGEST_SIZE, FORMAT_VERSION, encode_packed, read_packed
 from bestformer.deploy.runtime import PackedModel
@@ -229,9 +231,43 @@ def test_binary_linear_is_the_integer_product():
     out = np.empty((t, rows, o), np.float32)
     ones, zeros = np.ones(o, np.float32), np.zeros(o, np.float32)
     dummy_b, dummy_u = np.zeros((1, 1, 1), np.uint64), np.zeros((1, 1, 1), np.uint8)
-    K.binary_linear(sw, words, ones, zeros, True, K.OUT_FLOAT, K.lif_vector(2, 1, 0, False, True), o, out, dummy_b,
-                    dummy_u, 0, rows)
+    K.binary_linear(sw, K.block_weights(words), ones, zeros, True, K.OUT_FLOAT, K.lif_vector(2, 1, 0, False, True),
+                    o, out, dummy_b, dummy_u, 0, rows)
     np.testing.assert_array_equal(out, s.astype(np.int64) @ w.T.astype(np.int64))
+
+
+@njit
+def _block_products(x, wb, out):
+    for b in range(wb.shape[0]):
+        K.and_popcount8(x, wb[b], out, K.LANES * b)
+
+
+def test_vector_block_product_against_numpy():
+    """The LLVM vector block product (8 lanes, every K from 0 to 40 words) and the block layout against numpy's
+    bit counts, with all-ones words (64 per lane) and 13 outputs (a padded last block)."""
+    rng = np.random.default_rng(3)
+    for k in range(41):
+        x = rng.integers(0, 2**64, k, dtype=np.uint64, endpoint=False)
+        w = rng.integers(0, 2**64, (13, k), dtype=np.uint64, endpoint=False)
+        if k:
+            x[0], w[:, 0] = ~np.uint64(0), ~np.uint64(0)
+        wb = K.block_weights(w)
+        assert wb.shape == (2, k, 8) and (wb[1, :, 5:] == 0).all()
+        out = np.full(16, -1, np.int32)
+        _block_products(x, wb, out)
+        want = np.unpackbits((x[None, :] & w).view(np.uint8).reshape(13, -1), axis=1).sum(1)
+        np.testing.assert_array_equal(out[:13], want)
+        assert (out[13:] == 0).all()
+
+
+def test_binary_layers_use_the_vector_popcount_where_the_cpu_has_one():
+    """Where the CPU has AVX-512 VPOPCNTDQ, the compiled binary layer counts 8 words per instruction (vpopcntq on
+    a zmm register) instead of one scalar popcnt per word."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512_vpopcntdq" not in flags:
+        pytest.skip("this CPU has no AVX-512 VPOPCNTDQ")
+    asm = "\n".join(_block_products.inspect_asm().values())
+    assert "vpopcntq" in asm and "zmm" in asm
 
 
 def test_maxpool_and_im2col_match_numpy():
@@ -474,10 +510,18 @@ def test_cli_bench_prints_the_ratio_last(capsys, tmp_path):
     assert cli_main(["bench", "--model", "bestformer_tiny", "--batch-sizes", "2", "--repeats", "1", "--threads", "1",
                      "--plot", str(tmp_path / "b.png"), "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1].startswith("latency ratio (PyTorch / packed): batch 2:")
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["rows"][0]["argmax_agree"] == 1.0 and res["file_ratio"] > 5
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    if find_compiler() is None:  # the C library is the third engine wherever a compiler exists
+        assert out[-1].startswith("latency ratio (PyTorch / packed): batch 2:") and "c" not in res
+        return
+    assert out[-1].startswith("latency ratio (PyTorch / packed, PyTorch / C): batch 2:")
+    assert res["rows"][0]["c_bit_equal_packed"] is True and res["rows"][0]["c_speedup"] > 0
+    assert res["c"]["popcount_path"] in ("avx512-vpopcntdq", "avx2", "neon", "portable")
+    assert cli_main(["bench", "--model", "bestformer_tiny", "--batch-sizes", "1", "--repeats", "1", "--threads", "1",
+                     "--no-plot", "--no-memory", "--no-c"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("latency ratio (PyTorch / packed): batch 1:")
 
 
 # --------------------------------------------------------------------------------------------------- NIR

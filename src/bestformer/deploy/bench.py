@@ -1,12 +1,14 @@
-"""Side-by-side benchmark of the packed runtime against the same model in PyTorch float32 eval mode
-(``bestformer bench``, ``benchmarks/deploy.py``).
+"""Side-by-side benchmark of the packed runtime and the generated C library against the same model in PyTorch
+float32 eval mode (``bestformer bench``, ``benchmarks/deploy.py``).
 
-Everything runs in one process, interleaved (PyTorch, packed, PyTorch, ...), so both see the same machine load;
-each latency is the median of its repeats. Peak memory is the model's bytes plus the rise of the process's peak
-resident set during one inference (Linux ``/proc/self/status`` ``VmHWM``, reset through ``/proc/self/clear_refs``
-before each measurement). File sizes: the packed ``.bst`` file against the float32 checkpoint (safetensors). A
-micro-benchmark measures this CPU's AND+popcount throughput and its float32 GEMM throughput, which bound what the
-bitwise runtime can gain: 64 binary multiply-accumulates per popcount word against one per float32 FMA lane.
+Everything runs in one process, interleaved (PyTorch, packed, C, PyTorch, ...), so all see the same machine load;
+each timed run follows an untimed run of the same engine; each latency is the median of its repeats. Peak memory
+is the model's bytes plus the rise of the process's peak resident set during one inference (Linux
+``/proc/self/status`` ``VmHWM``, reset through ``/proc/self/clear_refs`` before each measurement). File sizes: the
+packed ``.bst`` file against the float32 checkpoint (safetensors). Micro-benchmarks measure this CPU's AND+popcount
+throughput (the numba runtime's and the C library's block product) and its float32 GEMM throughput, which bound
+what the bitwise engines can gain: 64 binary multiply-accumulates per popcount word against one per float32 FMA
+lane.
 
 Peak memory: before each measurement freed heap memory is handed back to the OS (glibc ``malloc_trim``) and the
 peak counter reset, so that the rise of ``VmHWM`` is the memory the inference touches (activations, workspaces).
@@ -33,6 +35,8 @@ from ..errors import ConfigError
 from ..progress import progress_bar
 from ..training import save_checkpoint
 from . import kernels as K
+from .c_build import CLibrary, compile_library, find_compiler, popcount_words_per_second
+from .c_export import export_c
 from .fold import export_packed
 from .runtime import PackedModel, split_run
 
@@ -117,8 +121,8 @@ def _elapsed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _bench_batch(model: torch.nn.Module, packed: PackedModel, x: np.ndarray, repeats: int, budget: float | None,
-                 model_bytes: dict[str, int] | None) -> dict[str, Any]:
+def _bench_batch(model: torch.nn.Module, packed: PackedModel, clib: CLibrary | None, x: np.ndarray, repeats: int,
+                 budget: float | None, model_bytes: dict[str, int] | None) -> dict[str, Any]:
     """Interleaved timings of one batch, the logit agreement and (with ``model_bytes``) the peak memory."""
     b = x.shape[0]
     xt = torch.from_numpy(x)
@@ -127,52 +131,72 @@ def _bench_batch(model: torch.nn.Module, packed: PackedModel, x: np.ndarray, rep
         with torch.inference_mode():
             return model(xt).numpy()
 
-    def run_packed() -> np.ndarray:
-        return packed.predict(x, batch_size=b)
-
-    ref, got = run_torch(), run_packed()  # warm-up (the first packed call compiles the kernels)
-    times: dict[str, list[float]] = {"torch": [], "packed": []}
+    engines: dict[str, Callable[[], np.ndarray]] = {"torch": run_torch,
+                                                     "packed": lambda: packed.predict(x, batch_size=b)}
+    if clib is not None:
+        engines["c"] = lambda: clib.predict(x)
+    outs = {name: fn() for name, fn in engines.items()}  # warm-up (the first packed call compiles the kernels)
+    times: dict[str, list[float]] = {name: [] for name in engines}
     stop = time.perf_counter() + budget if budget else None
     while True:
-        times["torch"].append(_elapsed(run_torch))
-        times["packed"].append(_elapsed(run_packed))
+        for name, fn in engines.items():  # an untimed run first: no engine is timed on what another left behind
+            fn()  # (caches, sleeping thread pools: measured 2x on the C library's OpenMP threads after numba's)
+            times[name].append(_elapsed(fn))
         n = len(times["torch"])
         if (stop is None and n >= repeats) or (stop is not None and n >= 2 and time.perf_counter() > stop):
             break
-    row: dict[str, Any] = {"batch": b, "torch_s": statistics.median(times["torch"]),
-                           "packed_s": statistics.median(times["packed"]), "runs": len(times["torch"]),
+    ref, got = outs["torch"], outs["packed"]
+    row: dict[str, Any] = {"batch": b, "runs": len(times["torch"]),
                            "max_abs_logit_diff": float(np.abs(got - ref).max()),
                            "argmax_agree": float((got.argmax(1) == ref.argmax(1)).mean())}
+    for name in engines:
+        row[f"{name}_s"] = statistics.median(times[name])
     row["speedup"] = row["torch_s"] / row["packed_s"]
+    if clib is not None:
+        row["c_speedup"] = row["torch_s"] / row["c_s"]
+        row["c_bit_equal_packed"] = bool((outs["c"].view(np.uint32) == got.view(np.uint32)).all())
     if model_bytes is not None:
-        t_peak, p_peak = inference_peak_bytes(run_torch), inference_peak_bytes(run_packed)
-        if t_peak is not None and p_peak is not None:
-            row["torch_peak_bytes"] = model_bytes["float32"] + t_peak
-            row["packed_peak_bytes"] = model_bytes["packed"] + p_peak
+        peaks = {name: inference_peak_bytes(fn) for name, fn in engines.items()}
+        if all(p is not None for p in peaks.values()):
+            row["torch_peak_bytes"] = model_bytes["float32"] + peaks["torch"]
+            row["packed_peak_bytes"] = model_bytes["packed"] + peaks["packed"]
             row["memory_ratio"] = row["torch_peak_bytes"] / row["packed_peak_bytes"]
+            if clib is not None:  # the weights in the shared object, its arena, anything the call touched besides
+                row["c_peak_bytes"] = model_bytes["c"] + peaks["c"]
     return row
 
 
 def run_benchmark(model_name: str = "bestformer_4_384", checkpoint: str | None = None,
                   batch_sizes: Sequence[int] = (1, 32), threads: int = 2, repeats: int = 5,
                   budget: float | None = None, memory: bool = True, seed: int = 0,
-                  progress: bool = True) -> dict[str, Any]:
-    """Measure the packed runtime against PyTorch float32 eval mode on random inputs; returns the numbers.
+                  progress: bool = True, c_engine: bool = True) -> dict[str, Any]:
+    """Measure the packed runtime and (``c_engine``, where a C compiler exists) the generated C library against
+    PyTorch float32 eval mode on random inputs; returns the numbers.
 
     ``repeats`` timed runs per engine and batch size (interleaved); with ``budget`` (seconds) the runs of each
-    batch size continue until the budget is spent instead (at least 2 each).
+    batch size continue until the budget is spent instead (at least 2 each). The C library is built with
+    ``-O3 -march=native`` (this CPU's popcount path), with OpenMP on ``threads`` threads when ``threads > 1``.
     """
     if threads < 1 or repeats < 1 or any(b < 1 for b in batch_sizes):
         raise ConfigError("threads, repeats and batch sizes must be >= 1")
     previous = torch.get_num_threads()
     try:
-        return _run(model_name, checkpoint, batch_sizes, threads, repeats, budget, memory, seed, progress)
+        return _run(model_name, checkpoint, batch_sizes, threads, repeats, budget, memory, seed, progress, c_engine)
     finally:
         torch.set_num_threads(previous)
 
 
+def _c_library(packed: PackedModel, out_dir: Path, threads: int) -> tuple[CLibrary, dict[str, Any]]:
+    """The model as a C library built for this CPU, and what to report about it (path, popcount throughput)."""
+    info = export_c(packed, out_dir, threads=threads)
+    lib = compile_library(info, threads=threads, flags=("-DBESTFORMER_BENCH_HOOKS",))
+    return lib, {"popcount_path": lib.popcount_path, "openmp": threads > 1,
+                 "popcount_words_per_s": popcount_words_per_second(lib),
+                 "weight_bytes": info.weight_bytes, "arena_bytes": info.arena_bytes}
+
+
 def _run(model_name: str, checkpoint: str | None, batch_sizes: Sequence[int], threads: int, repeats: int,
-         budget: float | None, memory: bool, seed: int, progress: bool) -> dict[str, Any]:
+         budget: float | None, memory: bool, seed: int, progress: bool, c_engine: bool) -> dict[str, Any]:
     from ..models import create_model
     from ..training import load_checkpoint
 
@@ -190,19 +214,25 @@ def _run(model_name: str, checkpoint: str | None, batch_sizes: Sequence[int], th
         ckpt_path = save_checkpoint(model, Path(tmp) / "model.safetensors")
         results["file_bytes"] = {"packed": packed_path.stat().st_size, "float32": ckpt_path.stat().st_size}
         packed = PackedModel.load(packed_path, threads=threads)
-    results["model_bytes"] = {"packed": packed.nbytes,
-                              "float32": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
-    c, h, w = packed.input_shape
-    rng = np.random.default_rng(seed)
-    rows = [_bench_batch(model, packed, rng.standard_normal((b, c, h, w)).astype(np.float32), repeats, budget,
-                         results["model_bytes"] if memory else None)
-            for b in progress_bar(batch_sizes, desc="batch sizes", disable=not progress)]
+        results["model_bytes"] = {"packed": packed.nbytes,
+                                  "float32": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
+        clib = None
+        if c_engine and find_compiler() is not None:
+            clib, results["c"] = _c_library(packed, Path(tmp) / "c", threads)
+            results["model_bytes"]["c"] = results["c"]["weight_bytes"] + results["c"]["arena_bytes"]
+        c, h, w = packed.input_shape
+        rng = np.random.default_rng(seed)
+        rows = [_bench_batch(model, packed, clib, rng.standard_normal((b, c, h, w)).astype(np.float32), repeats,
+                             budget, results["model_bytes"] if memory else None)
+                for b in progress_bar(batch_sizes, desc="batch sizes", disable=not progress)]
     results["rows"] = rows
     pc = popcount_throughput(threads)
     fl = sgemm_throughput(threads)
     results["popcount_words_per_s"] = pc
     results["sgemm_macs_per_s"] = fl
     results["bitwise_bound"] = 64 * pc / fl
+    if clib is not None:  # the C block product's throughput is measured on one thread
+        results["c"]["bitwise_bound"] = 64 * results["c"]["popcount_words_per_s"] * threads / fl
     results["file_ratio"] = results["file_bytes"]["float32"] / results["file_bytes"]["packed"]
     return results
 
@@ -224,8 +254,21 @@ def format_report(res: dict[str, Any]) -> str:
                if "memory_ratio" in r else f"{'n/a':>9} {'n/a':>9} {'n/a':>9}")
         lines.append(f"{r['batch']:>5} {r['torch_s'] * 1e3:10.1f} {r['packed_s'] * 1e3:10.1f} {r['speedup']:7.1f}x "
                      f"{mem} {r['max_abs_logit_diff']:11.2e} {r['argmax_agree']:7.0%} {r['runs']:>4}")
-    lines.append("latency ratio (PyTorch / packed): " +
-                 ", ".join(f"batch {r['batch']}: {r['speedup']:.1f}x" for r in res["rows"]))
+    c = res.get("c")
+    if c is not None:
+        omp = ", OpenMP" if c["openmp"] else ""
+        lines.append(f"C library ({c['popcount_path']} popcount{omp}, -O3 -march=native): "
+                     f"block product {c['popcount_words_per_s'] / 1e9:.1f} G words/s per thread: bitwise bound "
+                     f"{c['bitwise_bound']:.0f}x; weights {c['weight_bytes'] / 1e6:.2f} MB + arena "
+                     f"{c['arena_bytes'] / 1e6:.2f} MB")
+        lines.append(f"{'batch':>5} {'torch ms':>10} {'C ms':>10} {'speedup':>8} {'C MB':>9} {'bit-equal packed':>17}")
+        for r in res["rows"]:
+            mem = f"{r['c_peak_bytes'] / 1e6:9.1f}" if "c_peak_bytes" in r else f"{'n/a':>9}"
+            lines.append(f"{r['batch']:>5} {r['torch_s'] * 1e3:10.1f} {r['c_s'] * 1e3:10.2f} {r['c_speedup']:7.1f}x "
+                         f"{mem} {r['c_bit_equal_packed']!s:>17}")
+    lines.append("latency ratio (PyTorch / packed" + (", PyTorch / C" if c else "") + "): " +
+                 ", ".join(f"batch {r['batch']}: {r['speedup']:.1f}x" + (f", {r['c_speedup']:.1f}x" if c else "")
+                           for r in res["rows"]))
     return "\n".join(lines)
 
 
@@ -239,10 +282,14 @@ def plot_report(res: dict[str, Any], path: str | Path) -> Path:
     rows = res["rows"]
     xs = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(xs - 0.2, [r["torch_s"] * 1e3 for r in rows], 0.4, label="PyTorch float32 eval")
-    ax.bar(xs + 0.2, [r["packed_s"] * 1e3 for r in rows], 0.4, label="packed 1-bit runtime")
+    engines = [("torch", "PyTorch float32 eval"), ("packed", "packed 1-bit runtime (numba)")]
+    engines += [("c", f"C library ({res['c']['popcount_path']})")] if "c" in res else []
+    width = 0.8 / len(engines)
+    for k, (name, label) in enumerate(engines):
+        ax.bar(xs + (k - (len(engines) - 1) / 2) * width, [r[f"{name}_s"] * 1e3 for r in rows], width, label=label)
     for i, r in enumerate(rows):
-        ax.annotate(f"{r['speedup']:.1f}x", (i, r["torch_s"] * 1e3), ha="center", va="bottom")
+        note = f"{r['speedup']:.1f}x" + (f" / {r['c_speedup']:.1f}x" if "c_speedup" in r else "")
+        ax.annotate(note, (i, r["torch_s"] * 1e3), ha="center", va="bottom")
     ax.set_xticks(xs, [f"batch {r['batch']}" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("latency per batch (ms)")

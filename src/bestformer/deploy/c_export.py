@@ -52,7 +52,8 @@ CFLAGS = ("-std=c99", "-O2", "-ffp-contract=off")
 class CExportInfo:
     """What :func:`export_c` wrote: ``files`` (name -> path), ``arena_bytes`` (the caller's buffer),
     ``input_size`` (floats per sample: ``C*H*W`` or ``T*C*H*W`` for event frames), ``num_classes``,
-    ``weight_bytes`` (the constant arrays), ``events`` (event-frame input) and ``arch``."""
+    ``weight_bytes`` (the constant arrays), ``events`` (event-frame input), ``arch`` and ``threads`` (the scratch
+    sets in the arena)."""
 
     out_dir: Path
     files: dict[str, Path]
@@ -63,6 +64,7 @@ class CExportInfo:
     weight_bytes: int
     events: bool
     arch: dict[str, Any] = field(default_factory=dict)
+    threads: int = 1
     arena_layout: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def compile_command(self, output: str = "model.o", compiler: str = "cc") -> list[str]:
@@ -103,14 +105,6 @@ class _Writer:
         lines = [", ".join(f"0x{int(v):016x}ULL" for v in flat[i:i + 4]) for i in range(0, flat.size, 4)]
         self.parts.append(f"static const uint64_t {name}[{max(flat.size, 1)}] = {{\n    "
                           + ",\n    ".join(lines or ["0"]) + "\n};\n")
-
-    def blocks(self, name: str, w: np.ndarray) -> None:
-        """Binary weights [O][...] (rows of packed words) as blocks of 8 outputs [ceil(O/8)][K][8], zero rows
-        padding the last block: the layout of ``bf_gemm`` (8 lanes per input word)."""
-        w = np.ascontiguousarray(w, dtype=np.uint64).reshape(w.shape[0], -1)
-        pad = np.zeros((-w.shape[0] % 8, w.shape[1]), np.uint64)
-        full = np.concatenate([w, pad])
-        self.words(name, full.reshape(-1, 8, w.shape[1]).transpose(0, 2, 1))
 
     def floats(self, name: str, arr: np.ndarray) -> None:
         flat = np.ascontiguousarray(arr, dtype=np.float32).ravel()
@@ -162,7 +156,7 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False, th
     for name in sorted(pm.f):  # the first convolution with its outputs innermost: [C][3][3][O]
         wr.floats(cname(name), pm.f[name].transpose(1, 2, 3, 0) if name == "stem.conv.w" else pm.f[name])
     for name in sorted(pm.w):
-        wr.blocks(cname(name), pm.w[name])
+        wr.words(cname(name), pm.w[name])  # the runtime's blocks of 8 outputs [O/8][K][8]
 
     ptrs = [("float", "x0", "x0"), ("uint64_t", "stem_a", "stem_a"), ("uint64_t", "stem_b", "stem_b"),
             ("uint64_t", "s", "sb"), ("uint64_t", "q", "qb"), ("uint64_t", "kp", "kp"), ("uint64_t", "kb", "kb"),
@@ -227,4 +221,4 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False, th
     atomic_write_bytes(files["example.c"], _template("example.c").encode())
     return CExportInfo(out_dir=out, files=files, arena_bytes=ar.nbytes, input_size=input_size,
                        input_shape=g.input_shape, num_classes=g.classes, weight_bytes=wr.weight_bytes,
-                       events=g.events, arch=dict(a), arena_layout=dict(ar.regions))
+                       events=g.events, arch=dict(a), arena_layout=dict(ar.regions), threads=threads)

@@ -180,9 +180,11 @@ class PackedModel:
         for name, (kind, shape) in expected.items():
             if kind == "bits":
                 arr = t[name]
-                # conv weights [O, 3, 3, C] -> words [O, 9 * ceil(C/64)], matching the packed im2col
-                self.w[name] = _words(arr.reshape(shape[0], 9, shape[-1])).reshape(shape[0], -1) if len(shape) == 4 \
+                # conv weights [O, 3, 3, C] -> words [O, 9 * ceil(C/64)], matching the packed im2col; then in
+                # blocks of 8 outputs [ceil(O/8), K, 8] for the vector block product
+                words = _words(arr.reshape(shape[0], 9, shape[-1])).reshape(shape[0], -1) if len(shape) == 4 \
                     else _words(arr)
+                self.w[name] = K.block_weights(words)
             else:
                 self.f[name] = np.ascontiguousarray(t[name], dtype=np.float32)
         d = arch["embed_dim"]
@@ -322,7 +324,7 @@ class PackedModel:
 
     def _linear(self, s: np.ndarray, name: str, mode: int, lif: np.ndarray, group: int = 0) -> np.ndarray:
         t_steps, rows, _ = s.shape
-        n_out = self.w[f"{name}.w"].shape[0]
+        n_out = self.f[f"{name}.bn"].shape[1]
         out_f = np.empty((t_steps, rows, n_out), np.float32) if mode == K.OUT_FLOAT else self._f0
         out_b = np.zeros((t_steps, rows, (n_out + 63) // 64), np.uint64) if mode == K.OUT_BITS else self._b0
         out_u = np.zeros((t_steps, rows, n_out), np.uint8) if mode == K.OUT_BYTES else self._u0

@@ -25,15 +25,14 @@ static void bf_attention_token(const uint64_t *q, const uint64_t *kb, const uint
                                uint64_t *out, int ow, const bf_scratch_t *sc) {
     const int dw = BF_WORDS(d), nw = BF_WORDS((int)n_tok), hw = heads * dw, n8 = BF_PAD8((int)n_tok), d8 = BF_PAD8(d);
     const size_t kstep = (size_t)n8 * dw, vstep = (size_t)d8 * nw; /* one step of a head's keys / values */
-    int hd;
-    for (hd = 0; hd < heads; hd++) {
-        const uint64_t *kh = kb + (size_t)hd * BF_T * kstep, *vh = vt + (size_t)hd * BF_T * vstep;
-        long i;
-        BF_PARALLEL_FOR
-        for (i = 0; i < (long)n_tok; i++) { /* the queries in parallel: each writes only its own token's words */
-            const bf_scratch_t *s = sc + bf_thread();
-            size_t j;
-            int t, g;
+    long i;
+    BF_PARALLEL_FOR
+    for (i = 0; i < (long)n_tok; i++) { /* the queries in parallel: each writes only its own token's words */
+        const bf_scratch_t *s = sc + bf_thread();
+        int hd, t, g;
+        size_t j;
+        for (hd = 0; hd < heads; hd++) {
+            const uint64_t *kh = kb + (size_t)hd * BF_T * kstep, *vh = vt + (size_t)hd * BF_T * vstep;
             /* row i of Q K^T at every step, binarized over time */
             bf_gemm(q + (size_t)i * hw + (size_t)hd * dw, n_tok * hw, kh, kstep, BF_T, dw, (int)n_tok, s->z, n8);
             bf_fill(s->v, lif_attn->vr, (int)n_tok);

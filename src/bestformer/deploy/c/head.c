@@ -26,3 +26,21 @@ static int bf_check_input(const float *x, size_t n) {
 const char *bestformer_popcount_path(void) {
     return BF_PATH_NAME;
 }
+
+#ifdef BESTFORMER_BENCH_HOOKS /* for benchmarks (bestformer.deploy.c_build): the block product's throughput */
+double bestformer_bench_popcount(int reps);
+/* reps block products of 4 rows x 16 words against 128 outputs (16 KB of weights: L1-resident); returns the
+ * number of AND+popcount words. Each product feeds the next (x[0] ^= z[0]), so none can be skipped. */
+double bestformer_bench_popcount(int reps) {
+    static uint64_t x[4 * 16], w[128 * 16];
+    static int z[4 * 128];
+    int i;
+    for (i = 0; i < 4 * 16; i++) x[i] = UINT64_C(0x9E3779B97F4A7C15) * (uint64_t)(i + 1);
+    for (i = 0; i < 128 * 16; i++) w[i] = UINT64_C(0xC2B2AE3D27D4EB4F) * (uint64_t)(i + 7);
+    for (i = 0; i < reps; i++) {
+        bf_gemm(x, 16, w, 0, 4, 16, 128, z, 128);
+        x[0] ^= (uint64_t)z[0];
+    }
+    return (double)reps * 4 * 16 * 128;
+}
+#endif

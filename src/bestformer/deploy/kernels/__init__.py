@@ -28,7 +28,7 @@ matters on a first run and in CI, and the thread count stays a plain argument.)
 from __future__ import annotations
 
 from .attention import attention_channel, attention_token
-from .core import fma32, lif_vector, popcount, unpack_lif
+from .core import LANES, and_popcount8, block_weights, fma32, lif_vector, popcount, unpack_lif
 from .layers import (
     OUT_BITS,
     OUT_BYTES,
@@ -43,15 +43,18 @@ from .layers import (
 )
 
 __all__ = [
+    "LANES",
     "OUT_BITS",
     "OUT_BYTES",
     "OUT_FLOAT",
     "ROW_TILE",
     "affine",
     "affine_lif_pack",
+    "and_popcount8",
     "attention_channel",
     "attention_token",
     "binary_linear",
+    "block_weights",
     "fma32",
     "im2col3x3",
     "lif_vector",

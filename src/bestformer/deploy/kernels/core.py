@@ -1,12 +1,15 @@
-"""Building blocks of the packed runtime's kernels: popcount, the folded BatchNorm and the LIF step in PyTorch's
-float32 operation order, and packing spike flags into 64-bit words (conventions: :mod:`bestformer.deploy.kernels`)."""
+"""Building blocks of the packed runtime's kernels: popcount (scalar, and the vector block product of 8 outputs),
+the folded BatchNorm and the LIF step in PyTorch's float32 operation order, and packing spike flags into 64-bit
+words (conventions: :mod:`bestformer.deploy.kernels`)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 
@@ -19,6 +22,68 @@ def popcount(typingctx, x):  # pragma: no cover - compiled
         return builder.ctpop(args[0])
 
     return sig, codegen
+
+
+#: output lanes of a weight block: the 8 uint64 words one AVX-512 register holds
+LANES = 8
+
+
+@intrinsic
+def and_popcount8(typingctx, x, w, out, o0):  # pragma: no cover - compiled
+    """``out[o0 + l] = sum_k popcount(x[k] AND w[k, l])`` for the 8 lanes ``l`` of a weight block ``w [K, 8]`` and
+    a packed row ``x [K]`` (uint64), into ``out`` (int32, ``o0 + 8 <= len(out)``); all three C-contiguous.
+
+    Written as LLVM vector code: one ``<8 x i64>`` AND and ``llvm.ctpop`` per input word, which LLVM lowers to this
+    CPU's vector popcount (``vpopcntq`` with AVX-512 VPOPCNTDQ, a ``vpshufb`` nibble lookup with AVX2 or SSSE3,
+    ``cnt`` on NEON). The scalar form of the same sum (one ``popcnt`` per word) is not vectorized by LLVM."""
+    if not all(isinstance(a, types.Array) and a.layout == "C" for a in (x, w, out)):
+        raise TypingError("and_popcount8 needs C-contiguous arrays x [K], w [K, 8], out")
+    sig = types.void(x, w, out, types.intp)
+
+    def codegen(context, builder, signature, args):
+        xa, wa, oa = (context.make_array(ty)(context, builder, a) for ty, a in zip(signature.args[:3], args[:3],
+                                                                                   strict=True))
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v8, v8i32 = ir.VectorType(i64, LANES), ir.VectorType(i32, LANES)
+        name = "llvm.ctpop.v8i64"
+        ctpop = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(v8, [v8]), name)
+        n = builder.extract_value(xa.shape, 0)
+        rows = builder.bitcast(wa.data, v8.as_pointer())
+        zero = ir.Constant(v8, None)
+        entry = builder.basic_block
+        loop, done = builder.append_basic_block("block.loop"), builder.append_basic_block("block.done")
+        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        k, acc = builder.phi(i64), builder.phi(v8)
+        xk = builder.load(builder.gep(xa.data, [k]))
+        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, ir.Undefined), xk, ir.Constant(i32, 0)),
+                                       ir.Constant(v8, ir.Undefined), ir.Constant(v8i32, [0] * LANES))
+        wk = builder.load(builder.gep(rows, [k]), align=8)
+        nxt = builder.add(acc, builder.call(ctpop, [builder.and_(splat, wk)]))
+        k1 = builder.add(k, ir.Constant(i64, 1))
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        k.add_incoming(k1, loop)
+        acc.add_incoming(zero, entry)
+        acc.add_incoming(nxt, loop)
+        builder.cbranch(builder.icmp_signed("<", k1, n), loop, done)
+        builder.position_at_end(done)
+        total = builder.phi(v8)
+        total.add_incoming(zero, entry)
+        total.add_incoming(nxt, loop)
+        dst = builder.bitcast(builder.gep(oa.data, [args[3]]), v8i32.as_pointer())
+        builder.store(builder.trunc(total, v8i32), dst, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def block_weights(words: np.ndarray) -> np.ndarray:
+    """Packed weights ``[O, K]`` (uint64 words per output) -> blocks of 8 outputs ``[ceil(O/8), K, 8]``, zero
+    words padding the last block: the layout of :func:`and_popcount8` (and of the C library's ``bf_gemm``)."""
+    o, k = words.shape
+    full = np.zeros((-(-o // LANES) * LANES, k), np.uint64)
+    full[:o] = words
+    return np.ascontiguousarray(full.reshape(full.shape[0] // LANES, LANES, k).transpose(0, 2, 1))
 
 
 @intrinsic

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .core import affine_step, flags, lif_update, pack64, popcount, unpack_lif
+from .core import LANES, affine_step, and_popcount8, flags, lif_update, pack64, popcount, unpack_lif
 
 #: output modes of the binary layers
 OUT_FLOAT, OUT_BITS, OUT_BYTES = 0, 1, 2
@@ -109,52 +109,36 @@ ROW_TILE = 8
 
 
 @njit(cache=True)
-def _accumulate(s, w, r0, r1, z):  # pragma: no cover - compiled
-    """``z[r - r0, t, o] = sum_k popcount(s[t, r, k] AND w[o, k])`` for the rows ``r0..r1`` of a tile, four outputs
-    at a time (one spike word in a register serves four weight rows)."""
-    t_steps, _, kw = s.shape
-    n_out = w.shape[0]
-    o = 0
-    while o + 4 <= n_out:
+def _accumulate(s, wb, r0, r1, z):  # pragma: no cover - compiled
+    """``z[r - r0, t, o] = sum_k popcount(s[t, r, k] AND w[o, k])`` for the rows ``r0..r1`` of a tile, by blocks of
+    8 outputs (``wb``: :func:`~.core.block_weights`), each one vector product per row and step."""
+    t_steps = s.shape[0]
+    for b in range(wb.shape[0]):
+        block = wb[b]
         for r in range(r0, r1):
             for t in range(t_steps):
-                a0 = a1 = a2 = a3 = 0
-                for k in range(kw):
-                    sk = s[t, r, k]
-                    a0 += popcount(sk & w[o, k])
-                    a1 += popcount(sk & w[o + 1, k])
-                    a2 += popcount(sk & w[o + 2, k])
-                    a3 += popcount(sk & w[o + 3, k])
-                z[r - r0, t, o], z[r - r0, t, o + 1], z[r - r0, t, o + 2], z[r - r0, t, o + 3] = a0, a1, a2, a3
-        o += 4
-    while o < n_out:
-        for r in range(r0, r1):
-            for t in range(t_steps):
-                acc = 0
-                for k in range(kw):
-                    acc += popcount(s[t, r, k] & w[o, k])
-                z[r - r0, t, o] = acc
-        o += 1
+                and_popcount8(s[t, r], block, z[r - r0, t], LANES * b)
 
 
 @njit(nogil=True, cache=True)
-def binary_linear(s, w, alpha, beta, use_fma, mode, lif, group, out_f32, out_bits, out_u8, lo, hi):  # pragma: no cover
-    """``z = W s`` for packed spikes ``s [T, R, Kw]`` and packed +-1 weights ``w [O, Kw]``, then the folded BN
+def binary_linear(s, wb, alpha, beta, use_fma, mode, lif, group, out_f32, out_bits, out_u8, lo, hi):  # pragma: no cover
+    """``z = W s`` for packed spikes ``s [T, R, Kw]`` and packed +-1 weights ``W [O, Kw]`` in blocks of 8 outputs
+    (``wb [ceil(O/8), Kw, 8]``, :func:`~.core.block_weights`), then the folded BN
     ``X = alpha z + beta`` and, for ``mode`` bits/bytes, the LIF that follows over T (``mode`` float: ``X`` to
     ``out_f32 [T, R, O]``). Packed outputs group channels by ``group`` (a head's width): channel ``o`` goes to
     word ``(o // group) * ceil(group / 64) + (o % group) // 64`` of ``out_bits``. Rows ``lo..hi``."""
     t_steps, _, kw = s.shape
-    n_out = w.shape[0]
+    n_out = alpha.shape[0]
     gw = (group + 63) // 64
     p = unpack_lif(lif)
-    z = np.empty((ROW_TILE, t_steps, n_out), np.int32)
+    z = np.empty((ROW_TILE, t_steps, LANES * wb.shape[0]), np.int32)
     pc = np.empty(t_steps, np.int32)
     h = np.empty(n_out, np.float32)
     v = np.empty(n_out, np.float32)
     f, f8 = flags(n_out)
     for r0 in range(lo, hi, ROW_TILE):
         r1 = min(r0 + ROW_TILE, hi)
-        _accumulate(s, w, r0, r1, z)
+        _accumulate(s, wb, r0, r1, z)
         for r in range(r0, r1):
             zr = z[r - r0]
             for t in range(t_steps):

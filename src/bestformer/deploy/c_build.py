@@ -1,0 +1,102 @@
+"""Compile an exported C library (:func:`bestformer.deploy.c_export.export_c`) with the system's C compiler and
+call it from Python through ctypes: for benchmarks (``benchmarks/deploy.py``'s third engine) and tests.
+
+``compile_library(info, speed=True, threads=2)`` builds ``model.c`` into a shared object with the flags the
+generated code needs (``-std=c99 -ffp-contract=off``) plus, with ``speed``, ``-O3 -march=native`` (the vector
+popcount path of this CPU, the float loops vectorized) and, with ``threads > 1``, OpenMP. Every build gives the same
+bits; the speed flags change only the time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from .c_export import CFLAGS, CExportInfo
+
+#: -O3 vectorizes the LIF / BatchNorm loops (about 3x at -O2 on x86, measured); -march=native picks the popcount path
+SPEED_FLAGS = ("-O3", "-march=native")
+
+
+def find_compiler() -> str | None:
+    """``$CC``, else the first of cc, gcc, clang on ``PATH`` (``None``: no compiler)."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+class CLibrary:
+    """A compiled model: ``predict(x)`` runs ``bestformer_predict`` on each sample of a batch (``[B, C, H, W]``, or
+    ``[T, B, C, H, W]`` event frames) and returns the logits ``[B, classes]``; ``popcount_path`` names the popcount
+    path compiled in. One arena, so one call at a time per object."""
+
+    def __init__(self, path: str | Path, info: CExportInfo):
+        self.path = Path(path)
+        self.info = info
+        self.lib = ctypes.CDLL(str(self.path))
+        self.lib.bestformer_predict.argtypes = [ctypes.c_void_p] * 3
+        self.lib.bestformer_predict.restype = ctypes.c_int
+        self.lib.bestformer_popcount_path.restype = ctypes.c_char_p
+        self.popcount_path: str = self.lib.bestformer_popcount_path().decode()
+        self.arena = np.zeros(-(-info.arena_bytes // 8), np.uint64)  # 8-byte aligned, as the API asks
+
+    def call(self, sample: np.ndarray, arena: int | None = None) -> tuple[int, np.ndarray]:
+        """``bestformer_predict`` on one sample: its return code and the logits."""
+        x = np.ascontiguousarray(sample, np.float32)
+        if x.size != self.info.input_size:
+            raise ConfigError(f"one sample has {self.info.input_size} values {self.info.input_shape}, got {x.shape}")
+        out = np.full(self.info.num_classes, np.nan, np.float32)
+        rc = self.lib.bestformer_predict(x.ctypes.data, out.ctypes.data,
+                                         self.arena.ctypes.data if arena is None else arena)
+        return rc, out
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        samples = [x[:, i] for i in range(x.shape[1])] if self.info.events else list(x)
+        outs = []
+        for s in samples:
+            rc, out = self.call(s)
+            if rc != 0:
+                raise ConfigError(f"bestformer_predict returned {rc} (see BESTFORMER_ERR_* in model.h)")
+            outs.append(out)
+        return np.stack(outs)
+
+
+def compile_library(info: CExportInfo, speed: bool = True, threads: int = 1, flags: Sequence[str] = (),
+                    compiler: str | None = None, output: str | Path | None = None) -> CLibrary:
+    """Build ``info``'s ``model.c`` into a shared object (``output``, default ``model.so`` beside it) and load it.
+    ``threads > 1`` adds ``-fopenmp`` (the arena must hold that many scratch sets: ``export_c(threads=...)``)."""
+    cc = compiler or find_compiler()
+    if cc is None:
+        raise ConfigError("no C compiler found: install cc, gcc or clang, or set CC")
+    if threads > info.threads:
+        raise ConfigError(f"the library was exported for {info.threads} thread(s), not {threads}: "
+                          f"export_c(threads={threads})")
+    so = Path(output) if output else info.out_dir / "model.so"
+    cmd = [cc, *CFLAGS, *(SPEED_FLAGS if speed else ()), *(("-fopenmp",) if threads > 1 else ()), *flags,
+           "-fPIC", "-shared", str(info.files["model.c"]), "-o", str(so)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
+    return CLibrary(so, info)
+
+
+def popcount_words_per_second(lib: CLibrary, seconds: float = 0.5) -> float:
+    """AND+popcount words per second of the library's block product on L1-resident data (one thread), from the
+    ``bestformer_bench_popcount`` hook (built with ``-DBESTFORMER_BENCH_HOOKS``)."""
+    fn = lib.lib.bestformer_bench_popcount
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_double
+    fn(1)
+    best, reps = 0.0, 64
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        words = fn(reps)
+        best = max(best, words / (time.perf_counter() - t0))
+    return best
