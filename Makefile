@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # e.g. `make TORCH_SPEC="torch" install`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev demo test lint fuzz clean gpu-check gpu-check-prepare
+.PHONY: install install-dev demo test lint fuzz clean gpu-check gpu-check-prepare cross-check
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,18 @@ gpu-check-prepare:
 gpu-check:
 	if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --target /tmp/bf-site .whl/*.whl; fi
 	PYTHONPATH=/tmp/bf-site:src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out "$${OUT:-gpu-check}"
+
+# The C library on other targets (docs/deploy.md): Debian's cross compilers and qemu (installed with apt-get when
+# missing), then the zoo's MNIST bestformer_tiny built for a Cortex-M4 (flash, RAM) and for aarch64, run under qemu
+# on MNIST test images (bit-exact against the packed runtime). Results: benchmarks/results/cross_check.json.
+DATA ?= ../shared/data
+CROSS_LIMIT ?= 1000
+CROSS_TOOLS := gcc-arm-none-eabi libnewlib-arm-none-eabi binutils-arm-none-eabi gcc-aarch64-linux-gnu \
+	libc6-dev-arm64-cross qemu-user
+cross-check: $(VENV)/.core
+	@if ! command -v arm-none-eabi-gcc >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null || \
+	    ! command -v qemu-aarch64 >/dev/null; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(CROSS_TOOLS); \
+	fi
+	$(PY) benchmarks/cross_check.py --data-dir $(DATA)/mnist --limit $(CROSS_LIMIT)

@@ -189,13 +189,16 @@ def test_example_driver(tiny, tmp_path):
     exe = tmp_path / "predict"
     subprocess.run([CC, *CFLAGS, str(info.files["model.c"]), str(info.files["example.c"]), "-o", str(exe)],
                    check=True, capture_output=True, text=True)
-    x = grid_inputs(model, 1, seed=11).numpy()
+    x = grid_inputs(model, 3, seed=11).numpy()
     (tmp_path / "x.f32").write_bytes(x.astype(np.float32).tobytes())
     out = subprocess.run([str(exe), str(tmp_path / "x.f32")], check=True, capture_output=True, text=True).stdout
-    lines = out.split()
-    got = np.array([float(v) for v in lines[:10]], np.float32)  # %.9g round-trips float32
-    assert_bit_equal(got[None], pm.predict(x))
-    assert lines[-2:] == ["argmax", str(int(got.argmax()))]
+    lines = [line.split() for line in out.splitlines()]
+    got = np.array([[float(v) for v in line[:10]] for line in lines], np.float32)  # %.9g round-trips float32
+    assert_bit_equal(got, pm.predict(x))
+    assert [line[-2:] for line in lines] == [["argmax", str(int(g.argmax()))] for g in got]
+    (tmp_path / "bad.f32").write_bytes(x.astype(np.float32).tobytes()[:-4])  # not a whole number of inputs
+    bad = subprocess.run([str(exe), str(tmp_path / "bad.f32")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "whole number" in bad.stderr
 
 
 def test_cli_export_c(tmp_path, capsys):

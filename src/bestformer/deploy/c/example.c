@@ -1,5 +1,5 @@
-/* Example driver: reads one input (BESTFORMER_INPUT_SIZE raw float32 values, native byte order) from
- * the file argv[1] (or stdin) and prints the logits, one per line, then the argmax.
+/* Example driver: reads inputs (BESTFORMER_INPUT_SIZE raw float32 values each, native byte order, one after the
+ * other) from the file argv[1] (or stdin) and prints, for each, one line: its logits, then "argmax" and the class.
  * Build: cc -std=c99 -O2 -ffp-contract=off model.c example.c -o predict */
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,21 +11,30 @@ int main(int argc, char **argv) {
     static float input[BESTFORMER_INPUT_SIZE];
     float logits[BESTFORMER_NUM_CLASSES];
     FILE *fp = argc > 1 ? fopen(argv[1], "rb") : stdin;
-    unsigned k, best = 0;
-    int rc;
-    if (fp == NULL || fread(input, sizeof(float), BESTFORMER_INPUT_SIZE, fp) != BESTFORMER_INPUT_SIZE) {
-        fprintf(stderr, "cannot read %u float32 values\n", (unsigned)BESTFORMER_INPUT_SIZE);
+    unsigned long samples = 0;
+    size_t got;
+    if (fp == NULL) {
+        fprintf(stderr, "cannot open %s\n", argv[1]);
         return 2;
     }
-    rc = bestformer_predict(input, logits, arena_storage);
-    if (rc != BESTFORMER_OK) {
-        fprintf(stderr, "bestformer_predict failed: %d\n", rc);
-        return 1;
+    while ((got = fread(input, sizeof(float), BESTFORMER_INPUT_SIZE, fp)) == BESTFORMER_INPUT_SIZE) {
+        unsigned k, best = 0;
+        int rc = bestformer_predict(input, logits, arena_storage);
+        if (rc != BESTFORMER_OK) {
+            fprintf(stderr, "bestformer_predict failed on input %lu: %d\n", samples, rc);
+            return 1;
+        }
+        for (k = 0; k < BESTFORMER_NUM_CLASSES; k++) {
+            printf("%.9g ", logits[k]); /* 9 significant digits: the float32 value exactly */
+            if (logits[k] > logits[best]) best = k;
+        }
+        printf("argmax %u\n", best);
+        samples++;
     }
-    for (k = 0; k < BESTFORMER_NUM_CLASSES; k++) {
-        printf("%.9g\n", logits[k]);
-        if (logits[k] > logits[best]) best = k;
+    if (got != 0 || samples == 0) {
+        fprintf(stderr, "expected a whole number (at least 1) of inputs of %u float32 values\n",
+                (unsigned)BESTFORMER_INPUT_SIZE);
+        return 2;
     }
-    printf("argmax %u\n", best);
     return 0;
 }
