@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import cross_check  # noqa: E402
 
+
 @pytest.mark.data
 @pytest.mark.skipif(any(shutil.which(t) is None for t in cross_check.TOOLS),
                     reason=f"cross tools missing ({', '.join(cross_check.TOOLS)}): make cross-check")
