@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import bestformer
+from bestformer.deploy.c_build import CLibrary, build_shared
 from bestformer.deploy.c_export import CFLAGS, export_c
 from bestformer.deploy.fold import fold_model
 from bestformer.deploy.runtime import PackedModel
@@ -64,38 +65,24 @@ def grid_inputs(model: torch.nn.Module, batch: int, seed: int, events: bool = Fa
     return torch.randint(-32, 33, (batch, *shape), generator=g).float() / 16
 
 
-class CLib:
-    """A compiled shared object of an exported model."""
+POISON = np.uint64(0xFFF7FFFFA5A5A5A5)  # NaN floats, set bits, odd integers
+
+
+class CLib(CLibrary):
+    """An exported model built with the generated code's flags (``-O2``: the portable path on x86-64) plus
+    ``flags``, whose arena (the exact size plus a guard word) is poisoned before each call: no reliance on zeroed
+    memory, and every call checks that nothing was written past the arena."""
 
     def __init__(self, info, flags: tuple[str, ...] = ()):
         so = info.out_dir / f"model{len(list(info.out_dir.glob('*.so')))}.so"
-        subprocess.run([CC, *CFLAGS, "-fPIC", "-shared", *flags, str(info.files["model.c"]), "-o", str(so)],
-                       check=True, capture_output=True, text=True)
-        self.lib = ctypes.CDLL(str(so))
-        self.lib.bestformer_predict.argtypes = [ctypes.c_void_p] * 3
-        self.lib.bestformer_predict.restype = ctypes.c_int
-        self.info = info
-        # the exact arena plus a guard word, poisoned before each call: no reliance on zeroed memory, no overrun
+        super().__init__(build_shared(info, info.threads if "-fopenmp" in flags else 1, flags, CC, so), info)
         self.arena = np.zeros(info.arena_bytes // 8 + 1, np.uint64)
 
     def call(self, x: np.ndarray, arena: int | None = None) -> tuple[int, np.ndarray]:
-        x = np.ascontiguousarray(x, np.float32)
-        assert x.size == self.info.input_size
-        out = np.full(self.info.num_classes, np.nan, np.float32)
-        self.arena[:] = np.uint64(0xFFF7FFFFA5A5A5A5)  # NaN floats, set bits, odd integers
-        rc = self.lib.bestformer_predict(x.ctypes.data, out.ctypes.data,
-                                         self.arena.ctypes.data if arena is None else arena)
+        self.arena[:] = POISON
+        rc, out = super().call(x, arena)
+        assert self.arena[-1] == POISON, "bestformer_predict wrote past its arena"
         return rc, out
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        samples = [x[:, i] for i in range(x.shape[1])] if self.info.events else list(x)
-        outs = []
-        for s in samples:
-            rc, out = self.call(s)
-            assert rc == 0
-            assert self.arena[-1] == np.uint64(0xFFF7FFFFA5A5A5A5), "bestformer_predict wrote past its arena"
-            outs.append(out)
-        return np.stack(outs)
 
 
 def _x86_with_fma() -> bool:
@@ -286,8 +273,7 @@ def test_popcount_paths_and_threads_bit_equal(padded, path, flags, cpu_flags, tm
         pytest.skip(f"{CC} does not take {' '.join(flags)}")
     info = export_c(pm, tmp_path, threads=3 if path == "openmp" else 1)
     lib = CLib(info, flags)
-    lib.lib.bestformer_popcount_path.restype = ctypes.c_char_p
-    name = lib.lib.bestformer_popcount_path().decode()
+    name = lib.popcount_path
     assert name == path if path != "openmp" else name in ("avx512-vpopcntdq", "avx2", "neon", "portable")
     assert_bit_equal(lib.predict(x), want)
 

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of timed runs per batch size instead of --repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-c", action="store_true", help="skip the C library engine (needs a C compiler)")
+    parser.add_argument("--c-flags", default=None,
+                        help="compiler flags of the C engine instead of '-O3 -march=native' (e.g. '-O3 -mavx2 "
+                             "-mpopcnt' for the AVX2 path)")
     parser.add_argument("--plot", default=None, type=output_file("plot"),
                         help=f"PNG chart of the latencies (default: {DEFAULT_PLOT})")
     parser.add_argument("--no-plot", action="store_true", help="draw no chart")
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     plot = None if args.no_plot else args.plot or check_output(DEFAULT_PLOT, "plot", parents=True)
     res = run_benchmark(args.model, args.checkpoint, args.batch_sizes, args.threads, args.repeats, args.budget,
-                        memory=not args.no_memory, c_engine=not args.no_c)
+                        memory=not args.no_memory, c_engine=not args.no_c,
+                        **({"c_flags": args.c_flags.split()} if args.c_flags else {}))
     if plot is not None:
         print(f"plot: {plot_report(res, plot)}")
     if args.json:

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..progress import progress_bar
 from ..training import save_checkpoint
 from . import kernels as K
-from .c_build import CLibrary, compile_library, find_compiler, popcount_words_per_second
+from .c_build import SPEED_FLAGS, CLibrary, compile_library, find_compiler, popcount_words_per_second
 from .c_export import export_c
 from .fold import export_packed
 from .runtime import PackedModel, split_run
@@ -169,34 +169,39 @@ def _bench_batch(model: torch.nn.Module, packed: PackedModel, clib: CLibrary | N
 def run_benchmark(model_name: str = "bestformer_4_384", checkpoint: str | None = None,
                   batch_sizes: Sequence[int] = (1, 32), threads: int = 2, repeats: int = 5,
                   budget: float | None = None, memory: bool = True, seed: int = 0,
-                  progress: bool = True, c_engine: bool = True) -> dict[str, Any]:
+                  progress: bool = True, c_engine: bool = True, c_flags: Sequence[str] = SPEED_FLAGS
+                  ) -> dict[str, Any]:
     """Measure the packed runtime and (``c_engine``, where a C compiler exists) the generated C library against
     PyTorch float32 eval mode on random inputs; returns the numbers.
 
     ``repeats`` timed runs per engine and batch size (interleaved); with ``budget`` (seconds) the runs of each
     batch size continue until the budget is spent instead (at least 2 each). The C library is built with
-    ``-O3 -march=native`` (this CPU's popcount path), with OpenMP on ``threads`` threads when ``threads > 1``.
+    ``c_flags`` (default ``-O3 -march=native``: this CPU's popcount path), with OpenMP on ``threads`` threads when
+    ``threads > 1``.
     """
     if threads < 1 or repeats < 1 or any(b < 1 for b in batch_sizes):
         raise ConfigError("threads, repeats and batch sizes must be >= 1")
     previous = torch.get_num_threads()
     try:
-        return _run(model_name, checkpoint, batch_sizes, threads, repeats, budget, memory, seed, progress, c_engine)
+        return _run(model_name, checkpoint, batch_sizes, threads, repeats, budget, memory, seed, progress,
+                    tuple(c_flags) if c_engine else None)
     finally:
         torch.set_num_threads(previous)
 
 
-def _c_library(packed: PackedModel, out_dir: Path, threads: int) -> tuple[CLibrary, dict[str, Any]]:
-    """The model as a C library built for this CPU, and what to report about it (path, popcount throughput)."""
+def _c_library(packed: PackedModel, out_dir: Path, threads: int, flags: tuple[str, ...]
+               ) -> tuple[CLibrary, dict[str, Any]]:
+    """The model as a C library built with ``flags``, and what to report about it (path, popcount throughput)."""
     info = export_c(packed, out_dir, threads=threads)
-    lib = compile_library(info, threads=threads, flags=("-DBESTFORMER_BENCH_HOOKS",))
-    return lib, {"popcount_path": lib.popcount_path, "openmp": threads > 1,
+    lib = compile_library(info, threads=threads, flags=(*flags, "-DBESTFORMER_BENCH_HOOKS"))
+    return lib, {"popcount_path": lib.popcount_path, "openmp": threads > 1, "flags": " ".join(flags),
                  "popcount_words_per_s": popcount_words_per_second(lib),
                  "weight_bytes": info.weight_bytes, "arena_bytes": info.arena_bytes}
 
 
 def _run(model_name: str, checkpoint: str | None, batch_sizes: Sequence[int], threads: int, repeats: int,
-         budget: float | None, memory: bool, seed: int, progress: bool, c_engine: bool) -> dict[str, Any]:
+         budget: float | None, memory: bool, seed: int, progress: bool, c_flags: tuple[str, ...] | None
+         ) -> dict[str, Any]:
     from ..models import create_model
     from ..training import load_checkpoint
 
@@ -217,8 +222,8 @@ def _run(model_name: str, checkpoint: str | None, batch_sizes: Sequence[int], th
         results["model_bytes"] = {"packed": packed.nbytes,
                                   "float32": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
         clib = None
-        if c_engine and find_compiler() is not None:
-            clib, results["c"] = _c_library(packed, Path(tmp) / "c", threads)
+        if c_flags is not None and find_compiler() is not None:
+            clib, results["c"] = _c_library(packed, Path(tmp) / "c", threads, c_flags)
             results["model_bytes"]["c"] = results["c"]["weight_bytes"] + results["c"]["arena_bytes"]
         c, h, w = packed.input_shape
         rng = np.random.default_rng(seed)
@@ -257,7 +262,7 @@ def format_report(res: dict[str, Any]) -> str:
     c = res.get("c")
     if c is not None:
         omp = ", OpenMP" if c["openmp"] else ""
-        lines.append(f"C library ({c['popcount_path']} popcount{omp}, -O3 -march=native): "
+        lines.append(f"C library ({c['popcount_path']} popcount{omp}, {c['flags']}): "
                      f"block product {c['popcount_words_per_s'] / 1e9:.1f} G words/s per thread: bitwise bound "
                      f"{c['bitwise_bound']:.0f}x; weights {c['weight_bytes'] / 1e6:.2f} MB + arena "
                      f"{c['arena_bytes'] / 1e6:.2f} MB")

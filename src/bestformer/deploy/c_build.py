@@ -1,10 +1,10 @@
 """Compile an exported C library (:func:`bestformer.deploy.c_export.export_c`) with the system's C compiler and
 call it from Python through ctypes: for benchmarks (``benchmarks/deploy.py``'s third engine) and tests.
 
-``compile_library(info, speed=True, threads=2)`` builds ``model.c`` into a shared object with the flags the
-generated code needs (``-std=c99 -ffp-contract=off``) plus, with ``speed``, ``-O3 -march=native`` (the vector
-popcount path of this CPU, the float loops vectorized) and, with ``threads > 1``, OpenMP. Every build gives the same
-bits; the speed flags change only the time.
+``compile_library(info, threads=2)`` builds ``model.c`` into a shared object with the flags the generated code
+needs (``-std=c99 -ffp-contract=off``) plus, by default, ``-O3 -march=native`` (the vector popcount path of this
+CPU, the float loops vectorized) and, with ``threads > 1``, OpenMP. Every build gives the same bits; the flags
+change only the time.
 """
 
 from __future__ import annotations
@@ -67,10 +67,12 @@ class CLibrary:
         return np.stack(outs)
 
 
-def compile_library(info: CExportInfo, speed: bool = True, threads: int = 1, flags: Sequence[str] = (),
-                    compiler: str | None = None, output: str | Path | None = None) -> CLibrary:
-    """Build ``info``'s ``model.c`` into a shared object (``output``, default ``model.so`` beside it) and load it.
-    ``threads > 1`` adds ``-fopenmp`` (the arena must hold that many scratch sets: ``export_c(threads=...)``)."""
+def build_shared(info: CExportInfo, threads: int = 1, flags: Sequence[str] = SPEED_FLAGS,
+                 compiler: str | None = None, output: str | Path | None = None) -> Path:
+    """Build ``info``'s ``model.c`` into a shared object (``output``, default ``model.so`` beside it); its path.
+    The generated code's ``CFLAGS`` come first, then ``flags`` (default: this CPU's fastest build; e.g.
+    ``("-O3", "-mavx2", "-mpopcnt")`` for the AVX2 path). ``threads > 1`` adds ``-fopenmp`` (the arena must hold
+    that many scratch sets: ``export_c(threads=...)``)."""
     cc = compiler or find_compiler()
     if cc is None:
         raise ConfigError("no C compiler found: install cc, gcc or clang, or set CC")
@@ -78,12 +80,18 @@ def compile_library(info: CExportInfo, speed: bool = True, threads: int = 1, fla
         raise ConfigError(f"the library was exported for {info.threads} thread(s), not {threads}: "
                           f"export_c(threads={threads})")
     so = Path(output) if output else info.out_dir / "model.so"
-    cmd = [cc, *CFLAGS, *(SPEED_FLAGS if speed else ()), *(("-fopenmp",) if threads > 1 else ()), *flags,
+    cmd = [cc, *CFLAGS, *(("-fopenmp",) if threads > 1 else ()), *flags,
            "-fPIC", "-shared", str(info.files["model.c"]), "-o", str(so)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise ConfigError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
-    return CLibrary(so, info)
+    return so
+
+
+def compile_library(info: CExportInfo, threads: int = 1, flags: Sequence[str] = SPEED_FLAGS,
+                    compiler: str | None = None, output: str | Path | None = None) -> CLibrary:
+    """:func:`build_shared`, loaded."""
+    return CLibrary(build_shared(info, threads, flags, compiler, output), info)
 
 
 def popcount_words_per_second(lib: CLibrary, seconds: float = 0.5) -> float:
