@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     # PyTorch's OpenMP pool must be sized before torch starts it: without OMP_NUM_THREADS its threads spin and
     # collapse (5x slower, measured) when other processes share the cores, which would flatter the packed runtime
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    # numpy's OpenBLAS (the packed runtime's float64 heads: tiny products) keeps its threads spinning after each
+    # call, which halved the C library's OpenMP speed at 2 threads (8.4 vs 4.1 ms, measured): one BLAS thread
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..deploy.bench import format_report, plot_report, run_benchmark
     from ..fileio import atomic_write_json, check_output
 

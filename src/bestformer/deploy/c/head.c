@@ -28,12 +28,14 @@ const char *bestformer_popcount_path(void) {
 }
 
 #ifdef BESTFORMER_BENCH_HOOKS /* for benchmarks (bestformer.deploy.c_build): the block product's throughput */
-double bestformer_bench_popcount(int reps);
-/* reps block products of 4 rows x 16 words against 128 outputs (16 KB of weights: L1-resident); returns the
- * number of AND+popcount words. Each product feeds the next (x[0] ^= z[0]), so none can be skipped. */
-double bestformer_bench_popcount(int reps) {
-    static uint64_t x[4 * 16], w[128 * 16];
-    static int z[4 * 128];
+#define BF_BENCH_SCRATCH_BYTES ((4 * 16 + 128 * 16) * 8 + 4 * 128 * 4)
+double bestformer_bench_popcount(int reps, void *scratch);
+/* reps block products of 4 rows x 16 words against 128 outputs (16 KB of weights: L1-resident), in the caller's
+ * scratch (BF_BENCH_SCRATCH_BYTES, 8-aligned: one per concurrent caller); returns the number of AND+popcount
+ * words. Each product feeds the next (x[0] ^= z[0]), so none can be skipped. */
+double bestformer_bench_popcount(int reps, void *scratch) {
+    uint64_t *x = (uint64_t *)scratch, *w = x + 4 * 16;
+    int *z = (int *)(void *)(w + 128 * 16);
     int i;
     for (i = 0; i < 4 * 16; i++) x[i] = UINT64_C(0x9E3779B97F4A7C15) * (uint64_t)(i + 1);
     for (i = 0; i < 128 * 16; i++) w[i] = UINT64_C(0xC2B2AE3D27D4EB4F) * (uint64_t)(i + 7);
