@@ -199,6 +199,10 @@ def test_cli_export_c(tmp_path, capsys):
     assert (tmp_path / "example.c").exists()
     assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "-o", str(tmp_path / "m.c")]) == 2
     assert "give -o" in capsys.readouterr().err
+    assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "--threads", "4", "-o", str(out)]) == 0
+    assert "-fopenmp" in capsys.readouterr().out and "#define BF_THREADS 4 " in (tmp_path / "model.c").read_text()
+    assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--threads", "2", "-o", str(tmp_path / "m.bst")]) == 2
+    assert "--threads applies to --format c" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("events", "overrides", "use_fma"), [

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subgraphs", action="store_true",
                         help="nir: export the NIR-expressible sub-graphs (stem, MLPs, heads) of a model with "
                              "spiking self-attention instead of failing")
+    parser.add_argument("--threads", type=integer(1, 256), default=1,
+                        help="c: scratch sets in the arena, so that a build with -fopenmp runs each layer on up to "
+                             "this many threads")
     parser.add_argument("--dt", type=number(positive=True), default=1e-4,
                         help="nir: the time step one model step stands for (snnTorch's importer assumes 1e-4 s)")
 
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.output
     model, meta = load_weights_spec(args.checkpoint)
     name = meta["model_name"]
+    if args.threads != 1 and args.format != "c":
+        raise ConfigError("--threads applies to --format c")
     if args.format in ("onnx", "c"):
         if args.verify or args.subgraphs:
             raise ConfigError("--verify and --subgraphs apply to --format packed / nir")
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = meta.get("dataset") or (meta.get("config") or {}).get("dataset")
         events = bool(dataset) and is_event_dataset(dataset)
         if args.format == "c":
-            return _export_c(model, out, events, name)
+            return _export_c(model, out, events, name, args.threads)
         from ..deploy.onnx_export import export_onnx
 
         export_onnx(model, out, events=events)
@@ -93,15 +98,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_c(model: Any, out: Path, events: bool, name: str) -> int:
+def _export_c(model: Any, out: Path, events: bool, name: str, threads: int) -> int:
+    from ..deploy.c_build import SPEED_FLAGS
     from ..deploy.c_export import CFLAGS, export_c
     from ..errors import ConfigError
 
     if out.name != "model.c":
         raise ConfigError(f"--format c writes model.c, model.h and example.c into one folder: give -o "
                           f"{out.parent / 'model.c'} (got {out.name!r})")
-    info = export_c(model, out.parent, events=events)
+    info = export_c(model, out.parent, events=events, threads=threads)
+    omp = " -fopenmp" if threads > 1 else ""
     print(f"wrote {out} with model.h and example.c (C99, {info.weight_bytes / 1e3:.1f} KB of constants, arena "
           f"{info.arena_bytes} bytes, input {'[T][C][H][W] event frames' if events else '[C][H][W]'}) from {name}; "
-          f"build: cc {' '.join(CFLAGS)} -c {out}")
+          f"build: cc {' '.join(CFLAGS)} -c {out} (fastest on this CPU: cc {' '.join((*CFLAGS, *SPEED_FLAGS))}{omp} "
+          f"-c {out})")
     return 0

@@ -5,7 +5,7 @@
 - :class:`PackedModel` (``bestformer predict``) loads and runs it with popcounts on 64-bit words;
 - :func:`export_nir` (``bestformer export CKPT --format nir``) writes the parts NIR can express;
 - :func:`export_c` (``bestformer export CKPT --format c``) writes a C99 inference library (no malloc, libc only)
-  whose logits equal the packed runtime's bit for bit.
+  whose logits equal the packed runtime's bit for bit; :func:`compile_library` builds and loads it (ctypes).
 
 Names load on first use (PEP 562): ``from bestformer.deploy import PackedModel`` does not import torch.
 """
@@ -23,6 +23,7 @@ _LAZY = {
     "write_packed": "packfile",
     "export_nir": "nir_export",
     "export_c": "c_export",
+    "compile_library": "c_build",
     "to_nir": "nir_export",
 }
 
