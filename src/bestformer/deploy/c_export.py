@@ -3,11 +3,13 @@
 ``export_c(model_or_packed, out_dir)`` writes
 
 - ``model.h``: the API, ``int bestformer_predict(const float *input, float *logits, void *arena)`` (0, or a
-  negative ``BESTFORMER_ERR_*`` code), ``BESTFORMER_ARENA_BYTES`` / ``_ALIGN``, the input and output sizes;
-- ``model.c``: the weights as ``static const`` arrays (1-bit signs packed 64 per ``uint64_t`` word, folded
-  BatchNorm scale/bias, ``lambda * 0.125``, the first convolution, the heads, every LIF's constants, all floats as
-  exact hexadecimal literals), the layer kernels (``c/runtime.c``) and the generated ``bestformer_predict``;
-- ``example.c``: a command-line driver (raw float32 input file -> logits on stdout).
+  negative ``BESTFORMER_ERR_*`` code), ``bestformer_popcount_path()``, ``BESTFORMER_ARENA_BYTES`` / ``_ALIGN``,
+  the input and output sizes;
+- ``model.c``: the weights as ``static const`` arrays (1-bit signs packed 64 per ``uint64_t`` word in blocks of 8
+  outputs, folded BatchNorm scale/bias, ``lambda * 0.125``, the first convolution, the heads, every LIF's
+  constants, all floats as exact hexadecimal literals), the kernels (``c/*.c``: the popcount path is chosen at
+  compile time among AVX-512 VPOPCNTDQ, AVX2, NEON and portable C) and the generated ``bestformer_predict``;
+- ``example.c``: a command-line driver (raw float32 inputs -> one line of logits per input on stdout).
 
 No ``malloc``: every intermediate lives in the caller's arena (its size is exact, computed here); libc only
 (``string.h`` for ``memcpy``; no libm: ``fmaf`` is emulated exactly unless the compiler has a hardware FMA).
@@ -15,15 +17,15 @@ Build: ``cc -std=c99 -O2 -ffp-contract=off -c model.c``; a build that would fuse
 (``-ffast-math`` and x87 at compile time, contraction at run time: ``BESTFORMER_ERR_BUILD``).
 
 The C code computes what the numba runtime (:mod:`bestformer.deploy.kernels`) computes, operation for operation
-(see ``c/runtime.c``), so its spikes are those of the packed runtime and of PyTorch, and its logits equal the
-packed runtime's bit for bit. The only operations whose rounding is not pinned down are the two the numba runtime
+(see ``c/base.c``), so its spikes are those of the packed runtime and of PyTorch, and its logits equal the packed
+runtime's bit for bit. The only operations whose rounding is not pinned down are the two the numba runtime
 leaves to numpy/BLAS in float64 (the first convolution and the heads): both round a float64 sum once to float32,
 so the two runtimes can differ only where float64 sums in different orders straddle a float32 rounding boundary
 (a chance of order 2^-28 per value; never observed).
 
 Covered: every model the packed runtime runs (token and channel attention, reversible and residual, one or two
 heads, static images and event frames ``[T, C, H, W]``, any LIF parameters per layer, BatchNorm ``fma`` or
-``mul_add``), one sample per call.
+``mul_add``), one sample per call; with ``threads > 1`` and ``-fopenmp`` each layer's rows run on several threads.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 /* ---------------------------------------------------------------------------------------------------------------
  * bestformer C runtime: the layer kernels of a packed 1-bit spiking transformer (template text of
- * bestformer.deploy.c_export; the exporter pastes it into model.c after the weights).
+ * bestformer.deploy.c_export, which pastes base.c, popcount.c, layers.c, attention.c and head.c into model.c
+ * before the weights).
  *
  * It computes what the numba runtime (bestformer.deploy.kernels) computes, operation for operation:
  *   - binary layers: z = 2 popcount(s AND w+) - popcount(s), an exact integer, then the folded BatchNorm
@@ -13,7 +14,8 @@
  *     max pooling of spikes: the OR of the 3x3 / stride 2 / padding 1 window;
  *   - the first (full-precision) convolution in double, rounded once to float; the token/time mean and the heads
  *     in double, rounded once (the numba runtime does the same with numpy/BLAS: see docs/deploy.md).
- * Compile with -std=c99 -O2 -ffp-contract=off: nothing but the explicit bf_fmaf may be fused.
+ * Compile with -std=c99 -O2 -ffp-contract=off: nothing but the explicit bf_fmaf may be fused (-O3 -march=native
+ * for speed: the same bits).
  * ------------------------------------------------------------------------------------------------------------- */
 
 #if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0 && FLT_EVAL_METHOD != -1
