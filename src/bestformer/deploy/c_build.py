@@ -84,8 +84,10 @@ def build_shared(info: CExportInfo, threads: int = 1, flags: Sequence[str] = SPE
     cmd = [cc, *CFLAGS, *(("-fopenmp",) if threads > 1 else ()), *flags,
            "-fPIC", "-shared", str(info.files["model.c"]), "-o", str(so)]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise ConfigError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
+    if done.returncode != 0:  # the first diagnostic says why (the last is often "warnings treated as errors")
+        lines = done.stderr.strip().splitlines() or [""]
+        why = next((line for line in lines if ": error" in line or ": warning" in line), lines[-1])
+        raise ConfigError(f"{' '.join(cmd)} failed: {why}")
     return so
 
 

@@ -183,6 +183,7 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False, th
         f"#define BF_T {g.t}",
         f"#define BF_BN_FMA {1 if pm.use_fma else 0} /* the folded BatchNorm's rounding recorded in the file */",
         f"#define BF_ATTENTION_CHANNEL {1 if g.channel else 0}",
+        f"#define BF_POOL {1 if any(st['pool'] for st in g.stages) else 0} /* a stem stage max-pools */",
         f"#define BF_THREADS {threads} /* scratch sets in the arena: the most OpenMP threads a call uses */",
         "#define BF_FLT_TRUE_MIN 0x1p-149f", "",
         template,

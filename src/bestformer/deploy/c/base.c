@@ -24,8 +24,8 @@
 #ifdef __FAST_MATH__
 #error "bestformer must not be compiled with -ffast-math (it reorders and fuses float operations)"
 #endif
-#if INT_MAX < 2147483647
-#error "bestformer needs an int of at least 32 bits"
+#if INT_MAX != 2147483647
+#error "bestformer needs a 32-bit int (the vector paths store 32-bit counts into int arrays)"
 #endif
 /* Built with OpenMP (-fopenmp), the row loops of the layers run on up to BF_THREADS threads (one scratch set each
  * in the arena; OMP_NUM_THREADS or omp_set_num_threads can ask for fewer); without it the pragmas vanish and
@@ -70,7 +70,7 @@ static int bf_contracted(void) {
 #define bf_fmaf(a, b, c) bf_fmaf_soft((a), (b), (c))
 #endif
 
-#if defined(BF_SOFT_FMAF) || defined(BESTFORMER_TEST_HOOKS)
+#if (defined(BF_SOFT_FMAF) && BF_BN_FMA) || defined(BESTFORMER_TEST_HOOKS) /* only the BatchNorm uses fma */
 static float bf_fmaf_soft(float a, float b, float c) {
     double p = (double)a * (double)b, s = p + (double)c, rd, gd, bb, err;
     float r = (float)s, g;
@@ -82,7 +82,15 @@ static float bf_fmaf_soft(float a, float b, float c) {
     if ((u & UINT64_C(0x1FFFFFFF)) != UINT64_C(0x10000000) &&
         (u & UINT64_C(0x7FF0000000000000)) >= UINT64_C(0x3810000000000000)) return r; /* |s| >= 2^-126 */
     rd = (double)r;
-    if (rd == s || r - r != 0.0f) return r; /* s is a float (then r is exact enough), or overflow to inf */
+    if (rd == s) return r; /* s is a float: then r is exact enough */
+    if (r - r != 0.0f) {   /* inf: s is at or beyond the overflow threshold 2^128 - 2^103 (halfway to 2^128) */
+        if ((s < 0.0 ? -s : s) == 0x1.ffffffp127) { /* exactly at it: p + c may lie below, then it is FLT_MAX */
+            bb = s - p;
+            err = (p - (s - bb)) + ((double)c - bb);
+            if (err != 0.0 && (err > 0.0) != (s > 0.0)) return s > 0.0 ? FLT_MAX : -FLT_MAX;
+        }
+        return r;
+    }
     if (r == 0.0f) {
         g = s > 0.0 ? BF_FLT_TRUE_MIN : -BF_FLT_TRUE_MIN;
     } else {

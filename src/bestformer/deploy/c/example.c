@@ -5,21 +5,22 @@
 #include <stdlib.h>
 #include "model.h"
 
-static double arena_storage[(BESTFORMER_ARENA_BYTES + sizeof(double) - 1) / sizeof(double)];
-
 int main(int argc, char **argv) {
     static float input[BESTFORMER_INPUT_SIZE];
     float logits[BESTFORMER_NUM_CLASSES];
     FILE *fp = argc > 1 ? fopen(argv[1], "rb") : stdin;
+    /* allocated memory: the library stores floats, words and ints into it (a declared array of another type
+     * would break C's aliasing rules under link-time optimization) */
+    void *arena = malloc(BESTFORMER_ARENA_BYTES);
     unsigned long samples = 0;
     size_t got;
-    if (fp == NULL) {
-        fprintf(stderr, "cannot open %s\n", argv[1]);
+    if (fp == NULL || arena == NULL) {
+        fprintf(stderr, fp == NULL ? "cannot open the input file\n" : "out of memory\n");
         return 2;
     }
     while ((got = fread(input, sizeof(float), BESTFORMER_INPUT_SIZE, fp)) == BESTFORMER_INPUT_SIZE) {
         unsigned k, best = 0;
-        int rc = bestformer_predict(input, logits, arena_storage);
+        int rc = bestformer_predict(input, logits, arena);
         if (rc != BESTFORMER_OK) {
             fprintf(stderr, "bestformer_predict failed on input %lu: %d\n", samples, rc);
             return 1;
@@ -31,6 +32,7 @@ int main(int argc, char **argv) {
         printf("argmax %u\n", best);
         samples++;
     }
+    free(arena);
     if (got != 0 || samples == 0) {
         fprintf(stderr, "expected a whole number (at least 1) of inputs of %u float32 values\n",
                 (unsigned)BESTFORMER_INPUT_SIZE);

@@ -118,6 +118,7 @@ static void bf_stem_conv(const float *img, int tx, int c_in, int hgt, int wid, c
     }
 }
 
+#if BF_POOL
 /* ---- max pooling (3, stride 2, padding 1) of packed spikes: the OR of each window ----------------------------
  * in: [T][H][W][kw] -> out: [T][(H-1)/2+1][(W-1)/2+1][kw] */
 static void bf_maxpool(const uint64_t *in, int hgt, int wid, int kw, uint64_t *out) {
@@ -135,6 +136,7 @@ static void bf_maxpool(const uint64_t *in, int hgt, int wid, int kw, uint64_t *o
                     }
             }
 }
+#endif
 
 /* output modes of the binary layers */
 #define BF_OUT_BITS 0  /* LIF, spikes packed by groups of `group` channels (a head's width): [T][rows][words] */
@@ -242,6 +244,7 @@ static void bf_lif_stream(const float *x, size_t rows, int n, const bf_lif_t *li
 /* ---- layouts for the attention's block products ----------------------------------------------------------------
  * in: spikes [T][rows][heads][gw] (a BF_OUT_BITS output, group = d, gw = BF_WORDS(d)). */
 
+#if !BF_ATTENTION_CHANNEL
 /* -> [heads][T][BF_PAD8(rows) / 8][gw][8]: rows as the lanes (the keys of token attention) */
 static void bf_block_rows(const uint64_t *in, size_t rows, int heads, int gw, uint64_t *out) {
     const size_t rb = (size_t)BF_PAD8(rows) / 8;
@@ -254,6 +257,7 @@ static void bf_block_rows(const uint64_t *in, size_t rows, int heads, int gw, ui
                     out[((((size_t)hd * BF_T + t) * rb + j / 8) * gw + k) * 8 + j % 8] =
                         j < rows ? in[((size_t)t * rows + j) * heads * gw + (size_t)hd * gw + k] : 0;
 }
+#endif
 
 /* -> [heads][T][BF_PAD8(d) / 8][BF_WORDS(rows)][8]: bits over rows, channels as the lanes (values; channel-form
  * keys) */
