@@ -663,3 +663,27 @@ def test_nir_refuses_soft_reset():
 
     with pytest.raises(NIRUnsupported, match="soft-reset"):
         to_nir(torch.nn.Sequential(LIF(reset="soft")), input_shape=(4,))
+
+
+def test_split_run_covers_every_row_once_and_keeps_small_layers_on_the_caller():
+    """Chunks tile [0, n) exactly; a range too small to be worth a thread (fewer than 2 chunks of
+    MIN_CHUNK_ROWS rows) runs on the calling thread."""
+    import threading
+
+    from bestformer.deploy.runtime import MIN_CHUNK_ROWS, split_run
+
+    for n in (0, 1, MIN_CHUNK_ROWS - 1, 2 * MIN_CHUNK_ROWS - 1, 2 * MIN_CHUNK_ROWS, 1000):
+        for threads in (1, 2, 3):
+            hits = np.zeros(n, np.int64)
+            callers: set[int] = set()
+
+            def fn(lo: int, hi: int, hits=hits, callers=callers) -> None:
+                hits[lo:hi] += 1
+                callers.add(threading.get_ident())
+
+            split_run(fn, n, threads)
+            assert (hits == 1).all()
+            if n < 2 * MIN_CHUNK_ROWS or threads == 1:
+                assert callers <= {threading.get_ident()}
+            else:
+                assert threading.get_ident() not in callers
