@@ -304,7 +304,13 @@ def test_signals_outside_the_training_loop_exit_130_and_143(signum: int, code: i
         return 0
 
     monkeypatch.setattr(eval_cmd, "run", signalled)
-    rc, err = _cli(["eval", "x"], capsys)
+    # Python's own SIGINT handling, as in a fresh process: under load a worker of the parallel test run was seen
+    # (twice) with another SIGINT handler left by an earlier test
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc, err = _cli(["eval", "x"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert rc == code and words in err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
