@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +19,14 @@ import pytest
 import torch
 
 import bestformer
-from bestformer.deploy.c_build import CLibrary, build_shared
+from bestformer.deploy.c_build import CLibrary, build_shared, find_compiler
 from bestformer.deploy.c_export import CFLAGS, export_c
 from bestformer.deploy.fold import fold_model
 from bestformer.deploy.runtime import PackedModel
 from bestformer.neurons.backend import use_backend
+from conftest import cpu_flags
 
-CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+CC = find_compiler()
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clang) on PATH")
 
 
@@ -87,9 +87,7 @@ class CLib(CLibrary):
 
 
 def _x86_with_fma() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    return os.uname().machine in ("x86_64", "AMD64") and cpuinfo.exists() and \
-        " fma " in cpuinfo.read_text().replace("\n", " ")
+    return os.uname().machine in ("x86_64", "AMD64") and "fma" in cpu_flags()
 
 
 def assert_bit_equal(a: np.ndarray, b: np.ndarray) -> None:
@@ -234,16 +232,6 @@ def test_variants_bit_equal(events, overrides, use_fma, tmp_path):
     assert_bit_equal(CLib(info).predict(x), pm.predict(x))
 
 
-def _cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def _compiles(flags: tuple[str, ...], tmp_path: Path) -> bool:
     src = tmp_path / "probe.c"
     src.write_text("int main(void) { return 0; }\n")
@@ -261,17 +249,17 @@ def padded(tmp_path_factory):
     return pm, x, pm.predict(x)
 
 
-@pytest.mark.parametrize(("path", "flags", "cpu_flags"), [
+@pytest.mark.parametrize(("path", "flags", "needs"), [
     ("portable", ("-DBF_FORCE_PORTABLE",), ()),
     ("avx2", ("-mavx2", "-mpopcnt"), ("avx2", "popcnt")),
     ("avx512-vpopcntdq", ("-mavx512f", "-mavx512vpopcntdq", "-O3"), ("avx512f", "avx512_vpopcntdq")),
     ("openmp", ("-fopenmp", "-O3", "-march=native"), ()),
 ])
-def test_popcount_paths_and_threads_bit_equal(padded, path, flags, cpu_flags, tmp_path):
+def test_popcount_paths_and_threads_bit_equal(padded, path, flags, needs, tmp_path):
     """Every compile-time popcount path this CPU can run, and the OpenMP build on 3 scratch sets, give the packed
     runtime's logits bit for bit, and the library names the path it was built with."""
     pm, x, want = padded
-    missing = [f for f in cpu_flags if f not in _cpu_flags()]
+    missing = [f for f in needs if f not in cpu_flags()]
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(missing)}")
     if not _compiles(flags, tmp_path):

@@ -31,6 +31,7 @@ from bestformer.deploy.packfile import DIGEST_SIZE, FORMAT_VERSION, encode_packe
 from bestformer.deploy.runtime import PackedModel
 from bestformer.errors import ConfigError, FileFormatError, InputError
 from bestformer.neurons import LIF
+from conftest import cpu_flags
 
 U = 2.0**-24  # float32 unit roundoff
 THREADS = 2
@@ -263,8 +264,7 @@ def test_vector_block_product_against_numpy():
 def test_binary_layers_use_the_vector_popcount_where_the_cpu_has_one():
     """Where the CPU has AVX-512 VPOPCNTDQ, the compiled binary layer counts 8 words per instruction (vpopcntq on
     a zmm register) instead of one scalar popcnt per word."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if " avx512_vpopcntdq" not in flags:
+    if "avx512_vpopcntdq" not in cpu_flags():
         pytest.skip("this CPU has no AVX-512 VPOPCNTDQ")
     asm = "\n".join(_block_products.inspect_asm().values())
     assert "vpopcntq" in asm and "zmm" in asm
