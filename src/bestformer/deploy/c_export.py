@@ -69,9 +69,6 @@ class CExportInfo:
     threads: int = 1
     arena_layout: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def compile_command(self, output: str = "model.o", compiler: str = "cc") -> list[str]:
-        return [compiler, *CFLAGS, "-c", str(self.files["model.c"]), "-o", output]
-
 
 def _packed(model_or_packed: Any) -> PackedModel:
     from .runtime import PackedModel
