@@ -29,7 +29,7 @@ static void bf_attention_token(const uint64_t *q, const uint64_t *kb, const uint
     BF_PARALLEL_FOR
     for (i = 0; i < (long)n_tok; i++) { /* the queries in parallel: each writes only its own token's words */
         const bf_scratch_t *s = sc + bf_thread();
-        int hd, t, g;
+        int hd, t;
         size_t j;
         for (hd = 0; hd < heads; hd++) {
             const uint64_t *kh = kb + (size_t)hd * BF_T * kstep, *vh = vt + (size_t)hd * BF_T * vstep;
@@ -39,10 +39,7 @@ static void bf_attention_token(const uint64_t *q, const uint64_t *kb, const uint
             for (t = 0; t < BF_T; t++) {
                 for (j = 0; j < n_tok; j++) s->h[j] = (float)s->z[(size_t)t * n8 + j] * 1.0f;
                 bf_lif_step(lif_attn, s->h, s->v, s->f, (int)n_tok);
-                for (g = 0; g < nw; g++) {
-                    const int m = (int)n_tok - 64 * g;
-                    s->row[t * nw + g] = bf_pack(s->f + 64 * g, m < 64 ? m : 64);
-                }
+                bf_pack_row(s->f, (int)n_tok, s->row + t * nw);
             }
             bf_gemm(s->row, (size_t)nw, vh, vstep, BF_T, nw, d, s->z, d8); /* times V */
             bf_attn_output(s->z, d8, d, scale, heads, hd, lif_out, out, n_tok, ow, (size_t)i, hd * d, s);

@@ -54,6 +54,12 @@ static uint64_t bf_pack(const unsigned char *f, int n) {
     return w;
 }
 
+/* the flags f[0..n) as BF_WORDS(n) words: bit j of word k = f[64 k + j] */
+static void bf_pack_row(const unsigned char *f, int n, uint64_t *out) {
+    int k;
+    for (k = 0; 64 * k < n; k++) out[k] = bf_pack(f + 64 * k, n - 64 * k < 64 ? n - 64 * k : 64);
+}
+
 static float bf_affine(float z, float a, float b) {
 #if BF_BN_FMA
     return bf_fmaf(z, a, b);
@@ -87,7 +93,7 @@ static void bf_stem_conv(const float *img, int tx, int c_in, int hgt, int wid, c
     for (r = 0; r < (long)hgt * wid; r++) {
         const bf_scratch_t *s = sc + bf_thread();
         const int y = (int)(r / wid), x = (int)(r % wid), ow = BF_WORDS(n_out);
-        int t, o, c, dy, dx, g;
+        int t, o, c, dy, dx;
         bf_fill(s->v, lif->vr, n_out);
         for (t = 0; t < BF_T; t++) {
             if (t < tx) { /* the convolution of frame t (static: frame 0 once) */
@@ -110,10 +116,7 @@ static void bf_stem_conv(const float *img, int tx, int c_in, int hgt, int wid, c
             }
             for (o = 0; o < n_out; o++) s->h[o] = bf_affine(s->y[o], alpha[o], beta[o]);
             bf_lif_step(lif, s->h, s->v, s->f, n_out);
-            for (g = 0; g < ow; g++) {
-                const int n = n_out - 64 * g;
-                out[((size_t)t * hgt * wid + (size_t)r) * ow + g] = bf_pack(s->f + 64 * g, n < 64 ? n : 64);
-            }
+            bf_pack_row(s->f, n_out, out + ((size_t)t * hgt * wid + (size_t)r) * ow);
         }
     }
 }
@@ -149,7 +152,7 @@ static void bf_maxpool(const uint64_t *in, int hgt, int wid, int kw, uint64_t *o
 static void bf_epilogue(const int *z, int zs, const int *pc, size_t r, size_t rows, const float *alpha,
                         const float *beta, int n_out, int mode, const bf_lif_t *lif, int group, uint64_t *out_b,
                         float *out_f, const float *other, const bf_scratch_t *s) {
-    int t, o, g, c0;
+    int t, o, g;
     const int gw = BF_WORDS(group), n_groups = n_out / (group > 0 ? group : 1);
     if (mode == BF_OUT_BITS) bf_fill(s->v, lif->vr, n_out);
     for (t = 0; t < BF_T; t++) {
@@ -165,11 +168,7 @@ static void bf_epilogue(const int *z, int zs, const int *pc, size_t r, size_t ro
         }
         bf_lif_step(lif, s->h, s->v, s->f, n_out);
         for (g = 0; g < n_groups; g++)
-            for (c0 = 0; c0 < group; c0 += 64) {
-                const int n = group - c0;
-                out_b[((size_t)t * rows + r) * (n_groups * gw) + g * gw + c0 / 64] =
-                    bf_pack(s->f + g * group + c0, n < 64 ? n : 64);
-            }
+            bf_pack_row(s->f + g * group, group, out_b + ((size_t)t * rows + r) * (n_groups * gw) + g * gw);
     }
 }
 
@@ -228,15 +227,12 @@ static void bf_lif_stream(const float *x, size_t rows, int n, const bf_lif_t *li
     for (r = 0; r < (long)rows; r++) {
         const bf_scratch_t *s = sc + bf_thread();
         const int ow = BF_WORDS(n);
-        int t, g;
+        int t;
         bf_fill(s->v, lif->vr, n);
         for (t = 0; t < BF_T; t++) {
             memcpy(s->h, x + ((size_t)t * rows + (size_t)r) * n, sizeof(float) * (size_t)n);
             bf_lif_step(lif, s->h, s->v, s->f, n);
-            for (g = 0; g < ow; g++) {
-                const int m = n - 64 * g;
-                out[((size_t)t * rows + (size_t)r) * ow + g] = bf_pack(s->f + 64 * g, m < 64 ? m : 64);
-            }
+            bf_pack_row(s->f, n, out + ((size_t)t * rows + (size_t)r) * ow);
         }
     }
 }
