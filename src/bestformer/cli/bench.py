@@ -41,12 +41,13 @@ def run(args: argparse.Namespace) -> int:
     # call, which halved the C library's OpenMP speed at 2 threads (8.4 vs 4.1 ms, measured): one BLAS thread
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ..deploy.bench import format_report, plot_report, run_benchmark
+    from ..deploy.c_build import SPEED_FLAGS
     from ..fileio import atomic_write_json, check_output
 
     plot = None if args.no_plot else args.plot or check_output(DEFAULT_PLOT, "plot", parents=True)
     res = run_benchmark(args.model, args.checkpoint, args.batch_sizes, args.threads, args.repeats, args.budget,
                         memory=not args.no_memory, c_engine=not args.no_c,
-                        **({"c_flags": args.c_flags.split()} if args.c_flags else {}))
+                        c_flags=args.c_flags.split() if args.c_flags else SPEED_FLAGS)
     if plot is not None:
         print(f"plot: {plot_report(res, plot)}")
     if args.json:
