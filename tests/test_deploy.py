@@ -522,6 +522,9 @@ def test_cli_bench_prints_the_ratio_last(capsys, tmp_path):
     assert cli_main(["bench", "--model", "bestformer_tiny", "--batch-sizes", "1", "--repeats", "1", "--threads", "1",
                      "--no-plot", "--no-memory", "--no-c"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("latency ratio (PyTorch / packed): batch 1:")
+    assert cli_main(["bench", "--model", "bestformer_tiny", "--batch-sizes", "1", "--repeats", "1", "--threads", "1",
+                     "--no-plot", "--no-memory", "--c-flags", "-O2 -DBF_FORCE_PORTABLE"]) == 0
+    assert "C library (portable popcount, -O2 -DBF_FORCE_PORTABLE)" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------- NIR
