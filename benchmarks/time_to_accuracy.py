@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 from accuracy import plot_curves
 from bestformer.cli.train import key_value
+from bestformer.hardware import cpu_info
 from bestformer.pipeline import resolve_config, train
 from bestformer.training.budget import parse_duration
 
@@ -38,26 +37,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PREVIOUS = {"model": "bestformer_tiny", "batch_size": 64, "accum_steps": 1, "lr": 0.005, "warmup_lr": 0.0005,
             "warmup_epochs": 0.3, "cooldown_epochs": 0, "mixup": 0.0, "rand_augment": None, "random_erasing": 0.0,
             "teacher": None, "epochs": 1}
-#: vector extensions worth naming beside a CPU timing
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_vpopcntdq", "amx_bf16", "amx_tile",
-             "asimd", "sve")
-
-
-def cpu_description() -> dict[str, object]:
-    """Model name, logical CPUs and the vector extensions of this machine (from /proc/cpuinfo on Linux)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                name = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags |= set(value.split())
-    except OSError:
-        pass
-    return {"model": name, "cpus": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
-
-
 def run_one(label: str, recipe: str, overrides: dict, args: argparse.Namespace) -> dict:
     cfg, used = resolve_config(recipe, {"data_dir": args.data_dir, "time_budget": args.budget,
                                         "out": str(args.out), "name": f"{label}-{int(time.time())}",
@@ -85,8 +64,7 @@ def main() -> None:
                    help="override a key of the fast recipe (repeatable)")
     args = p.parse_args()
     parse_duration(args.budget)  # a bad budget fails before anything runs
-    cpu = cpu_description()
-    print(f"CPU: {cpu['model']} ({cpu['cpus']} logical CPUs); extensions: {', '.join(cpu['flags']) or 'none'}")
+    print(f"CPU: {cpu_info().describe()}")
     runs: dict[str, dict] = {}
     if args.only in (None, "fast"):
         runs["fast"] = run_one("fast", "cifar10-fast", dict(args.sets), args)
@@ -95,11 +73,11 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"benchmark": "time_to_accuracy", "dataset": "cifar10 (validation split carved from the training split)",
-           "budget": args.budget, "seed": args.seed, "cpu": cpu, "runs": runs}
+           "budget": args.budget, "seed": args.seed, "cpu": cpu_info().as_dict(), "runs": runs}
     (RESULTS / f"time_to_accuracy{suffix}.json").write_text(json.dumps(out, indent=1) + "\n")
     _plot(runs, RESULTS / f"time_to_accuracy{suffix}.png",
-          f"CIFAR-10 validation accuracy against wall-clock minutes, budget {args.budget} each; {cpu['model']} "
-          f"({cpu['cpus']} CPUs: {', '.join(cpu['flags'])})")
+          f"CIFAR-10 validation accuracy against wall-clock minutes, budget {args.budget} each; "
+          f"{cpu_info().describe()}")
     for name, r in runs.items():
         print(f"{name}: {r['model']} ({r['recipe']}), {r['steps']} steps in {r['minutes']:.1f} min, "
               f"val top-1 {r['val_acc']:.2f}%")

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from time_to_accuracy import cpu_description
+from bestformer.hardware import cpu_info
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "zoo"
@@ -55,16 +55,9 @@ ENTRIES: dict[str, tuple[Path, str, str | None, str, bool]] = {
 
 
 def cpu() -> tuple[str, str]:
-    """(model name, family and the flags that matter for timings; a short name), from ``cpu_description``."""
-    desc = cpu_description()
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    family = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in info.splitlines()[:12])}
-    model = str(desc["model"])
-    if family.get("cpu family"):
-        model += f" (family {family['cpu family']} model {family.get('model', '?')})"
-    flags = list(desc["flags"])
-    return (f"{model}, {desc['cpus']} cores, {' '.join(flags)}",
-            f"{desc['cpus']}-core {'AVX-512' if 'avx512f' in flags else 'AVX2'}")
+    """(model name, family and the flags that matter for timings; a short name)."""
+    info = cpu_info()
+    return info.describe(), f"{info.cpus}-core {'AVX-512' if 'avx512f' in info.flags else 'AVX2'}"
 
 
 def clean_log(text: str) -> str:

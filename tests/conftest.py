@@ -19,16 +19,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (Linux ``/proc/cpuinfo``: ``flags`` on x86, ``Features`` on ARM); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines()
-                 if line.startswith(("flags", "Features"))), set())
-
-
 @pytest.fixture
 def shared_data() -> Path:
     """The real-data folder; tests that need it skip with the reason when it is absent."""

@@ -14,8 +14,8 @@ import bestformer
 ROOT = Path(bestformer.__file__).parent
 
 #: the layers from the ground up; a module may import its own layer and the ones before it
-LAYERS = ["version", "lazy", "errors", "fileio", "progress", "quant", "neurons", "layers", "models", "data", "training",
-          "analysis", "convert", "deploy", "zoo", "pipeline", "cli", "__init__", "__main__"]
+LAYERS = ["version", "lazy", "errors", "fileio", "hardware", "progress", "quant", "neurons", "layers", "models", "data",
+          "training", "analysis", "convert", "deploy", "zoo", "pipeline", "cli", "__init__", "__main__"]
 MAX_LINES = 400
 
 

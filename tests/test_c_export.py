@@ -23,8 +23,8 @@ from bestformer.deploy.c_build import CLibrary, build_shared, find_compiler
 from bestformer.deploy.c_export import CFLAGS, export_c
 from bestformer.deploy.fold import fold_model
 from bestformer.deploy.runtime import PackedModel
+from bestformer.hardware import cpu_info
 from bestformer.neurons.backend import use_backend
-from conftest import cpu_flags
 
 CC = find_compiler()
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clang) on PATH")
@@ -87,7 +87,7 @@ class CLib(CLibrary):
 
 
 def _x86_with_fma() -> bool:
-    return os.uname().machine in ("x86_64", "AMD64") and "fma" in cpu_flags()
+    return os.uname().machine in ("x86_64", "AMD64") and "fma" in cpu_info().flags
 
 
 def assert_bit_equal(a: np.ndarray, b: np.ndarray) -> None:
@@ -259,7 +259,7 @@ def test_popcount_paths_and_threads_bit_equal(padded, path, flags, needs, tmp_pa
     """Every compile-time popcount path this CPU can run, and the OpenMP build on 3 scratch sets, give the packed
     runtime's logits bit for bit, and the library names the path it was built with."""
     pm, x, want = padded
-    missing = [f for f in needs if f not in cpu_flags()]
+    missing = [f for f in needs if f not in cpu_info().flags]
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(missing)}")
     if not _compiles(flags, tmp_path):

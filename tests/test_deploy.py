@@ -30,8 +30,8 @@ from bestformer.deploy.fold import bn_constants, export_packed, fold_batchnorm, 
 from bestformer.deploy.packfile import DIGEST_SIZE, FORMAT_VERSION, encode_packed, read_packed
 from bestformer.deploy.runtime import PackedModel
 from bestformer.errors import ConfigError, FileFormatError, InputError
+from bestformer.hardware import cpu_info
 from bestformer.neurons import LIF
-from conftest import cpu_flags
 
 U = 2.0**-24  # float32 unit roundoff
 THREADS = 2
@@ -264,7 +264,7 @@ def test_vector_block_product_against_numpy():
 def test_binary_layers_use_the_vector_popcount_where_the_cpu_has_one():
     """Where the CPU has AVX-512 VPOPCNTDQ, the compiled binary layer counts 8 words per instruction (vpopcntq on
     a zmm register) instead of one scalar popcnt per word."""
-    if "avx512_vpopcntdq" not in cpu_flags():
+    if "avx512_vpopcntdq" not in cpu_info().flags:
         pytest.skip("this CPU has no AVX-512 VPOPCNTDQ")
     asm = "\n".join(_block_products.inspect_asm().values())
     assert "vpopcntq" in asm and "zmm" in asm
@@ -512,6 +512,7 @@ def test_cli_bench_prints_the_ratio_last(capsys, tmp_path):
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["rows"][0]["argmax_agree"] == 1.0 and res["file_ratio"] > 5
+    assert res["cpu"] == cpu_info().describe() and any(line.endswith(f"CPU: {res['cpu']}") for line in out)
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     if find_compiler() is None:  # the C library is the third engine wherever a compiler exists
         assert out[-1].startswith("latency ratio (PyTorch / packed): batch 2:") and "c" not in res

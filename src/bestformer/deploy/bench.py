@@ -32,6 +32,7 @@ from numba import njit
 
 from ..analysis.report import save_png
 from ..errors import ConfigError
+from ..hardware import cpu_info
 from ..progress import progress_bar
 from ..training import save_checkpoint
 from . import kernels as K
@@ -212,7 +213,8 @@ def _run(model_name: str, checkpoint: str | None, batch_sizes: Sequence[int], th
     else:
         model, name = create_model(model_name), model_name
     model.eval()
-    results: dict[str, Any] = {"model": name, "threads": threads, "batch_sizes": list(batch_sizes)}
+    results: dict[str, Any] = {"model": name, "threads": threads, "batch_sizes": list(batch_sizes),
+                               "cpu": cpu_info().describe()}
     with tempfile.TemporaryDirectory() as tmp:
         packed_path = export_packed(model, Path(tmp) / "model.bst")
         ckpt_path = save_checkpoint(model, Path(tmp) / "model.safetensors")
@@ -243,7 +245,7 @@ def _run(model_name: str, checkpoint: str | None, batch_sizes: Sequence[int], th
 
 def format_report(res: dict[str, Any]) -> str:
     """The benchmark as a table; the last line is the latency ratio at each batch size."""
-    lines = [f"{res['model']}  threads={res['threads']}",
+    lines = [f"{res['model']}  threads={res['threads']}  CPU: {res.get('cpu', 'not recorded')}",
              f"file: packed {res['file_bytes']['packed'] / 1e6:.3f} MB vs float32 checkpoint "
              f"{res['file_bytes']['float32'] / 1e6:.2f} MB  ->  {res['file_ratio']:.1f}x smaller",
              f"weights in memory: packed {res['model_bytes']['packed'] / 1e6:.2f} MB vs float32 "

@@ -6,9 +6,7 @@ Shared by the trainer (validation every epoch), the job runner (the final test) 
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +17,7 @@ from tqdm import tqdm
 
 from ..data import batched, collate, time_first
 from ..errors import InputError
+from ..hardware import cpu_info
 from .dist import DistContext, ShardedSampler, all_reduce_sums, progress, unwrap_model
 from .distill import split_outputs
 
@@ -29,15 +28,9 @@ def log_main(ctx: DistContext, msg: str, err: bool = False) -> None:
         tqdm.write(msg, file=sys.stderr if err else sys.stdout)
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 products in hardware (AVX512-BF16 or AMX-BF16; Linux flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not cpu_info().flags.isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
