@@ -12,6 +12,7 @@ import pytest
 
 import bestformer
 from bestformer.cli import main
+from bestformer.hardware import cpu_info
 from bestformer.neurons import get_backend, set_backend
 from bestformer.training import load_checkpoint, parameter_counts
 
@@ -75,6 +76,7 @@ def test_demo_table_and_run_files(trained: Path, capsys: pytest.CaptureFixture[s
     assert meta["dataset"] == "digits" and meta["distill"] == "hard" and meta["recipe"] is None
     run_info = json.loads((trained / "run.json").read_text())
     assert run_info["global_batch"] == 16 and run_info["world_size"] == 1
+    assert run_info["cpu"] == cpu_info().describe()  # every run's wall-clock is read beside the CPU it ran on
 
 
 def test_results_table_lists_teacher_and_student(trained: Path) -> None:

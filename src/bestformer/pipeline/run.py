@@ -23,6 +23,7 @@ from torch import nn
 from ..data import build_datasets
 from ..errors import ConfigError, InputError
 from ..fileio import read_json
+from ..hardware import cpu_info
 from ..models import create_model
 from ..neurons import supported_backends, use_backend
 from ..training.budget import parse_duration, plan_budget
@@ -128,7 +129,7 @@ class Run:
         info = {"recipe": self.recipe, "role": self.role, "world_size": ctx.world_size,
                 "global_batch": cfg.batch_size * cfg.accum_steps * ctx.world_size, "device": str(ctx.device),
                 "neuron_backend": backend, "library_version": __version__, "torch_version": torch.__version__,
-                "python": platform.python_version(), "dataset": bundle.describe()}
+                "python": platform.python_version(), "cpu": cpu_info().describe(), "dataset": bundle.describe()}
         folder.write_config(cfg.to_dict(), info)
 
         distill = resolve_distill(cfg)
