@@ -14,6 +14,7 @@ import functools
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from bestformer.training.dist import (
     gradient_sync,
     init_distributed,
     launch_rank,
+    launch_torchrun,
     plan_batches,
     position_from_samples,
     prepare_teacher,
@@ -365,6 +367,27 @@ def test_launcher_command_line() -> None:
     assert cmd[3:] == ["--standalone", "--nproc_per_node=2", "-m", "bestformer", "train", "--epochs", "1"]
     with pytest.raises(ConfigError, match="--nproc must be an integer >= 1"):
         torchrun_command(0, [])
+
+
+def test_launch_torchrun_puts_back_the_callers_signal_handlers(capfd: pytest.CaptureFixture[str]) -> None:
+    """torchrun's launcher installs its own SIGINT / SIGTERM / SIGHUP / SIGQUIT handlers and leaves them; after an
+    in-process launch, succeeded or failed, the caller's handlers are back (Ctrl-C is KeyboardInterrupt again)."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+    def mine(_signum: int, _frame: object) -> None:  # pragma: no cover - never delivered
+        pass
+
+    previous = signal.signal(signal.SIGHUP, mine)  # a handler of the caller's own, not only the defaults
+    try:
+        before = {sig: signal.getsignal(sig) for sig in sigs}
+        assert launch_torchrun(1, ["--version"]) == 0  # one worker: python -m bestformer --version
+        assert {sig: signal.getsignal(sig) for sig in sigs} == before
+        with pytest.raises(DistributedError, match="worker rank 0 of 1 exited with code 2"):
+            launch_torchrun(1, ["--no-such-option"])  # argparse in the worker: exit code 2
+        assert {sig: signal.getsignal(sig) for sig in sigs} == before
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert "0.2" in capfd.readouterr().out
 
 
 # -------------------------------------------------------------------------------------- multi-process runs

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from ...errors import ConfigError
 from .context import DistributedError, launched_by_torchrun
@@ -33,6 +35,25 @@ def torchrun_command(nproc: int, args: Sequence[str], module: str = "bestformer"
             "-m", module, *args]
 
 
+@contextlib.contextmanager
+def _restored_signal_handlers() -> Iterator[None]:
+    """Put back every Python-level signal handler on the way out: torchrun's launcher installs its own for SIGINT,
+    SIGTERM, SIGHUP and SIGQUIT (``TORCHELASTIC_SIGNALS_TO_HANDLE``) and never removes them, so after an
+    in-process launch Ctrl-C in the caller (a notebook, a script that goes on) would raise torchrun's
+    ``SignalException`` instead of ``KeyboardInterrupt``."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
+        yield
+        return
+    # getsignal is None for a handler not set from Python: nothing we could put back
+    saved = {sig: h for sig in signal.valid_signals() if (h := signal.getsignal(sig)) is not None}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+
+
 def launch_torchrun(nproc: int, args: Sequence[str], module: str = "bestformer") -> int:
     """Run ``args`` in ``nproc`` processes on this machine through torchrun's launcher (in this process; the
     workers are new processes); returns 0 when every worker succeeded. When one fails, the launcher stops the
@@ -45,7 +66,8 @@ def launch_torchrun(nproc: int, args: Sequence[str], module: str = "bestformer")
 
     launcher_args = get_args_parser().parse_args(torchrun_command(nproc, args, module)[3:])
     try:
-        run(launcher_args)
+        with _restored_signal_handlers():
+            run(launcher_args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         code = failure.exitcode
