@@ -25,9 +25,11 @@ budget (e.g. a CPU batch size and learning rate for ``bestformer_tiny``); the ta
 here has no test split (the JPEG training split only; its test split is held out), so its table reports validation
 accuracy only. One ANN teacher (the counterpart of the student's size, ``ann_*``) is trained first, as a run of
 its own with the config a distilled run would give it (the first seed), and shared by the distilled variants: no
-variant's time budget pays for it. Prints the table (with the budget) and one line of results, the ratio of
-the full method to the baseline last; writes
-``benchmarks/results/ablation_<dataset>.json`` and ``.png``.
+variant's time budget pays for it. Prints the table (with the budget), then each variant against the
+baseline (the difference of the means, whether it is larger than the seed spread: the larger of the two standard
+deviations; and seed by seed), and one line of results, the ratio of the full method to the baseline last; writes
+``benchmarks/results/ablation_<dataset>.json`` and ``.png`` (with ``--results FILE``: beside FILE, as
+``ablation_<dataset>_<FILE's stem>``).
 
 ``--recipe NAME`` uses another shipped recipe than the dataset's (``cifar10-fast``). ``--results FILE`` makes the
 benchmark incremental: every finished (variant, seed) run is added to FILE at once, a later call with the same
@@ -48,6 +50,7 @@ import time
 from pathlib import Path
 
 from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text, checked
+from bestformer.analysis.report import save_png
 from bestformer.fileio import atomic_write_json
 from bestformer.pipeline import resolve_config, resume, train
 from bestformer.training import TrainConfig, load_recipe
@@ -86,6 +89,32 @@ def train_teacher(cfg: TrainConfig) -> str:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def against_baseline(results: dict[str, list[dict]], key: str) -> dict[str, dict]:
+    """Each variant against the baseline, the question of the paper's Table 4: the difference of the means
+    (points), the seed spread (the larger of the two sample standard deviations), whether the difference is larger
+    than that spread, and the differences seed by seed (same seed: same initialisation and data order)."""
+    base = {r["seed"]: r[key] for r in results["baseline"]}
+    base_mean, base_std = mean_std(list(base.values()))
+    out = {}
+    for name, runs in results.items():
+        if name == "baseline":
+            continue
+        mean, std = mean_std([r[key] for r in runs])
+        paired = [r[key] - base[r["seed"]] for r in runs if r["seed"] in base]
+        diff, spread = mean - base_mean, max(std, base_std)
+        out[name] = {"diff": diff, "spread": spread, "clears_spread": diff > spread, "paired": paired,
+                     "better_seeds": sum(d > 0 for d in paired)}
+    return out
+
+
+def verdict_lines(verdicts: dict[str, dict]) -> list[str]:
+    """One line per variant: ``+RF vs baseline: +0.42 points, seed spread 0.80: within the spread; ...``."""
+    return [f"{name} vs baseline: {v['diff']:+.2f} points, seed spread {v['spread']:.2f}: "
+            f"{'larger than the spread' if v['clears_spread'] else 'within the spread'}; better on "
+            f"{v['better_seeds']} of {len(v['paired'])} seeds ({', '.join(f'{d:+.2f}' for d in v['paired'])})"
+            for name, v in verdicts.items()]
 
 
 def main() -> None:
@@ -167,21 +196,28 @@ def main() -> None:
     for name, row in summary.items():
         test = f"{row['test'][0]:6.2f} +- {row['test'][1]:5.2f}" if "test" in row else f"{'-':>16}"
         lines.append(f"{name:<10}  {row['val'][0]:6.2f} +- {row['val'][1]:5.2f}  {test}")
+    key = "test" if "test" in summary["baseline"] else "val"
+    verdicts = against_baseline(results, key)
+    lines += verdict_lines(verdicts)
     print("\n".join(lines))
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"ablation_{args.dataset}.json").write_text(json.dumps(
-        {"dataset": args.dataset, "budget": args.budget, "options": base, "seeds": args.seeds, "seconds": seconds,
-         "runs": results, "summary": summary, "teacher_checkpoint": teacher_ckpt, "table": lines}, indent=2) + "\n")
-    _plot(summary, RESULTS / f"ablation_{args.dataset}.png", lines[0])
-    key = "test" if "test" in summary["baseline"] else "val"
+    # a ledger's table goes beside it, named after it, so that it does not replace the dataset's one-call table
+    folder, stem = (RESULTS, f"ablation_{args.dataset}") if ledger is None else \
+        (ledger.parent, f"ablation_{args.dataset}_{ledger.stem}")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / f"{stem}.json", {
+        "dataset": args.dataset, "budget": args.budget, "options": base, "seeds": args.seeds, "seconds": seconds,
+        "runs": results, "summary": summary, "against_baseline": verdicts, "teacher_checkpoint": teacher_ckpt,
+        "table": lines})
+    _plot(summary, results, folder / f"{stem}.png", lines[0])
     ratio = summary["+RF +IED"][key][0] / summary["baseline"][key][0]
     print(f"ablation {args.dataset} ({key} top-1, mean of {args.seeds} seeds): "
           + " | ".join(f"{n} {r[key][0]:.2f}" for n, r in summary.items())
           + f" | ratio (+RF +IED) / baseline {ratio:.3f}")
 
 
-def _plot(summary: dict, path: Path, title: str) -> None:
+def _plot(summary: dict, results: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Mean and standard deviation per variant (bars), each seed's run as a dot on its bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,6 +230,8 @@ def _plot(summary: dict, path: Path, title: str) -> None:
             xs = [j + 0.38 * i for j in range(len(names))]
             ax.bar(xs, [summary[n][key][0] for n in names], 0.36, yerr=[summary[n][key][1] for n in names],
                    capsize=4, label=key)
+            for x, n in zip(xs, names):
+                ax.plot([x] * len(results[n]), [r[key] for r in results[n]], "k.", markersize=4)
     ax.set_xticks([j + 0.19 for j in range(len(names))], names)
     lows = [summary[n]["val"][0] for n in names]
     ax.set_ylim(max(0.0, min(lows) - 10), 100)
@@ -201,7 +239,7 @@ def _plot(summary: dict, path: Path, title: str) -> None:
     ax.set_title(textwrap.fill(title, 110), fontsize=7)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -1,0 +1,72 @@
+"""``benchmarks/ablation.py`` (the paper's Table 4): the verdict against the baseline, and the ledger that builds a
+table of many runs over several calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ablation import against_baseline, verdict_lines  # noqa: E402
+
+
+def _runs(values: list[float]) -> list[dict]:
+    return [{"seed": s, "val": v, "test": None} for s, v in enumerate(values)]
+
+
+def test_against_baseline_by_hand():
+    results = {"baseline": _runs([70.0, 72.0, 74.0]),  # mean 72, sample std 2
+               "+RF": _runs([75.0, 76.0, 77.0]),  # mean 76, std 1: +4 > max(2, 1)
+               "+IED": _runs([71.0, 73.0, 75.5]),  # mean 73.1667, std 2.2546: +1.17 < 2.25
+               "+RF +IED": _runs([74.0, 72.0])}  # seed 2 missing: paired over seeds 0 and 1 only
+    v = against_baseline(results, "val")
+    assert v["+RF"]["diff"] == pytest.approx(4.0) and v["+RF"]["spread"] == pytest.approx(2.0)
+    assert v["+RF"]["clears_spread"] and v["+RF"]["paired"] == [5.0, 4.0, 3.0] and v["+RF"]["better_seeds"] == 3
+    assert v["+IED"]["diff"] == pytest.approx(73.5 - 72.0 - 1 / 3) and v["+IED"]["spread"] == pytest.approx(
+        (((71 - 73.5 + 1 / 3) ** 2 + (73 - 73.5 + 1 / 3) ** 2 + (75.5 - 73.5 + 1 / 3) ** 2) / 2) ** 0.5)
+    # better on every seed, yet within the spread: the table's question is about the means
+    assert not v["+IED"]["clears_spread"] and v["+IED"]["better_seeds"] == 3
+    assert v["+RF +IED"]["paired"] == [4.0, 0.0] and v["+RF +IED"]["better_seeds"] == 1  # a tie is not better
+    lines = verdict_lines(v)
+    assert lines[0] == ("+RF vs baseline: +4.00 points, seed spread 2.00: larger than the spread; better on 3 of 3 "
+                        "seeds (+5.00, +4.00, +3.00)")
+    assert "within the spread" in lines[1]
+
+
+def test_ledger_builds_the_table_over_calls(tmp_path: Path):
+    ledger = tmp_path / "t4.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "digits", "--seeds", "2", "--limit", "32",
+           "--set", "epochs=1", "--set", "teacher_epochs=1", "--set", "batch_size=16", "--set", "time_steps=1",
+           "--results", str(ledger)]
+
+    def call(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")})
+
+    first = call("--runs", "5")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "3 of 8 runs still to do (next: +RF, seed 1)" in first.stdout
+    saved = json.loads(ledger.read_text())
+    assert sum(len(r) for r in saved["runs"].values()) == 5 and Path(tmp_path, saved["teacher_checkpoint"]).is_file()
+    assert not (tmp_path / "ablation_digits_t4.json").exists()  # no table before every run is in
+
+    second = call()
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("training bestformer_tiny") == 3  # the ledger's five runs are not trained again
+    assert second.stdout.count("training teacher") == 0  # nor the shared teacher
+    table = json.loads((tmp_path / "ablation_digits_t4.json").read_text())
+    assert (tmp_path / "ablation_digits_t4.png").read_bytes()[:4] == b"\x89PNG"
+    assert {n: sorted(r["seed"] for r in runs) for n, runs in table["runs"].items()} == \
+        {n: [0, 1] for n in ("baseline", "+RF", "+IED", "+RF +IED")}
+    assert table["against_baseline"] == json.loads(json.dumps(against_baseline(table["runs"], "test")))
+    assert second.stdout.strip().splitlines()[-1].startswith("ablation digits (test top-1, mean of 2 seeds)")
+
+    other = call("--set", "lr=0.5")  # other options: refused, never mixed into the same table
+    assert other.returncode != 0 and "holds runs of other options" in other.stderr
