@@ -298,6 +298,10 @@ def test_two_plus_one_epochs_with_resume_equal_three_straight(tmp_path: Path, mo
     assert metrics_without_time(straight.run_dir / "metrics.csv") == metrics_without_time(
         second.run_dir / "metrics.csv")
     assert straight.test == second.test
+    # the clock goes on across the resume: the second segment's rows and the total count the first one's time
+    walls = [row["wall_s"] for row in second.history]
+    assert progress["wall_s"] > walls[0] > 0  # saved at the interruption, after epoch 1's row
+    assert walls[2] > walls[1] > progress["wall_s"] and second.seconds > walls[2]
 
 
 def test_rand_augment_spec_is_checked_with_the_config(tmp_path: Path) -> None:

@@ -176,7 +176,7 @@ class Run:
         load_on_main(ctx, lambda: load_weights(student, folder.weights_path("best")))
         broadcast_module(student)
         evaluate_best(result, trainer.model, bundle, cfg, ctx, p.history, p.best_epoch)
-        result.seconds = time.perf_counter() - t0
+        result.seconds = trainer.wall_before + time.perf_counter() - t0  # a resumed run's earlier segments too
         folder.write_summary(result.summary())
         if self.role == "model" and ctx.is_main:
             log_main(ctx, write_profile(student, bundle, folder.path / "profile.json"))

@@ -110,6 +110,7 @@ class Progress:
     skipped_total: int = 0
     finished: bool = False
     stopped_early: bool = False
+    wall_s: float = 0.0  # wall-clock seconds of the run at the last save, over all its segments (resumes)
     history: list[dict[str, Any]] = field(default_factory=list)
     firing: list[dict[str, float]] = field(default_factory=list)
     sums: dict[str, float] = field(default_factory=lambda: asdict(EpochSums()))
