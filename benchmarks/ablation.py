@@ -9,7 +9,8 @@ each over several seeds, mean and standard deviation of the validation and test 
 
     python benchmarks/ablation.py digits --seeds 3
     python benchmarks/ablation.py mnist --data-dir ../shared/data/mnist --budget 0.05
-    python benchmarks/ablation.py cifar10 --recipe cifar10-fast --set time_budget=null --set epochs=20 --seeds 3 \
+    python benchmarks/ablation.py cifar10 --recipe cifar10-fast --set time_budget=null --set epochs=20 \
+        --set warmup_epochs=0 --seeds 3 \
         --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz --results runs/table4.json --runs 1
                                   # issue 21: one run of the 60-minute budget's 7,040 steps per call, resumable
     python benchmarks/ablation.py cifar10 --data-dir ../shared/data/cifar10/cifar10-train-jpeg.tar.gz \

@@ -34,15 +34,18 @@ FULL_SIZES = {"digits": 1797, "mnist": 70000, "nmnist": 1100, "cifar10": 50000}
 
 
 def budgeted(dataset: str, budget: float, limit: int | None, data_dir: str | None, out: Path, seed: int,
-             recipe_name: str | None = None) -> dict:
+             recipe_name: str | None = None, overrides: dict | None = None) -> dict:
     """The dataset's recipe (or ``recipe_name``) scaled by ``budget``: its epochs (teacher, cool-down and mixup-off
     epochs too; the warm-up stays the recipe's, kept below the epochs), and below 1 the samples per split (unless
-    ``limit`` is given: 0 keeps every sample)."""
+    ``limit`` is given: 0 keeps every sample); then ``overrides`` (``--set``). The keys that follow the epochs (the
+    warm-up's cap, a teacher's epochs where the recipe has none of its own) follow overridden epochs too."""
     recipe = load_recipe(recipe_name or dataset)
-    epochs = max(1, math.ceil(recipe["epochs"] * budget))
+    overrides = overrides or {}
+    epochs = overrides.get("epochs", max(1, math.ceil(recipe["epochs"] * budget)))
+    teacher_epochs = math.ceil(recipe["teacher_epochs"] * budget) if "teacher_epochs" in recipe else epochs
     scaled = {"epochs": epochs, "data_dir": data_dir, "seed": seed, "out": str(out),
               "warmup_epochs": min(recipe.get("warmup_epochs", 0), epochs - 1),
-              "teacher_epochs": max(1, math.ceil(recipe.get("teacher_epochs", recipe["epochs"]) * budget))}
+              "teacher_epochs": max(1, teacher_epochs)}
     for key in ("cooldown_epochs", "mixup_off_epoch"):
         if key in recipe:
             scaled[key] = math.ceil(recipe[key] * budget)
@@ -50,7 +53,7 @@ def budgeted(dataset: str, budget: float, limit: int | None, data_dir: str | Non
         limit = max(200, math.ceil(FULL_SIZES[dataset] * budget))
     if limit:
         scaled["limit"] = limit
-    return scaled
+    return {**scaled, **overrides}
 
 
 def add_budget_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,10 +74,10 @@ def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchma
         p.error("--budget must be > 0")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = budgeted(args.dataset, args.budget, args.limit, args.data_dir,
-                    Path(args.out) / f"{benchmark}-{args.dataset}-{stamp}", args.seed, getattr(args, "recipe", None))
-    if args.threads:
+                    Path(args.out) / f"{benchmark}-{args.dataset}-{stamp}", args.seed, getattr(args, "recipe", None),
+                    dict(args.overrides))
+    if args.threads and "threads" not in dict(args.overrides):
         base["threads"] = args.threads
-    base.update(args.overrides)
     return base
 
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ablation import against_baseline, verdict_lines  # noqa: E402
+from accuracy import budgeted  # noqa: E402
 
 
 def _runs(values: list[float]) -> list[dict]:
@@ -38,6 +39,20 @@ def test_against_baseline_by_hand():
     assert lines[0] == ("+RF vs baseline: +4.00 points, seed spread 2.00: larger than the spread; better on 3 of 3 "
                         "seeds (+5.00, +4.00, +3.00)")
     assert "within the spread" in lines[1]
+
+
+def test_budgeted_keys_follow_overridden_epochs(tmp_path: Path):
+    """cifar10-fast's ``epochs: 1`` is a placeholder (its time budget plans the steps): with ``--set epochs=20``
+    the warm-up keeps the recipe's 0.2 epochs (it was capped at 0 by the placeholder) and a teacher, the recipe
+    having no teacher_epochs of its own, trains the student's 20 epochs (it trained 1)."""
+    fast = budgeted("cifar10", 1.0, None, None, tmp_path, 0, "cifar10-fast", {"epochs": 20, "time_budget": None})
+    assert (fast["epochs"], fast["warmup_epochs"], fast["teacher_epochs"], fast["time_budget"]) == (20, 0.2, 20, None)
+    assert budgeted("cifar10", 1.0, None, None, tmp_path, 0, "cifar10-fast",
+                    {"epochs": 20, "warmup_epochs": 0})["warmup_epochs"] == 0  # an explicit --set wins
+    # a recipe with its own teacher epochs scales them with the budget, whatever the student's epochs
+    mnist = budgeted("mnist", 2.0, None, None, tmp_path, 0, None, {"epochs": 7})
+    assert (mnist["epochs"], mnist["teacher_epochs"]) == (7, 2)
+    assert "limit" not in mnist and budgeted("mnist", 0.01, None, None, tmp_path, 0)["limit"] == 700
 
 
 def test_ledger_builds_the_table_over_calls(tmp_path: Path):
