@@ -188,7 +188,8 @@ def test_flip_tta_averages_the_logits_of_both_mirrors() -> None:
 
 
 # -------------------------------------------------------------------------------------------- budgeted run
-def test_budgeted_run_plans_its_steps_and_ends_within_the_budget(tmp_path: Path) -> None:
+def test_budgeted_run_plans_its_steps_and_ends_within_the_budget(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     budget = 25.0
     t0 = time.perf_counter()
     result = train(_digits_config(tmp_path, time_budget=f"{budget}s", epochs=1, limit=None,
@@ -200,7 +201,10 @@ def test_budgeted_run_plans_its_steps_and_ends_within_the_budget(tmp_path: Path)
     assert cfg["max_steps"] == plan["total_steps"] >= 10 and set(plan["step_s"]) == {"1", "4"}
     # after each epoch the remaining steps are re-fitted to the time left; the run ends at the last plan's step
     final_plan = load_resume_state(tmp_path / "run" / "resume.safetensors").progress["config"]["max_steps"]
-    assert result.status == "finished" and result.history[-1]["step"] == final_plan
+    ended = result.history[-1]["step"]
+    # on a loaded machine the deadline may stop the run a step or two before the last plan's end: said on stderr
+    assert result.status == "finished" and (ended == final_plan or (
+        ended < final_plan and f"the time budget ran out at step {ended} of the planned" in capsys.readouterr().err))
     assert wall <= budget + 3.0  # the budget counts from the run's start; a little slack for the test machine
     assert result.history[-1]["wall_s"] <= budget and result.val is not None
 
