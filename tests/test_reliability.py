@@ -329,6 +329,22 @@ def test_fuzz_mutated_resume_state(tmp_path: Path, edits: list[tuple[int, int]])
         assert isinstance(state.progress, dict)
 
 
+@pytest.mark.parametrize("wall", ["12", -1.0, True, float("inf"), None])
+def test_resume_state_wall_clock_is_checked(tmp_path: Path, wall: object) -> None:
+    """The wall-clock seconds a resumed run goes on from: a number >= 0, or absent (files before 0.2.0)."""
+    from bestformer.training.state import save_resume_state
+
+    model = bestformer.create_model("bestformer_tiny", **TINY)
+    opt = torch.optim.AdamW(model.parameters())
+    path = save_resume_state(tmp_path / "r.safetensors", model, opt, None, {"epoch": 1, "wall_s": wall})
+    with pytest.raises(FileFormatError, match=rf"is incomplete or corrupt \(progress wall_s is {wall!r}, expected a "
+                                              r"number of seconds >= 0\)"):
+        load_resume_state(path)
+    for ok in ({"wall_s": 12.5}, {"wall_s": 3}, {}):
+        save_resume_state(path, model, opt, None, {"epoch": 1, **ok})
+        assert load_resume_state(path).progress.get("wall_s", 0.0) == ok.get("wall_s", 0.0)
+
+
 def test_resume_state_of_another_model_or_other_data_is_refused(tmp_path: Path) -> None:
     from bestformer.training.state import save_resume_state
 

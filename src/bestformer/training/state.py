@@ -14,6 +14,7 @@ are functions of ``(seed, epoch, step)``, so the position restores them.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,6 +201,9 @@ def load_resume_state(path: str | Path) -> ResumeState:
         if not (isinstance(progress, dict) and isinstance(opt_meta["state"], dict)
                 and isinstance(opt_meta["param_groups"], list) and isinstance(rng_meta, dict)):
             raise TypeError("wrong section types")
+        wall = progress.get("wall_s", 0.0)  # absent in resume files written before 0.2.0's cumulative clock
+        if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not 0 <= wall < math.inf:
+            raise ValueError(f"progress wall_s is {wall!r}, expected a number of seconds >= 0")
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         optimizer = _join_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")}, opt_meta)
         rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
