@@ -157,7 +157,8 @@ class Run:
             if not p.finished:
                 log_main(ctx, f"resuming {folder.path} at epoch {p.epoch + 1}, step {p.global_step} "
                               f"({p.samples_seen} samples seen)")
-        trainer.clock0 = self.started
+        before = trainer.progress.wall_s  # the wall seconds of a resumed run's earlier segments (else 0)
+        trainer.clock0 = self.started - before
         if cfg.time_budget is not None and state is None:
             cfg = self.cfg = self._plan_budget(trainer, bundle, info)
         p = trainer.progress
@@ -176,7 +177,7 @@ class Run:
         load_on_main(ctx, lambda: load_weights(student, folder.weights_path("best")))
         broadcast_module(student)
         evaluate_best(result, trainer.model, bundle, cfg, ctx, p.history, p.best_epoch)
-        result.seconds = trainer.wall_before + time.perf_counter() - t0  # a resumed run's earlier segments too
+        result.seconds = before + time.perf_counter() - t0
         folder.write_summary(result.summary())
         if self.role == "model" and ctx.is_main:
             log_main(ctx, write_profile(student, bundle, folder.path / "profile.json"))

@@ -106,8 +106,7 @@ class Trainer:
         self.plan: BudgetPlan | None = None  # a budgeted run's plan, re-fitted after every epoch until plan_end
         self.plan_end = math.inf
         self._ckpt_s = 0.0
-        self.clock0 = time.perf_counter()  # this segment's start, for the wall-clock column of the history
-        self.wall_before = 0.0  # wall-clock seconds of the earlier segments of a resumed run
+        self.clock0 = time.perf_counter()  # the run's start (less its earlier segments'), for the wall-clock column
         self.augment = build_augmentation(cfg, num_classes, self.ctx.rank, mean, std)
         self.monitor = FiringRateMonitor(self.module)
         self.progress = Progress()
@@ -145,13 +144,9 @@ class Trainer:
         """Continue from a resume state (weights, optimizer, scaler, RNG, position, history)."""
         state.restore(self.module, self.optimizer, self.scaler, len(self.train_set), self.global_batch)
         self.progress = Progress.from_json(state.progress)
-        self.wall_before = self.progress.wall_s  # a resumed run's clock goes on from where it was saved
+        self.clock0 -= self.progress.wall_s  # a resumed run's clock goes on from where it was saved
         self.monitor.load(self.progress.spikes)
         self.last_checkpoint = str(state.path)
-
-    def wall_s(self) -> float:
-        """Wall-clock seconds of the run so far, the earlier segments of a resumed run included."""
-        return self.wall_before + time.perf_counter() - self.clock0
 
     def _progress_json(self) -> dict[str, Any]:
         return {**asdict(self.progress), "config": self.cfg.to_dict(), "train_size": len(self.train_set),
@@ -164,7 +159,7 @@ class Trainer:
         any point leaves a resume state consistent with its own weights, and ``best`` never older than it."""
         p = self.progress
         p.spikes = {k: list(v) for k, v in self.monitor.counts().items()}
-        p.wall_s = self.wall_s()
+        p.wall_s = time.perf_counter() - self.clock0
         meta = {"epoch": p.epoch, "step": p.global_step, "samples_seen": p.samples_seen,
                 "config": self.cfg.to_dict(), **self.config_extra}
         if p.history:
@@ -335,7 +330,7 @@ class Trainer:
             "grad_norm": sums["grad_norm"] / steps, "grad_norm_max": sums["grad_norm_max"],
             "firing_rate": sum(rates.values()) / len(rates) if rates else math.nan,
             "dead_layers": len(dead), "saturated_layers": len(saturated), "skipped_steps": sums["skipped"],
-            "time_s": sums["seconds"], "wall_s": self.wall_s(), "time_steps": trained_t,
+            "time_s": sums["seconds"], "wall_s": time.perf_counter() - self.clock0, "time_steps": trained_t,
         }
         p.history.append(row)
         if rates:
