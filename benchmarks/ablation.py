@@ -179,7 +179,7 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     if ledger is not None:  # the runs of every call that built the ledger
         seconds = 60 * sum(r.get("minutes", 0.0) for runs in results.values() for r in runs)
-    missing = [(n, s) for n in VARIANTS for s in range(args.seed, args.seed + args.seeds)
+    missing = [(n, s) for s in range(args.seed, args.seed + args.seeds) for n in VARIANTS  # the order runs go in
                if not any(r["seed"] == s for r in results[n])]
     if missing:
         print(f"{len(missing)} of {len(VARIANTS) * args.seeds} runs still to do (next: {missing[0][0]}, seed "
