@@ -73,10 +73,11 @@ def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchma
     if not args.budget > 0:
         p.error("--budget must be > 0")
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    overrides = dict(args.overrides)
     base = budgeted(args.dataset, args.budget, args.limit, args.data_dir,
                     Path(args.out) / f"{benchmark}-{args.dataset}-{stamp}", args.seed, getattr(args, "recipe", None),
-                    dict(args.overrides))
-    if args.threads and "threads" not in dict(args.overrides):
+                    overrides)
+    if args.threads and "threads" not in overrides:
         base["threads"] = args.threads
     return base
 

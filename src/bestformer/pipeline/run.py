@@ -151,6 +151,7 @@ class Run:
         extra = {"recipe": self.recipe, "dataset": cfg.dataset, "distill": distill, "role": self.role}
         trainer = Trainer(student, cfg, bundle.train, bundle.val, num_classes=bundle.num_classes, run=folder,
                           distiller=distiller, ctx=ctx, config_extra=extra, mean=bundle.mean, std=bundle.std)
+        trainer.clock0 = self.started  # before load_state, which moves it back by a resumed run's earlier segments
         if state is not None:
             trainer.load_state(state)
             p = trainer.progress
@@ -158,7 +159,6 @@ class Run:
                 log_main(ctx, f"resuming {folder.path} at epoch {p.epoch + 1}, step {p.global_step} "
                               f"({p.samples_seen} samples seen)")
         before = trainer.progress.wall_s  # the wall seconds of a resumed run's earlier segments (else 0)
-        trainer.clock0 = self.started - before
         if cfg.time_budget is not None and state is None:
             cfg = self.cfg = self._plan_budget(trainer, bundle, info)
         p = trainer.progress
