@@ -16,8 +16,8 @@ from ..training.distill import Distiller, get_distiller, list_distillers
 from ..training.evaluation import log_main
 
 __all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "LAZY_DISTILLERS", "RESUMABLE", "check_same_run", "distill_choices",
-           "keep_global_batch", "make_distiller", "model_options", "resolve_config", "resolve_distill",
-           "resolve_time_steps", "resumed_config"]
+           "execution_config", "keep_global_batch", "make_distiller", "model_options", "resolve_config",
+           "resolve_distill", "resolve_time_steps", "resumed_config", "run_is_done"]
 
 #: distillers that live in modules imported only when chosen
 LAZY_DISTILLERS = {"fgd": "bestformer.training.fgd"}
@@ -100,6 +100,28 @@ def keep_global_batch(cfg: TrainConfig, progress: dict[str, Any], ctx: DistConte
                   f"{saved} kept as batch size {plan.batch_size} x accumulation {plan.accum_steps} x "
                   f"{ctx.world_size} process(es)")
     return cfg.replace(batch_size=plan.batch_size, accum_steps=plan.accum_steps)
+
+
+def run_is_done(progress: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a resume state ends its run under ``cfg`` (whose ``epochs`` a resume may raise): it stopped early,
+    trained all the epochs, or reached the step cap (``max_steps``: a budget's plan, or its deadline's stop)."""
+    return bool(progress.get("finished")) and bool(
+        progress.get("stopped_early") or progress.get("epoch", 0) >= cfg.epochs + cfg.cooldown_epochs
+        or (cfg.max_steps is not None and progress.get("global_step", 0) >= cfg.max_steps))
+
+
+def execution_config(cfg: TrainConfig, progress: dict[str, Any] | None, ctx: DistContext) -> TrainConfig:
+    """The config a run executes with on ``ctx``. A resumed run (``progress``: its resume state) keeps its global
+    batch (:func:`keep_global_batch`). A new run takes the recipe's ``cuda_batch_size`` on a GPU (``lr_scaling``
+    follows), and a teacher trained in the run gets its epochs fixed now, so that a resume with more ``--epochs``
+    keeps the teacher the student was distilled from."""
+    if progress is not None:
+        return keep_global_batch(cfg, progress, ctx)
+    if cfg.cuda_batch_size is not None and ctx.device.type == "cuda" and cfg.batch_size != cfg.cuda_batch_size:
+        cfg = cfg.replace(batch_size=cfg.cuda_batch_size)
+    if cfg.teacher is not None and cfg.teacher_epochs is None:
+        cfg = cfg.replace(teacher_epochs=cfg.epochs)
+    return cfg
 
 
 def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[str, Any], where: str) -> TrainConfig:

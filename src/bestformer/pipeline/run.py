@@ -38,11 +38,12 @@ from ..training.state import ResumeState, load_resume_state
 from ..version import __version__
 from .config import (
     check_same_run,
-    keep_global_batch,
+    execution_config,
     make_distiller,
     model_options,
     resolve_distill,
     resolve_time_steps,
+    run_is_done,
 )
 from .evaluation import evaluate_best, write_profile
 from .ranks import agreed_checkpoint, load_on_main, shared_checkpoint
@@ -91,16 +92,13 @@ class Run:
         if state is not None:
             check_same_run(state.progress, cfg, folder.resume_path)
             p, summary = state.progress, folder.path / "summary.json"
-            done = p.get("finished") and summary.is_file() and (
-                p.get("stopped_early") or p.get("epoch", 0) >= cfg.epochs + cfg.cooldown_epochs)
+            done = summary.is_file() and run_is_done(p, cfg)
             # rank 0's verdict and summary for every rank (only it is sure to see the run folder's latest files)
             final = broadcast_object(read_json(summary, "run summary") if done and ctx.is_main else None)
             if final is not None:
                 log_main(ctx, f"{folder.path} has already finished")
                 return TrainResult.from_summary(final, p.get("history", []))
-            cfg = self.cfg = keep_global_batch(cfg, state.progress, ctx)
-        if cfg.cuda_batch_size is not None and ctx.device.type == "cuda" and cfg.batch_size != cfg.cuda_batch_size:
-            cfg = self.cfg = cfg.replace(batch_size=cfg.cuda_batch_size)  # the recipe's GPU size (lr_scaling follows)
+        cfg = self.cfg = execution_config(cfg, None if state is None else state.progress, ctx)
         time_steps = resolve_time_steps(cfg)  # the one resolution of T, passed down; an unknown model fails here
         folder.prepare()  # a read-only or missing folder fails now, before the data are read
         if cfg.log == "tensorboard" and folder.enabled:
@@ -201,9 +199,8 @@ class Run:
         plan = plan_budget(budget, time.perf_counter() - self.started, step_s,
                            trainer.planned_schedule,
                            trainer.sampler.steps_per_epoch, eval_s, final_s)
-        cfg = cfg.replace(max_steps=plan.total_steps)
-        trainer.cfg = cfg
         trainer.set_max_steps(plan.total_steps)
+        cfg = trainer.cfg
         trainer.deadline = self.started + budget - final_s
         trainer.plan, trainer.plan_end = plan, trainer.deadline - plan.reserve_s
         self.folder.write_config(cfg.to_dict(), {**info, "budget_plan": plan.to_dict()})

@@ -118,7 +118,8 @@ class Trainer:
 
     def set_max_steps(self, steps: int | None) -> None:
         """End the run (and its cosine schedule) after ``steps`` optimizer steps; ``None``: after ``epochs +
-        cooldown_epochs`` epochs."""
+        cooldown_epochs`` epochs. Recorded in the config, which the checkpoints save: a resume ends at the same step."""
+        self.cfg = self.cfg if steps == self.cfg.max_steps else self.cfg.replace(max_steps=steps)
         self.schedule, self.total_steps = build_schedule(self.cfg, self.sampler.global_batch,
                                                          self.sampler.steps_per_epoch, steps)
 
@@ -214,13 +215,15 @@ class Trainer:
         elif epoch != p.epoch:
             raise FileFormatError(f"{self.last_checkpoint}: {p.samples_seen} samples seen do not fall in epoch "
                                   f"{p.epoch + 1} of {len(self.train_set)} samples; the resume state is inconsistent")
+        if p.global_step >= self.total_steps:  # a stop signal came with the run's last step: nothing left to train
+            return None
         start_step = self.sampler.start_step
         mix = cfg.mixup_off_epoch == 0 or p.epoch < cfg.mixup_off_epoch
         self.model.train()
         t0 = time.perf_counter()
         bar = progress(total=steps_per_epoch, initial=start_step, desc=f"epoch {p.epoch + 1}/"
                        f"{self.schedule.total_epochs}", dynamic_ncols=True, leave=True)
-        step_loss, step_bad = 0.0, False
+        step, step_bad = EpochSums(), False  # a step's sums join the epoch's only if the step is taken
         saved_buffers: list[Tensor] | None = None
         try:
             for x, y, mb in self._micro_batches():
@@ -242,11 +245,11 @@ class Trainer:
                 if not math.isfinite(loss_val):
                     step_bad = True
                 elif mb.count:
-                    step_loss += loss_val * mb.count
+                    step.loss += loss_val * mb.count
                     pred = merged_logits(out).detach().argmax(dim=-1)
                     label = target.argmax(dim=-1) if target.dim() == 2 else target
-                    sums.correct += float((pred == label).sum())
-                    sums.count += mb.count
+                    step.correct += float((pred == label).sum())
+                    step.count += mb.count
                 if not mb.last:
                     continue
                 lr = self.schedule.apply(self.optimizer, p.global_step)
@@ -263,13 +266,13 @@ class Trainer:
                 else:
                     self.scaler.step(self.optimizer)
                     sums.steps += 1
-                    sums.loss += step_loss
+                    sums.add_step(step)
                     if math.isfinite(norm):
                         sums.grad_norm += norm
                         sums.grad_norm_max = max(sums.grad_norm_max, norm)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-                step_loss, step_bad, saved_buffers = 0.0, False, None
+                step, step_bad, saved_buffers = EpochSums(), False, None
                 p.global_step += 1
                 p.samples_seen += mb.step_count
                 bar.update(1)
@@ -284,7 +287,7 @@ class Trainer:
                     log_main(self.ctx, f"warning: the time budget ran out at step {p.global_step} of the planned "
                                       f"{self.total_steps} (the machine was slower than measured); training stops "
                                       "here, before the schedule's end", err=True)
-                    self.total_steps = p.global_step
+                    self.set_max_steps(p.global_step)
                     break
                 if cfg.ckpt_every_steps and p.global_step % cfg.ckpt_every_steps == 0 \
                         and sums.steps + sums.skipped < steps_per_epoch:
@@ -375,7 +378,6 @@ class Trainer:
         if total != self.total_steps:
             log_main(self.ctx, f"budget: re-planned to {total} steps (was {self.total_steps}; steps took "
                                f"x{slowdown:.2f} the measured time, an epoch's end {overhead_s:.1f} s)")
-            self.cfg = self.cfg.replace(max_steps=total)
             self.set_max_steps(total)
 
     def fit(self) -> str:

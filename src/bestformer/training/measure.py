@@ -57,7 +57,8 @@ def measure_costs(tr: Any, steps: int = 2, eval_batches: int = 2) -> tuple[dict[
         n = min(len(tr.val_set), eval_batches * cfg.batch_size)
         subset = torch.utils.data.Subset(tr.val_set, range(n))
         t0 = time.perf_counter()
-        evaluate(tr.model, subset, num_classes=tr.num_classes, batch_size=cfg.batch_size, amp=cfg.amp,
-                 flip=cfg.eval_flip, desc="timing")
+        # on the run's device and ranks, as the epochs' validation runs (the default context is one CPU process)
+        evaluate(tr.model, subset, num_classes=tr.num_classes, batch_size=cfg.batch_size, ctx=tr.ctx, amp=cfg.amp,
+                 workers=cfg.workers, flip=cfg.eval_flip, desc="timing")
         eval_s = (time.perf_counter() - t0) * len(tr.val_set) / max(n, 1)
     return step_s, eval_s

@@ -52,9 +52,9 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng` (CUDA states only for the devices present)."""
     torch.set_rng_state(tensors["rng.torch"])
     if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
+        for i in range(torch.cuda.device_count()):  # by device number (sorted names put cuda.10 before cuda.2)
+            if f"rng.cuda.{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
     name, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, py_gauss = meta["python"]
@@ -96,6 +96,12 @@ class EpochSums:
     skipped: int = 0
     seconds: float = 0.0
     lr: float = 0.0
+
+    def add_step(self, step: EpochSums) -> None:
+        """Count a taken optimizer step's loss, correct predictions and samples (a skipped step's are dropped)."""
+        self.loss += step.loss
+        self.correct += step.correct
+        self.count += step.count
 
 
 @dataclass
