@@ -27,7 +27,7 @@ from bestformer.analysis import (
     value_entropy,
     value_set_size,
 )
-from bestformer.analysis.report import si
+from bestformer.analysis.report import energy_str, si
 from bestformer.cli import main
 from bestformer.errors import ConfigError, InputError
 from bestformer.layers import SpikingSelfAttention
@@ -434,6 +434,21 @@ def test_profile_on_real_digits_through_a_dataloader() -> None:
     assert model.training is False
 
 
+def test_event_batches_of_a_dataloader_are_put_time_first() -> None:
+    torch.manual_seed(0)
+    model = bestformer.create_model("bestformer_tiny", img_size=8, in_channels=2, time_steps=4)
+    rate = torch.linspace(0.05, 0.6, 4).view(1, 4, 1, 1, 1)  # the event rate grows with t: time matters
+    frames = (torch.rand(8, 4, 2, 8, 8) < rate).float()  # [N, T, C, H, W], as an event dataset stores them
+    calibrate_bn(model, frames[:4].transpose(0, 1))
+    by_hand = profile_model(model, [frames[:4].transpose(0, 1), frames[4:].transpose(0, 1)], deploy=False,
+                            progress=False)  # bare tensors: the model's input [T, B, ...] as given
+    data = torch.utils.data.TensorDataset(frames, torch.zeros(8, dtype=torch.long))
+    for batch_size in (4, 2):  # B == T once (a silent swap before), B != T once (an error before)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+        prof = profile_model(model, loader, batches=8 // batch_size, deploy=False, progress=False)
+        assert prof.samples == 8 and prof.sops == pytest.approx(by_hand.sops)
+
+
 def test_profile_reads_the_dataset_with_the_data_package() -> None:
     data = pytest.importorskip("bestformer.data")
     if "digits" not in data.list_datasets():
@@ -472,6 +487,9 @@ def test_profile_json_table_and_plot(tmp_path: Path) -> None:
     # decimal prefixes: a tiny model reads in kB, not as "0.00 MB"
     assert "synthetic" in prof.summary() and f"{si(prof.size.paper_bytes, 'B')} (paper convention)" in prof.summary()
     assert si(1_180_000, "B") == "1.18 MB" and si(3_672, "B") == "3.67 kB"
+    # rounded before the prefix is chosen: never "1e+03 k"
+    assert (si(999_600), si(999.6, "B"), si(-999_600), si(999_400)) == ("1 M", "1 kB", "-1 M", "999 k")
+    assert (energy_str(999_700), energy_str(999.4)) == ("1 µJ", "999 pJ")
     from rich.console import Console
 
     console = Console(record=True, width=200)

@@ -139,6 +139,21 @@ def test_export_from_a_packed_file(tiny, dtype, tmp_path):
     assert_bit_equal(CLib(info).predict(x), PackedModel.load(path, threads=1).predict(x))
 
 
+def test_a_model_name_from_the_file_cannot_inject_code(tiny, tmp_path):
+    from bestformer.deploy.fold import export_packed
+    from test_deploy import _with_header
+
+    path = export_packed(tiny[0], tmp_path / "m.bst")
+    name = "x */ int injected(void) { return 42; }\n#error from the header\n/*"
+    path.write_bytes(_with_header(path.read_bytes(), lambda h: h.update(model_name=name)))
+    info = export_c(path, tmp_path / "c")
+    for text in (info.files["model.c"].read_text(), info.files["model.h"].read_text()):
+        assert "injected(void)" not in text and "#error from" not in text
+    assert info.files["model.c"].read_text().startswith("/* x____int_injected_void")
+    x = grid_inputs(tiny[0], 1, seed=3).numpy()  # it builds, and computes the model's logits
+    assert_bit_equal(CLib(info).predict(x), PackedModel.load(path, threads=1).predict(x))
+
+
 def test_export_from_a_file_needs_no_torch(tiny, tmp_path):
     from bestformer.deploy.fold import export_packed
 

@@ -36,6 +36,7 @@ from bestformer.data import (
 from bestformer.data import download as download_mod
 from bestformer.data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from bestformer.data.idx import MNIST_MEAN, MNIST_STD
+from bestformer.data.sources import save_cached
 from bestformer.data.splits import plan_splits
 from bestformer.data.static import DIGITS_MEAN, DIGITS_STD
 
@@ -455,6 +456,13 @@ def test_cifar10_from_pickle_folder_and_canonical_tar_gz(tmp_path: Path) -> None
     assert y == 0 and torch.allclose(x, expected)
 
 
+def test_cifar10_class_names_written_as_bytes(tmp_path: Path) -> None:
+    files = _cifar10_pickle_files()  # a Python 3 writer of the old format: bytes keys and bytes names
+    files["cifar-10-batches-py/batches.meta"] = pickle.dumps(
+        {b"label_names": [n.encode() for n in CIFAR10_NAMES]}, protocol=2)
+    assert build_datasets("cifar10", write_files(tmp_path, files), val_fraction=0.2).class_names == CIFAR10_NAMES
+
+
 def test_cifar100_pickles_use_fine_labels(tmp_path: Path) -> None:
     data, fine = _cifar_arrays(200, 0, num_classes=100)
     tdata, tfine = _cifar_arrays(100, 3, num_classes=100)
@@ -497,6 +505,14 @@ def test_cifar10_image_folder_from_tar_gz_and_decoded_cache(tmp_path: Path) -> N
     assert "decoded cache" in build_datasets("cifar10", archive, val_fraction=0.34).source
     os.utime(archive, ns=(1, 1))
     assert "decoded cache" not in build_datasets("cifar10", archive, val_fraction=0.34).source
+    # a cache whose train count disagrees with its labels (stale or damaged) is rebuilt, not indexed past its end
+    path = next(cache.glob("cifar10-*.npz"))
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    for n_train in (len(arrays["labels"]) + 5, 0, -1):
+        save_cached(path.name, **{**arrays, "n_train": np.int64(n_train)})
+        rebuilt = build_datasets("cifar10", archive, val_fraction=0.34)
+        assert "decoded cache" not in rebuilt.source and (len(rebuilt.train), len(rebuilt.val)) == (20, 10)
 
 
 def test_cifar10_image_folder_max_per_class_and_test_folder(tmp_path: Path) -> None:

@@ -428,11 +428,12 @@ def test_size_of_bestformer_4_384_matches_the_paper(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- bad files
-def _with_header(raw: bytes, edit) -> bytes:
+def _with_header(raw: bytes, edit, text=lambda t: t) -> bytes:
+    """``raw`` with its header changed by ``edit`` (on the dict), then ``text`` (on the JSON), the checksum repaired."""
     hlen = int.from_bytes(raw[12:16], "little")
     header = json.loads(zlib.decompress(raw[16:16 + hlen]))
     edit(header)
-    z = zlib.compress(json.dumps(header).encode())
+    z = zlib.compress(text(json.dumps(header)).encode())
     body = raw[:12] + len(z).to_bytes(4, "little") + z + raw[16 + hlen:-DIGEST_SIZE]
     return body + hashlib.sha256(body).digest()
 
@@ -448,6 +449,11 @@ def _with_header(raw: bytes, edit) -> bytes:
     (lambda b: _with_header(b, lambda h: h["neurons"]["default"].update(tau=0.5)), "tau"),
     (lambda b: _with_header(b, lambda h: h["tensors"][0].__setitem__(3, 10**9)), "past the end"),
     (lambda b: _with_header(b, lambda h: h["tensors"].pop()), "missing"),
+    # JSON integers beyond a float, and beyond Python's int parsing limit: still one FileFormatError
+    (lambda b: _with_header(b, lambda h: h["neurons"]["default"].update(tau="TAU"),
+                            lambda t: t.replace('"TAU"', "1" + "0" * 400)), "invalid tau 1000000"),
+    (lambda b: _with_header(b, lambda h: h.update(pad="PAD"), lambda t: t.replace('"PAD"', "1" * 5000)),
+     "header is corrupt"),
 ])
 def test_bad_files_raise_one_line_file_format_error(tiny_file, mutate, message):
     with pytest.raises(FileFormatError, match=message) as err:

@@ -78,14 +78,18 @@ def _dataset_batches(model: nn.Module, dataset: str | None, data_dir: str | Path
 
 
 def _given_batches(inputs: Tensor | Iterable[Any]) -> Iterator[Tensor]:
+    from ..data import time_first  # as in _dataset_batches: the data package only when profiling runs
+
     if isinstance(inputs, Tensor):
         yield inputs
         return
     for item in inputs:
-        x = item[0] if isinstance(item, (tuple, list)) else item
+        pair = isinstance(item, (tuple, list))
+        x = item[0] if pair else item
         if not isinstance(x, Tensor):
             raise InputError(f"profile inputs must yield tensors or (tensor, label) pairs, got {type(x).__name__}")
-        yield x
+        # a pair is a DataLoader's batch (event frames [B, T, ...]); a bare tensor is already the model's input
+        yield time_first(x) if pair else x
 
 
 def _positive(name: str, value: int) -> int:
@@ -103,7 +107,9 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
     """Profile ``model`` on up to ``batches`` batches.
 
     Args:
-        inputs: a tensor (one batch), or an iterable / DataLoader of tensors or ``(tensor, label)`` pairs.
+        inputs: a tensor (one batch), or an iterable / DataLoader of tensors or ``(tensor, label)`` pairs. A
+            tensor is the model's input as it is (event frames ``[T, B, C, H, W]``); a pair is a DataLoader's
+            batch, whose event frames ``[B, T, C, H, W]`` are put time first, as training does.
             ``None``: the held-out split of ``dataset`` (default: the registered model's own dataset) read by
             ``bestformer.data.build_datasets`` from ``data_dir``; or random input with ``synthetic=True``.
         energy: ``"45nm"`` (E_MAC 4.6 pJ, E_AC 0.9 pJ), ``"fp16"``, ``"int8"`` or an :class:`EnergyModel`.

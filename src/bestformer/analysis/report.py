@@ -23,6 +23,7 @@ _PREFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
 def si(value: float, unit: str = "") -> str:
     """``1234567 -> '1.23 M'`` (decimal prefixes, three significant digits)."""
+    value = float(f"{value:.3g}")  # rounded before the prefix is chosen: 999,600 is '1 M', not '1e+03 k'
     for scale, prefix in _PREFIXES:
         if abs(value) >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
@@ -31,6 +32,7 @@ def si(value: float, unit: str = "") -> str:
 
 def energy_str(pj: float) -> str:
     """Energy given in picojoules, in the most readable unit."""
+    pj = float(f"{pj:.3g}")  # rounded first, as in si()
     for scale, unit in ((1e9, "mJ"), (1e6, "µJ"), (1e3, "nJ")):
         if abs(pj) >= scale:
             return f"{pj / scale:.3g} {unit}"

@@ -112,6 +112,8 @@ def _class_names_from_meta(tree: FileTree, prefix: str, v: _Variant) -> list[str
     if prefix + v.meta_file in tree.files():
         where = tree.describe(prefix + v.meta_file)
         names = _str_keys(safe_unpickle(tree.read(prefix + v.meta_file), where), where).get(v.meta_key)
+        if isinstance(names, list):  # bytes names too: the writers of bytes keys write bytes names
+            names = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
         if isinstance(names, list) and len(names) == v.num_classes and all(isinstance(n, str) for n in names):
             return names
         raise FileFormatError(f"{where}: expected {v.num_classes} class names under {v.meta_key!r}")
@@ -172,11 +174,13 @@ def _from_cache(v: _Variant, root: Path) -> dict[str, Any] | None:
         return None
     images, labels = arrays["images"], arrays["labels"]
     names = [str(c) for c in arrays["class_names"].tolist()]
-    if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels) \
-            or len(names) != v.num_classes or labels.min(initial=0) < 0 or labels.max(initial=0) >= v.num_classes:
-        return None
-    return {"images": images, "labels": labels.astype(np.int64), "n_train": int(arrays["n_train"]),
-            "class_names": names}
+    n_train = arrays["n_train"]
+    if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or labels.ndim != 1 \
+            or labels.dtype.kind not in "iu" or len(images) != len(labels) or len(names) != v.num_classes \
+            or labels.min(initial=0) < 0 or labels.max(initial=0) >= v.num_classes \
+            or n_train.shape != () or n_train.dtype.kind not in "iu" or not 1 <= int(n_train) <= len(labels):
+        return None  # a stale or damaged cache is rebuilt from the source
+    return {"images": images, "labels": labels.astype(np.int64), "n_train": int(n_train), "class_names": names}
 
 
 def _build(v: _Variant, root: Path | None, opts: BuildOptions) -> DatasetBundle:

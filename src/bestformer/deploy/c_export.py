@@ -31,6 +31,7 @@ heads, static images and event frames ``[T, C, H, W]``, any LIF parameters per l
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -164,7 +165,9 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False, th
     ptrs += [("uint64_t", "kv", "kv")] if g.channel else []
     input_size = math.prod(g.input_shape)
     template = "\n".join(_template(part) for part in _RUNTIME)
-    model_name = pm.header.get("model_name") or getattr(model_or_packed, "model_name", "") or "model"
+    # the name comes from the file's header (untrusted): kept to characters that cannot end a C comment
+    model_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(pm.header.get("model_name") or
+                                                     getattr(model_or_packed, "model_name", "") or "model"))[:100]
     summary = (f"T={g.t}, input {'x'.join(map(str, g.input_shape))}{' event frames' if g.events else ''}, D={g.d}, "
                f"depth={g.depth}, heads={g.heads}, {a['attention']} attention, "
                f"{'reversible' if g.rev else 'residual'}, {'two heads' if g.distill else 'one head'}, "

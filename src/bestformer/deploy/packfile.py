@@ -196,7 +196,7 @@ def decode_header(buf: bytes, src: str = "<bytes>") -> tuple[dict[str, Any], int
         if inflater.unconsumed_tail or not inflater.eof:
             raise _fail(src, "header is not a complete zlib stream (or larger than 16 MB)")
         header = json.loads(text.decode("utf-8"))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (zlib.error, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 / JSON, or a too-long number
         raise _fail(src, f"header is corrupt ({type(err).__name__}: {err})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise _fail(src, f"header does not describe a '{FORMAT_NAME}' file")

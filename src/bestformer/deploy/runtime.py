@@ -134,9 +134,13 @@ def _lif_constants(params: Any, name: str, src: str) -> np.ndarray:
     nums = {}
     for key in ("tau", "v_threshold", "v_reset"):
         val = params.get(key)
-        if not isinstance(val, (int, float)) or isinstance(val, bool) or math.isnan(val):
-            raise bad(f"has an invalid {key} {val!r}")
-        nums[key] = float(val)
+        try:
+            num = float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else math.nan
+        except OverflowError:  # a JSON integer beyond the float range
+            num = math.nan
+        if math.isnan(num):
+            raise bad(f"has an invalid {key} {val!r:.40}")
+        nums[key] = num
     if params.get("reset") not in ("hard", "soft") or not isinstance(params.get("decay_input"), bool):
         raise bad("needs reset 'hard'/'soft' and a boolean decay_input")
     tau, vth, vr = nums["tau"], nums["v_threshold"], nums["v_reset"]
