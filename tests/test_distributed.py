@@ -10,6 +10,7 @@ worker). Every subprocess has a hard timeout.
 from __future__ import annotations
 
 import copy
+import csv
 import functools
 import json
 import multiprocessing
@@ -669,6 +670,16 @@ def test_resume_on_another_number_of_processes(launched: Any) -> None:
                      root / "one8x2" / "last.safetensors", buffers=False)
     config = (root / "two8_stop" / "config.yaml").read_text()
     assert "global batch 16 = batch_size 8 x accum_steps 2 x world_size 1" in config
+    # the interrupted epoch's training loss counts every sample once (its sums were saved over all ranks; saved
+    # from rank 0 alone, a 1 -> 2 resume counted step 0 twice and a 2 -> 1 resume half of it)
+    for run, reference in (("one16_stop", "one16"), ("two8_stop", "one8x2")):
+        got, want = (_train_losses(root / name / "metrics.csv") for name in (run, reference))
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), run
+
+
+def _train_losses(path: Path) -> list[float]:
+    with open(path) as fh:
+        return [float(row["train_loss"]) for row in csv.DictReader(fh)]
 
 
 def test_a_crashed_rank_stops_the_other_with_one_line(launched: Any) -> None:

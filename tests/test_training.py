@@ -178,6 +178,13 @@ def test_firing_rate_monitor_counts_spikes_and_flags_dead_and_saturated_layers()
     assert rates["some"] == pytest.approx(float(s.mean()))  # binary spikes: the rate is their mean
     assert layer_health(mon.counts()) == (["quiet"], ["busy"])
     assert mon.num_layers == 3
+    # a layer nothing was counted in (a rank whose sampled micro-batch was a filler) is listed with (0, 0): the
+    # ranks reduce the same keys; it has no rate and is neither dead nor saturated
+    mon.reset()
+    with mon.sampling():
+        net["busy"](torch.full((4, 3, 5), 10.0))
+    assert mon.counts() == {"quiet": (0, 0), "busy": (60, 60), "some": (0, 0)} and mon.rates() == {"busy": 1.0}
+    assert layer_health(mon.counts()) == ([], ["busy"])
     relu_model = bestformer.create_model("ann_tiny", **TINY, img_size=8, in_channels=1)
     assert FiringRateMonitor(relu_model).num_layers == 0  # ReLU is not a spiking neuron
 

@@ -51,7 +51,7 @@ from .measure import measure_costs
 from .monitor import FiringRateMonitor, layer_health
 from .runs import RunFolder
 from .signals import StopSignals
-from .state import EpochSums, Progress, ResumeState
+from .state import EpochSums, Progress, ResumeState, global_epoch_sums
 
 # evaluate, StopSignals, EpochSums and Progress moved to .evaluation / .signals / .state; importable from here too
 __all__ = ["EpochSums", "NonFiniteLossError", "Progress", "StopSignals", "Trainer", "evaluate"]
@@ -144,13 +144,16 @@ class Trainer:
     def load_state(self, state: ResumeState) -> None:
         """Continue from a resume state (weights, optimizer, scaler, RNG, position, history)."""
         state.restore(self.module, self.optimizer, self.scaler, len(self.train_set), self.global_batch)
-        self.progress = Progress.from_json(state.progress)
+        self.progress = Progress.from_json(state.progress, main=self.ctx.is_main)
         self.clock0 -= self.progress.wall_s  # a resumed run's clock goes on from where it was saved
         self.monitor.load(self.progress.spikes)
         self.last_checkpoint = str(state.path)
 
     def _progress_json(self) -> dict[str, Any]:
-        return {**asdict(self.progress), "config": self.cfg.to_dict(), "train_size": len(self.train_set),
+        # a mid-epoch save holds the epoch's sums over all ranks: a resume on any number of processes is exact
+        sums, spikes = global_epoch_sums(self.progress.sums, self.monitor.counts())
+        return {**asdict(self.progress), "sums": sums, "spikes": {k: list(v) for k, v in spikes.items()},
+                "config": self.cfg.to_dict(), "train_size": len(self.train_set),
                 "model_name": self.module.model_name,
                 "model_args": self.module.model_args, "global_batch": self.global_batch,
                 "world_size": self.ctx.world_size}
@@ -159,7 +162,6 @@ class Trainer:
         """Write ``best`` (when asked), the resume state, then ``last`` (rank 0), in that order: a crash at
         any point leaves a resume state consistent with its own weights, and ``best`` never older than it."""
         p = self.progress
-        p.spikes = {k: list(v) for k, v in self.monitor.counts().items()}
         p.wall_s = time.perf_counter() - self.clock0
         meta = {"epoch": p.epoch, "step": p.global_step, "samples_seen": p.samples_seen,
                 "config": self.cfg.to_dict(), **self.config_extra}
@@ -315,10 +317,7 @@ class Trainer:
             val = evaluate(self.model, self.val_set, num_classes=self.num_classes, batch_size=cfg.batch_size,
                            ctx=self.ctx, amp=cfg.amp, workers=cfg.workers, desc="validate",
                            where="validation split", flip=cfg.eval_flip)
-        train = all_reduce_sums({k: sums[k] for k in ("loss", "correct", "count")})
-        counts = self.monitor.counts()
-        reduced = all_reduce_sums({f"{k}\0{i}": v[i] for k, v in counts.items() for i in (0, 1)})
-        counts = {k: (int(reduced[f"{k}\0{0}"]), int(reduced[f"{k}\0{1}"])) for k in counts}
+        train, counts = global_epoch_sums(sums, self.monitor.counts())
         self.monitor.reset()
         rates = {k: f / t for k, (f, t) in counts.items() if t}
         dead, saturated = layer_health(counts)

@@ -36,8 +36,9 @@ class FiringRateMonitor:
         self.active = False
         self._fired: dict[str, Tensor] = {}
         self._total: dict[str, int] = {}
-        self._handles = [m.register_forward_hook(self._hook(name))
-                         for name, m in model.named_modules() if is_spiking_neuron(m)]
+        neurons = [(name, m) for name, m in model.named_modules() if is_spiking_neuron(m)]
+        self._names = [name for name, _ in neurons]
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in neurons]
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor | tuple], None]:
         def hook(_: nn.Module, __: tuple, out: Tensor | tuple) -> None:
@@ -64,8 +65,9 @@ class FiringRateMonitor:
             self.active = False
 
     def counts(self) -> dict[str, tuple[int, int]]:
-        """``{layer: (spikes, positions)}`` counted so far (one device sync)."""
-        return {k: (int(v), self._total[k]) for k, v in self._fired.items()}
+        """``{layer: (spikes, positions)}`` counted so far (one device sync), for every spiking layer (``(0, 0)``
+        where nothing was counted): the same keys on every rank, whichever micro-batches a rank sampled."""
+        return {k: (int(self._fired.get(k, 0)), self._total.get(k, 0)) for k in self._names}
 
     def load(self, counts: dict[str, tuple[int, int] | list[int]]) -> None:
         """Continue from :meth:`counts` saved earlier (a run resumed in the middle of an epoch)."""
@@ -75,7 +77,7 @@ class FiringRateMonitor:
             self._total[k] = int(total)
 
     def rates(self) -> dict[str, float]:
-        return {k: fired / total for k, (fired, total) in self.counts().items()}
+        return {k: fired / total for k, (fired, total) in self.counts().items() if total}
 
     def reset(self) -> None:
         self._fired.clear()

@@ -26,6 +26,7 @@ import torch
 from ..errors import ConfigError, FileFormatError
 from .checkpoint import FileFormat, check_finite, check_fits
 from .container import read_container, write_container
+from .dist.collectives import all_reduce_sums
 
 RESUME_FORMAT = "bestformer-resume"
 #: 2: the header records the SHA-256 of the tensor data (format 1 files still load)
@@ -104,6 +105,21 @@ class EpochSums:
         self.count += step.count
 
 
+#: the epoch sums that differ from rank to rank (each counts its own samples); the others are the same on all
+PER_RANK_SUMS = ("loss", "correct", "count")
+
+
+def global_epoch_sums(sums: dict[str, float], spikes: dict[str, tuple[int, int] | list[int]]
+                      ) -> tuple[dict[str, float], dict[str, tuple[int, int]]]:
+    """An epoch's sums and firing counts (``{layer: (spikes, positions)}``) added over all ranks, in one
+    all-reduce (unchanged in a single process). Every rank must call it with the same layers."""
+    flat = {k: sums[k] for k in PER_RANK_SUMS}
+    flat.update({f"spikes\0{k}\0{i}": v[i] for k, v in spikes.items() for i in (0, 1)})
+    total = all_reduce_sums(flat)
+    return ({**sums, **{k: total[k] for k in PER_RANK_SUMS}},
+            {k: (int(total[f"spikes\0{k}\0{0}"]), int(total[f"spikes\0{k}\0{1}"])) for k in spikes})
+
+
 @dataclass
 class Progress:
     """Where the run stands; stored as JSON in the resume state."""
@@ -124,9 +140,14 @@ class Progress:
     spikes: dict[str, list[int]] = field(default_factory=dict)  # firing-rate counts of the epoch so far
 
     @classmethod
-    def from_json(cls, saved: dict[str, Any]) -> Progress:
-        """The progress stored in a resume state (the trainer's other keys, e.g. ``config``, left out)."""
-        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+    def from_json(cls, saved: dict[str, Any], main: bool = True) -> Progress:
+        """The progress stored in a resume state (the trainer's other keys, e.g. ``config``, left out). The
+        interrupted epoch's sums and firing counts were saved added over all ranks: rank 0 alone carries them
+        (``main``), the other ranks start from zero."""
+        progress = cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+        if not main:
+            progress.sums, progress.spikes = {**progress.sums, **dict.fromkeys(PER_RANK_SUMS, 0.0)}, {}
+        return progress
 
 
 @dataclass
