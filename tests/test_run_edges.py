@@ -116,6 +116,8 @@ def test_execution_config_on_a_gpu_keeps_a_resumed_runs_global_batch() -> None:
     gpu = DistContext(device=torch.device("cuda"))  # a context only: nothing runs on the device
     new = execution_config(cfg, None, gpu)
     assert (new.batch_size, new.teacher_epochs) == (512, 20)  # the recipe's GPU batch; the teacher's epochs fixed
+    saved = execution_config(cfg.replace(teacher="runs/x/teacher/best.safetensors"), None, DistContext())
+    assert saved.teacher_epochs is None  # a saved teacher is not trained: no epochs to fix
     assert execution_config(cfg, None, DistContext()).batch_size == 128  # on the CPU
     resumed = execution_config(cfg, {"global_batch": 128, "world_size": 1}, gpu)
     assert resumed.batch_size * resumed.accum_steps == 128 and resumed.teacher_epochs is None

@@ -14,6 +14,7 @@ from ..training.config import TrainConfig, config_from_dict, resolve_config, res
 from ..training.dist import DistContext, replan_batches
 from ..training.distill import Distiller, get_distiller, list_distillers
 from ..training.evaluation import log_main
+from .teacher import is_saved_teacher
 
 __all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "LAZY_DISTILLERS", "RESUMABLE", "check_same_run", "distill_choices",
            "execution_config", "keep_global_batch", "make_distiller", "model_options", "resolve_config",
@@ -113,13 +114,13 @@ def run_is_done(progress: dict[str, Any], cfg: TrainConfig) -> bool:
 def execution_config(cfg: TrainConfig, progress: dict[str, Any] | None, ctx: DistContext) -> TrainConfig:
     """The config a run executes with on ``ctx``. A resumed run (``progress``: its resume state) keeps its global
     batch (:func:`keep_global_batch`). A new run takes the recipe's ``cuda_batch_size`` on a GPU (``lr_scaling``
-    follows), and a teacher trained in the run gets its epochs fixed now, so that a resume with more ``--epochs``
-    keeps the teacher the student was distilled from."""
+    follows), and a teacher trained in the run (an architecture) gets its epochs fixed now, so that a resume with
+    more ``--epochs`` keeps the teacher the student was distilled from."""
     if progress is not None:
         return keep_global_batch(cfg, progress, ctx)
     if cfg.cuda_batch_size is not None and ctx.device.type == "cuda" and cfg.batch_size != cfg.cuda_batch_size:
         cfg = cfg.replace(batch_size=cfg.cuda_batch_size)
-    if cfg.teacher is not None and cfg.teacher_epochs is None:
+    if cfg.teacher is not None and not is_saved_teacher(str(cfg.teacher)) and cfg.teacher_epochs is None:
         cfg = cfg.replace(teacher_epochs=cfg.epochs)
     return cfg
 
