@@ -209,6 +209,31 @@ def test_budgeted_run_plans_its_steps_and_ends_within_the_budget(tmp_path: Path,
     assert result.history[-1]["wall_s"] <= budget and result.val is not None
 
 
+def test_a_budget_without_a_validation_split_plans_the_test_pass(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from bestformer.pipeline import run as run_module
+
+    planned: list[tuple[float, float]] = []
+
+    class Planned(Exception):
+        pass
+
+    def plan_budget(*args: object) -> None:  # (budget, elapsed, step_s, schedule, steps_per_epoch, eval_s, final_s)
+        planned.append((args[5], args[6]))
+        raise Planned
+
+    monkeypatch.setattr(run_module, "plan_budget", plan_budget)
+    for val_fraction in (0.0, 0.2):
+        with pytest.raises(Planned):
+            train(_digits_config(tmp_path, time_budget="1h", epochs=1, val_fraction=val_fraction,
+                                 name=f"v{val_fraction}"))
+    (no_val_eval, no_val_final), (eval_s, final_s) = planned
+    # without validation the evaluation cost is measured on the test split, whose pass after training is planned
+    # (it was 0: the run overran its budget by the test pass)
+    assert no_val_eval == 0.0 and no_val_final > run_module.PROFILE_SECONDS
+    assert eval_s > 0.0 and final_s > run_module.PROFILE_SECONDS
+
+
 def test_fast_recipe_keeps_the_papers_properties() -> None:
     from bestformer.quant import weight_bits_of
 

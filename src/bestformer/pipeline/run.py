@@ -192,9 +192,10 @@ class Run:
         if bundle.is_event and cfg.time_step_schedule:
             raise ConfigError("time_step_schedule works on static images; event frames fix T")
         # every rank must plan the same step count: rank 0's measurement counts
-        step_s, eval_s = broadcast_object(trainer.measure_costs())
-        test_s = eval_s * len(bundle.test) / max(len(bundle.val), 1) if bundle.test is not None and bundle.val \
-            else 0.0
+        probe = bundle.val if bundle.val is not None and len(bundle.val) else bundle.test  # the test pass counts too
+        step_s, per_sample = broadcast_object(trainer.measure_costs(eval_set=probe))
+        eval_s = per_sample * (len(bundle.val) if bundle.val is not None else 0)
+        test_s = per_sample * (len(bundle.test) if bundle.test is not None else 0)
         final_s = test_s + PROFILE_SECONDS  # the best epoch's validation is reused, not repeated
         plan = plan_budget(budget, time.perf_counter() - self.started, step_s,
                            trainer.planned_schedule,

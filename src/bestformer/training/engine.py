@@ -136,9 +136,10 @@ class Trainer:
         if t != self.module.time_steps:
             self.module.set_time_steps(t)
 
-    def measure_costs(self, steps: int = 2, eval_batches: int = 2) -> tuple[dict[int, float], float]:
-        """Step and validation seconds on this machine (:func:`~.measure.measure_costs`), for a time budget."""
-        return measure_costs(self, steps, eval_batches)
+    def measure_costs(self, steps: int = 2, eval_batches: int = 2, eval_set: Dataset | None = None
+                      ) -> tuple[dict[int, float], float]:
+        """Step seconds and evaluation seconds per sample here (:func:`~.measure.measure_costs`), for a budget."""
+        return measure_costs(self, steps, eval_batches, eval_set)
 
     # ------------------------------------------------------------------------------------------- state
     def load_state(self, state: ResumeState) -> None:

@@ -15,12 +15,14 @@ from ..data import time_first
 from .evaluation import autocast, evaluate
 
 
-def measure_costs(tr: Any, steps: int = 2, eval_batches: int = 2) -> tuple[dict[int, float], float]:
+def measure_costs(tr: Any, steps: int = 2, eval_batches: int = 2, eval_set: Any = None
+                  ) -> tuple[dict[int, float], float]:
     """Seconds of one training step of ``tr`` (a :class:`~.engine.Trainer`) at each ``T`` of its schedule
     (forward, backward, data and augmentation on the first batches of the real training split, and the optimizer's
-    step; the fastest of ``steps`` after a warm-up step) and of one validation pass (extrapolated from
-    ``eval_batches`` batches). Weights, BatchNorm statistics, the optimizer's state and the gradients are restored:
-    the run starts as if nothing was measured (a test checks the weights)."""
+    step; the fastest of ``steps`` after a warm-up step) and the evaluation seconds per sample (``eval_batches``
+    batches of ``eval_set``, default the validation split; 0 without one). Weights, BatchNorm statistics, the
+    optimizer's state and the gradients are restored: the run starts as if nothing was measured (a test checks the
+    weights)."""
     saved = {k: v.detach().clone() for k, v in tr.module.state_dict().items()}
     saved_opt = copy.deepcopy(tr.optimizer.state_dict())
     step_s: dict[int, float] = {}
@@ -51,14 +53,15 @@ def measure_costs(tr: Any, steps: int = 2, eval_batches: int = 2) -> tuple[dict[
         tr.optimizer.load_state_dict(saved_opt)
         tr.optimizer.zero_grad(set_to_none=True)
         tr._set_time_steps(None)
-    eval_s = 0.0
-    if tr.val_set is not None:
+    eval_set = tr.val_set if eval_set is None else eval_set
+    per_sample = 0.0
+    if eval_set is not None and len(eval_set):
         cfg = tr.cfg
-        n = min(len(tr.val_set), eval_batches * cfg.batch_size)
-        subset = torch.utils.data.Subset(tr.val_set, range(n))
+        n = min(len(eval_set), eval_batches * cfg.batch_size)
+        subset = torch.utils.data.Subset(eval_set, range(n))
         t0 = time.perf_counter()
         # on the run's device and ranks, as the epochs' validation runs (the default context is one CPU process)
         evaluate(tr.model, subset, num_classes=tr.num_classes, batch_size=cfg.batch_size, ctx=tr.ctx, amp=cfg.amp,
                  workers=cfg.workers, flip=cfg.eval_flip, desc="timing")
-        eval_s = (time.perf_counter() - t0) * len(tr.val_set) / max(n, 1)
-    return step_s, eval_s
+        per_sample = (time.perf_counter() - t0) / n
+    return step_s, per_sample
