@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import zlib
@@ -425,6 +426,16 @@ def test_size_of_bestformer_4_384_matches_the_paper(tmp_path):
     raw = (tmp_path / "full.bst").read_bytes()
     overhead = 16 + int.from_bytes(raw[12:16], "little") + DIGEST_SIZE
     assert full == paper + extra + overhead
+
+
+def test_the_default_neuron_of_a_tie_is_the_same_in_every_process():
+    """Two parameter sets, one layer each: the header must not depend on the string hash seed of the process."""
+    code = ("from bestformer.deploy.packfile import _compact_neurons; "
+            "print(_compact_neurons({n: {'tau': t, 'v_threshold': 1.0} for n, t in "
+            "[('b0.q', 2.0), ('b0.k', 3.0), ('b0.v', 4.0), ('b0.o', 3.0), ('b0.a', 2.0)]}))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(outs) == 1 and next(iter(outs)).startswith("{'default': {'tau': 2.0")  # the first of the tied sets
 
 
 # ------------------------------------------------------------------------------------------- bad files

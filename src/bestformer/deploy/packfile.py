@@ -145,7 +145,7 @@ def _compact_neurons(neurons: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
     if not neurons:
         return {}
     texts = [json.dumps(p, sort_keys=True) for p in neurons.values()]
-    common = max(set(texts), key=texts.count)
+    common = max(dict.fromkeys(texts), key=texts.count)  # a tie goes to the first layer's: the same bytes every run
     out = {"default": json.loads(common)}
     out.update({name: p for (name, p), t in zip(neurons.items(), texts) if t != common})
     return out
