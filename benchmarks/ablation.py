@@ -27,10 +27,10 @@ here has no test split (the JPEG training split only; its test split is held out
 accuracy only. One ANN teacher (the counterpart of the student's size, ``ann_*``) is trained first, as a run of
 its own with the config a distilled run would give it (the first seed), and shared by the distilled variants: no
 variant's time budget pays for it. Prints the table (with the budget), then each variant against the
-baseline (the difference of the means, whether it is larger than the seed spread: the larger of the two standard
-deviations; and seed by seed), and one line of results, the ratio of the full method to the baseline last; writes
-``benchmarks/results/ablation_<dataset>.json`` and ``.png`` (with ``--results FILE``: beside FILE, as
-``ablation_<dataset>_<FILE's stem>``).
+baseline (the difference of the means; whether it is better or worse by more than the seed spread, the larger of
+the two standard deviations, or within it; and seed by seed), and one line of results, the ratio of the full
+method to the baseline last; writes ``benchmarks/results/ablation_<dataset>.json`` and ``.png`` (with ``--results
+FILE``: beside FILE, as ``ablation_<dataset>_<FILE's stem>``).
 
 ``--recipe NAME`` uses another shipped recipe than the dataset's (``cifar10-fast``). ``--results FILE`` makes the
 benchmark incremental: every finished (variant, seed) run is added to FILE at once, a later call with the same
@@ -38,7 +38,8 @@ options skips what FILE holds (and refuses FILE if its options differ), and ``--
 So a table of 12 one-hour runs can be built over several sessions; the table and plot are written when every run
 is in. With ``--results FILE`` the run folders are ``runs/<FILE's stem>/<variant>-s<seed>``: a run cut off by the end
 of a session (SIGTERM writes its resume state) is continued exactly where it stopped by the next call, and a
-finished run whose result is not in FILE yet is read back from its folder.
+finished run whose result is not in FILE yet is read back from its folder. The options are recorded there too
+(``ledger_identity.json``): folders of other options are refused, never read back.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def against_baseline(results: dict[str, list[dict]], key: str) -> dict[str, dict]:
     """Each variant against the baseline, the question of the paper's Table 4: the difference of the means
-    (points), the seed spread (the larger of the two sample standard deviations), whether the difference is larger
-    than that spread, and the differences seed by seed (same seed: same initialisation and data order)."""
+    (points), the seed spread (the larger of the two sample standard deviations), the verdict (``"better"`` or
+    ``"worse"`` by more than that spread, ``"within"`` it, or ``None`` when a side has fewer than 2 seeds: no
+    spread to compare with), and the differences seed by seed (same seed: same initialisation and data order)."""
     base = {r["seed"]: r[key] for r in results["baseline"]}
     base_mean, base_std = mean_std(list(base.values()))
     out = {}
@@ -105,17 +107,37 @@ def against_baseline(results: dict[str, list[dict]], key: str) -> dict[str, dict
         mean, std = mean_std([r[key] for r in runs])
         paired = [r[key] - base[r["seed"]] for r in runs if r["seed"] in base]
         diff, spread = mean - base_mean, max(std, base_std)
-        out[name] = {"diff": diff, "spread": spread, "clears_spread": diff > spread, "paired": paired,
+        verdict = None if min(len(runs), len(base)) < 2 else \
+            "within" if abs(diff) <= spread else "better" if diff > 0 else "worse"
+        out[name] = {"diff": diff, "spread": spread, "verdict": verdict, "paired": paired,
                      "better_seeds": sum(d > 0 for d in paired)}
     return out
+
+
+VERDICT_TEXT = {"better": "better by more than the spread", "worse": "worse by more than the spread",
+                "within": "within the spread", None: "no spread to compare with (fewer than 2 seeds)"}
 
 
 def verdict_lines(verdicts: dict[str, dict]) -> list[str]:
     """One line per variant: ``+RF vs baseline: +0.42 points, seed spread 0.80: within the spread; ...``."""
     return [f"{name} vs baseline: {v['diff']:+.2f} points, seed spread {v['spread']:.2f}: "
-            f"{'larger than the spread' if v['clears_spread'] else 'within the spread'}; better on "
+            f"{VERDICT_TEXT[v['verdict']]}; better on "
             f"{v['better_seeds']} of {len(v['paired'])} seeds ({', '.join(f'{d:+.2f}' for d in v['paired'])})"
             for name, v in verdicts.items()]
+
+
+def claim_run_root(root: Path, identity: dict) -> None:
+    """A ledger's run folders hold runs of its options only: the options are written beside them at first use,
+    and a ledger of other options whose folders would be the same (same file name elsewhere, or a deleted ledger
+    run again with new options) is refused instead of reading those runs back."""
+    mark = root / "ledger_identity.json"
+    if mark.is_file():
+        saved = json.loads(mark.read_text())
+        if saved != identity:
+            raise SystemExit(f"{root} holds runs of other options ({saved}); give --results another file name")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(mark, identity)
 
 
 def main() -> None:
@@ -132,6 +154,8 @@ def main() -> None:
     args = p.parse_args()
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if args.runs is not None and not args.results:
+        p.error("--runs needs --results (the ledger that keeps the finished runs for the next call)")
     base = budget_options(p, args, "ablation")
     if args.model:
         base["model"] = args.model
@@ -146,6 +170,7 @@ def main() -> None:
                 "overrides": {k: v for k, v in args.overrides}, "limit": args.limit}
     if ledger is not None:  # stable run folders, so that a later call continues a run cut off
         base["out"] = str(Path("runs") / ledger.stem)
+        claim_run_root(Path(base["out"]), identity)
     if ledger is not None and ledger.is_file():
         saved = json.loads(ledger.read_text())
         if saved["identity"] != identity:
@@ -186,6 +211,8 @@ def main() -> None:
               f"{missing[0][1]}); {ledger} holds the rest: run the same command again")
         return
 
+    seeds = range(args.seed, args.seed + args.seeds)  # the table is of these seeds, whatever else the ledger holds
+    results = {name: [r for r in runs if r["seed"] in seeds] for name, runs in results.items()}
     summary = {}
     for name, runs in results.items():
         row = {"val": mean_std([r["val"] for r in runs])}

@@ -35,20 +35,21 @@ FULL_SIZES = {"digits": 1797, "mnist": 70000, "nmnist": 1100, "cifar10": 50000}
 
 def budgeted(dataset: str, budget: float, limit: int | None, data_dir: str | None, out: Path, seed: int,
              recipe_name: str | None = None, overrides: dict | None = None) -> dict:
-    """The dataset's recipe (or ``recipe_name``) scaled by ``budget``: its epochs (teacher, cool-down and mixup-off
-    epochs too; the warm-up stays the recipe's, kept below the epochs), and below 1 the samples per split (unless
-    ``limit`` is given: 0 keeps every sample); then ``overrides`` (``--set``). The keys that follow the epochs (the
-    warm-up's cap, a teacher's epochs where the recipe has none of its own) follow overridden epochs too."""
+    """The dataset's recipe (or ``recipe_name``) scaled by ``budget``: its epochs (the teacher's too), and below 1
+    the samples per split (unless ``limit`` is given: 0 keeps every sample); then ``overrides`` (``--set``). The
+    keys counted in epochs follow the run's epochs, overridden or not: the cool-down and the mixup-off epoch in
+    proportion to the recipe's epochs, the warm-up stays the recipe's but at most a quarter of the run, and a
+    teacher trains the student's epochs where the recipe has none of its own."""
     recipe = load_recipe(recipe_name or dataset)
     overrides = overrides or {}
     epochs = overrides.get("epochs", max(1, math.ceil(recipe["epochs"] * budget)))
     teacher_epochs = math.ceil(recipe["teacher_epochs"] * budget) if "teacher_epochs" in recipe else epochs
     scaled = {"epochs": epochs, "data_dir": data_dir, "seed": seed, "out": str(out),
-              "warmup_epochs": min(recipe.get("warmup_epochs", 0), epochs - 1),
+              "warmup_epochs": min(recipe.get("warmup_epochs", 0), epochs / 4),
               "teacher_epochs": max(1, teacher_epochs)}
     for key in ("cooldown_epochs", "mixup_off_epoch"):
         if key in recipe:
-            scaled[key] = math.ceil(recipe[key] * budget)
+            scaled[key] = math.ceil(recipe[key] * epochs / recipe["epochs"])
     if limit is None and budget < 1:
         limit = max(200, math.ceil(FULL_SIZES[dataset] * budget))
     if limit:
@@ -114,7 +115,7 @@ def main() -> None:
     rows["bestformer + distillation"] = r
     plain, _ = resolve_config(args.dataset, {**base, "name": "bestformer", "teacher": None})
     rows["bestformer"] = checked(train(plain))
-    spik_args = dict(recipe.get("model_args", {}))
+    spik_args = {**recipe.get("model_args", {}), **base.get("model_args", {})}  # the same size, --set included
     spik, _ = resolve_config(args.dataset, {**base, "name": "spikformer", "teacher": None,
                                             "model": recipe["model"].replace("bestformer", "spikformer"),
                                             "model_args": spik_args})

@@ -29,16 +29,25 @@ def test_against_baseline_by_hand():
                "+RF +IED": _runs([74.0, 72.0])}  # seed 2 missing: paired over seeds 0 and 1 only
     v = against_baseline(results, "val")
     assert v["+RF"]["diff"] == pytest.approx(4.0) and v["+RF"]["spread"] == pytest.approx(2.0)
-    assert v["+RF"]["clears_spread"] and v["+RF"]["paired"] == [5.0, 4.0, 3.0] and v["+RF"]["better_seeds"] == 3
+    assert v["+RF"]["verdict"] == "better" and v["+RF"]["paired"] == [5.0, 4.0, 3.0] and v["+RF"]["better_seeds"] == 3
     assert v["+IED"]["diff"] == pytest.approx(73.5 - 72.0 - 1 / 3) and v["+IED"]["spread"] == pytest.approx(
         (((71 - 73.5 + 1 / 3) ** 2 + (73 - 73.5 + 1 / 3) ** 2 + (75.5 - 73.5 + 1 / 3) ** 2) / 2) ** 0.5)
     # better on every seed, yet within the spread: the table's question is about the means
-    assert not v["+IED"]["clears_spread"] and v["+IED"]["better_seeds"] == 3
+    assert v["+IED"]["verdict"] == "within" and v["+IED"]["better_seeds"] == 3
     assert v["+RF +IED"]["paired"] == [4.0, 0.0] and v["+RF +IED"]["better_seeds"] == 1  # a tie is not better
     lines = verdict_lines(v)
-    assert lines[0] == ("+RF vs baseline: +4.00 points, seed spread 2.00: larger than the spread; better on 3 of 3 "
-                        "seeds (+5.00, +4.00, +3.00)")
+    assert lines[0] == ("+RF vs baseline: +4.00 points, seed spread 2.00: better by more than the spread; better on "
+                        "3 of 3 seeds (+5.00, +4.00, +3.00)")
     assert "within the spread" in lines[1]
+
+
+def test_a_worse_variant_and_a_single_seed_get_their_own_verdicts():
+    worse = against_baseline({"baseline": _runs([90.0, 90.2, 89.8]), "+RF": _runs([85.0, 85.2, 84.8])}, "val")
+    assert worse["+RF"]["diff"] == pytest.approx(-5.0) and worse["+RF"]["verdict"] == "worse"  # not "within"
+    assert "worse by more than the spread; better on 0 of 3 seeds" in verdict_lines(worse)[0]
+    one = against_baseline({"baseline": _runs([90.0]), "+RF": _runs([90.01])}, "val")
+    assert one["+RF"]["verdict"] is None  # one seed: a spread of 0 says nothing
+    assert "no spread to compare with (fewer than 2 seeds)" in verdict_lines(one)[0]
 
 
 def test_budgeted_keys_follow_overridden_epochs(tmp_path: Path):
@@ -53,6 +62,11 @@ def test_budgeted_keys_follow_overridden_epochs(tmp_path: Path):
     mnist = budgeted("mnist", 2.0, None, None, tmp_path, 0, None, {"epochs": 7})
     assert (mnist["epochs"], mnist["teacher_epochs"]) == (7, 2)
     assert "limit" not in mnist and budgeted("mnist", 0.01, None, None, tmp_path, 0)["limit"] == 700
+    # the keys counted in epochs follow the run's: the paper's 400-epoch recipe (warm-up 20, cool-down 10, mixup
+    # off at 200) cut to 20 epochs warms up 5 epochs (a quarter), cools down 1 and stops mixup at epoch 10
+    short = budgeted("cifar10", 1.0, None, None, tmp_path, 0, None, {"epochs": 20})
+    assert (short["warmup_epochs"], short["cooldown_epochs"], short["mixup_off_epoch"]) == (5.0, 1, 10)
+    assert budgeted("cifar10", 1.0, None, None, tmp_path, 0, "cifar10-fast")["warmup_epochs"] == 0.2  # was 0
 
 
 def test_ledger_builds_the_table_over_calls(tmp_path: Path):
@@ -85,3 +99,20 @@ def test_ledger_builds_the_table_over_calls(tmp_path: Path):
 
     other = call("--set", "lr=0.5")  # other options: refused, never mixed into the same table
     assert other.returncode != 0 and "holds runs of other options" in other.stderr
+    # the table is of the seeds asked for, whatever else the ledger holds
+    first_seed = call("--seeds", "1")
+    assert first_seed.returncode == 0, first_seed.stderr[-2000:]
+    assert "training" not in first_seed.stdout and "mean of 1 seeds" in first_seed.stdout
+    one = json.loads((tmp_path / "ablation_digits_t4.json").read_text())
+    assert {n: [r["seed"] for r in runs] for n, runs in one["runs"].items()} == {n: [0] for n in one["runs"]}
+    assert all(v["verdict"] is None for v in one["against_baseline"].values())
+    # a ledger elsewhere with the same name and other options would read these run folders back: refused
+    (tmp_path / "elsewhere").mkdir()
+    moved = subprocess.run([*cmd[:-1], str(tmp_path / "elsewhere" / "t4.json"), "--set", "lr=0.5"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")})
+    assert moved.returncode != 0 and "runs/t4 holds runs of other options" in moved.stderr
+    assert "training" not in moved.stdout
+    # --runs without a ledger would throw the finished runs away
+    lost = call("--runs", "1", "--results", "")
+    assert lost.returncode == 2 and "--runs needs --results" in lost.stderr
