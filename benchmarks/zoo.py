@@ -132,7 +132,7 @@ def build(args: argparse.Namespace) -> None:
         if recorded is not None and abs(full["acc1"] - recorded["acc1"]) > 1e-9:
             raise SystemExit(f"{name}: the zoo model gives {full['acc1']:.4f}% on {split}, the run recorded "
                              f"{recorded['acc1']:.4f}%: the packing is not exact")
-        count, top1 = bestformer.zoo.slice_accuracy(name, data_dir, split, SLICE)
+        count, top1 = bestformer.zoo.slice_accuracy(folder, data_dir, split, SLICE)  # not in the manifest yet
         weights = folder / hub.WEIGHTS
         minutes = (summary["teacher"] if teacher else summary).get("seconds", 0.0) / 60
         if run.name in FINE_TUNED:  # the run it started from

@@ -376,6 +376,9 @@ def test_os_and_format_errors_are_one_line(tmp_path: Path, ckpt: Path, packed: t
     finally:
         fold.export_packed = real
     assert rc == 2 and _last_line(err) == f"bestformer export: error: File too large: {full}"
+    for argv in (["export", str(ckpt), "-o"], ["profile", str(ckpt), "--synthetic", "--json"]):
+        rc, err = _cli([*argv, str(tmp_path / ("a" * 300 + ".out"))], capsys)  # a name too long to look at
+        assert rc == 2 and "File name too long" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_worker_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

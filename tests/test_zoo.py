@@ -65,6 +65,25 @@ def test_every_entry_loads_and_reproduces_its_slice_exactly(name: str, shared: P
     assert zoo.slice_accuracy(name, _data_dir(entry, shared), s["split"], s["limit"]) == (s["count"], s["top1"])
 
 
+def test_an_entry_being_built_is_measured_from_its_folder(tmp_path: Path) -> None:
+    """benchmarks/zoo.py measures a folder it just wrote, before the manifest names it (it failed for every entry:
+    a new name was unknown, a rebuilt file disagreed with the old manifest's hash)."""
+    entry = zoo.get_entry("bestformer_tiny.digits")
+    folder = tmp_path / "bestformer_tiny.digits2"
+    shutil.copytree(zoo.ZOO_DIR / "bestformer_tiny.digits", folder)
+    s = entry["slice"]
+    assert zoo.slice_accuracy(folder, None, s["split"], s["limit"]) == (s["count"], s["top1"])
+
+
+def test_entries_are_copies_of_the_manifest() -> None:
+    entry = zoo.get_entry("bestformer_tiny.digits")
+    entry["slice"]["top1"], entry["eval"]["flip"] = -1.0, "changed"
+    listed = zoo.list_pretrained("bestformer_tiny.digits")[0]
+    listed["slice"]["count"] = -1
+    again = zoo.get_entry("bestformer_tiny.digits")
+    assert again["slice"]["top1"] >= 0 and again["eval"]["flip"] != "changed" and again["slice"]["count"] > 0
+
+
 def test_a_damaged_or_replaced_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = tmp_path / "weights"
     shutil.copytree(zoo.ZOO_DIR / "bestformer_tiny.digits", copy / "bestformer_tiny.digits")

@@ -58,7 +58,11 @@ def check_output(path: str | os.PathLike[str], what: str = "output", parents: bo
     path = Path(path)
     if str(path) in ("", "."):
         raise FileFormatError(f"the {what} path is empty; give a file name")
-    refuse_special(path)
+    try:
+        refuse_special(path)
+    except OSError as err:  # e.g. a name too long for the file system: the path cannot even be looked at
+        shown = str(path) if len(str(path)) <= 80 else str(path)[:80] + "..."
+        raise FileFormatError(f"cannot write the {what} {shown}: {err.strerror or err}") from None
     folder = path.parent
     if not folder.is_dir():
         if not parents:

@@ -15,6 +15,7 @@ runs; docs/zoo.md says how to add an entry.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import json
@@ -50,7 +51,7 @@ def _manifest() -> tuple[dict[str, Any], ...]:
 def list_pretrained(pattern: str = "*") -> list[dict[str, Any]]:
     """The zoo's entries whose name matches ``pattern`` (fnmatch), each a dict with at least ``name``, ``model``,
     ``tag``, ``dataset``, ``split``, ``top1`` and ``file``."""
-    return [dict(e) for e in _manifest() if fnmatch.fnmatchcase(e["name"], pattern)]
+    return [copy.deepcopy(e) for e in _manifest() if fnmatch.fnmatchcase(e["name"], pattern)]  # not the cache's
 
 
 def get_entry(name: str) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def get_entry(name: str) -> dict[str, Any]:
     name = name.removeprefix(ZOO_PREFIX)
     for entry in _manifest():
         if entry["name"] == name:
-            return dict(entry)
+            return copy.deepcopy(entry)
     names = [e["name"] for e in _manifest()]
     raise ConfigError(f"no zoo entry {name!r}{close_matches(name, names)}; `bestformer zoo` lists "
                       f"{len(names)}: {', '.join(names)}")
@@ -109,10 +110,11 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
     return load_pretrained(_resolve(name, pretrained)["name"], **overrides)[0]
 
 
-def slice_accuracy(name: str, data_dir: str | None, split: str, limit: int, batch_size: int = 100
+def slice_accuracy(name: str | Path, data_dir: str | None, split: str, limit: int, batch_size: int = 100
                    ) -> tuple[int, float]:
-    """``(samples, top-1 %)`` of zoo entry ``name`` on the first ``limit`` samples of ``split`` (the carve of its
-    training run's seed), computed in float64 with the reference neurons: rounding differences between CPUs' float32
+    """``(samples, top-1 %)`` of zoo entry ``name`` (or of a folder written by :func:`save_pretrained`: an entry
+    being built, not in the manifest yet) on the first ``limit`` samples of ``split`` (the carve of its training
+    run's seed), computed in float64 with the reference neurons: rounding differences between CPUs' float32
     kernels, which can move a membrane across its threshold, are then ~1e-16 instead of ~1e-7, so the number is the
     same on every machine. This is the manifest's ``slice`` (what the tests re-check exactly)."""
     import torch
@@ -121,7 +123,7 @@ def slice_accuracy(name: str, data_dir: str | None, split: str, limit: int, batc
     from ..neurons import use_backend
     from ..training.saved import saved_model_data
 
-    model, header = load_pretrained(name)
+    model, header = from_pretrained(name) if isinstance(name, Path) else load_pretrained(name)
     data = getattr(saved_model_data(model, header["meta"], source=f"zoo entry {name}", data_dir=data_dir,
                                     limit=limit), split)
     model = model.double()
