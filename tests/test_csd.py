@@ -111,6 +111,12 @@ def test_quant_relu_gradients_are_qcfs_straight_through() -> None:
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]  # identity inside the clipping range
     # dq/dtheta = n/L - x/theta inside (n = 1: 1/4 - 0.15; n = 2: 2/4 - 0.5), 1 above theta, 0 below
     assert act.theta.grad.item() == pytest.approx(0.0 + 0.1 + 0.0 + 1.0)
+    # just outside the range, within half a level (theta / 2L = 0.25), where the floor sits on a bound: the same
+    # rule (it passed gradient there: dq/dx = 1, dq/dtheta = -x/theta below 0 and 1 - x/theta above theta)
+    act.theta.grad = None
+    edge = torch.tensor([-0.2, -0.01, 2.01, 2.2], requires_grad=True)
+    act(edge).sum().backward()
+    assert edge.grad.tolist() == [0.0, 0.0, 0.0, 0.0] and act.theta.grad.item() == pytest.approx(2.0)
 
 
 def test_quant_relu_data_dependent_start_happens_once() -> None:

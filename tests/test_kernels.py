@@ -157,7 +157,11 @@ def test_hand_computed_backward_through_time() -> None:
     assert x.grad.flatten().tolist() == pytest.approx(expected, rel=1e-6)
 
 
-def test_memory_layouts_are_read_in_place_and_kept() -> None:
+@pytest.mark.parametrize("engine", ["cpu", "generic", "triton"])
+def test_memory_layouts_are_read_in_place_and_kept(engine: str) -> None:
+    module = {"cpu": cpu, "generic": generic, "triton": triton_lif}[engine]
+    if module is None or (engine == "triton" and CUDA):
+        pytest.skip("the Triton case runs in the interpreter, on CPU tensors of these layouts")
     p, sur = LIFParameters(reset="soft"), Sigmoid()
     base = torch.randn(4, 6, 5, 5) * 2
     cases = {
@@ -165,18 +169,22 @@ def test_memory_layouts_are_read_in_place_and_kept() -> None:
         "repeated over T (stride 0)": base.unsqueeze(0).expand(3, 4, 6, 5, 5),
         "broadcast inside a step": base[:1].expand(4, 6, 5, 5).unsqueeze(0).expand(2, 4, 6, 5, 5),
         "strided slice": base[:, ::2, 1:],
+        "every other element (reshaped as a view of stride 2)": (torch.randn(4, 6, 5, 6) * 2)[..., ::2],
         "transposed": base.transpose(1, 3),
     }
     for name, x in cases.items():
         gs, gv = torch.randn(x.shape), torch.randn(x.shape[1:])
         v0 = torch.randn(x.shape[1:]).transpose(0, -1).contiguous().transpose(0, -1)  # a state in another layout
         ref = _run(lif_multistep, x, p, sur, v0, gs, gv)
-        out = _run(fused_lif_multistep, x, p, sur, v0, gs, gv, engine=cpu)
+        out = _run(fused_lif_multistep, x, p, sur, v0, gs, gv, engine=module)
         assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), name
         for got, want in zip(out[2:], ref[2:]):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    y = fused_lif_multistep(cases["channels_last"], p, sur)[0]
-    assert y.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)  # the next convolution stays fast
+        with torch.no_grad():  # the inference path flattens the same way
+            assert torch.equal(fused_lif_multistep(x, p, sur, LIFState(v0), engine=module)[0], ref[0]), name
+    if engine == "cpu":
+        y = fused_lif_multistep(cases["channels_last"], p, sur)[0]
+        assert y.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)  # the next convolution stays fast
 
 
 def test_inference_path_stores_nothing_and_agrees() -> None:
@@ -239,6 +247,17 @@ def test_engine_selection_and_bad_input() -> None:
     # a state that broadcasts over one step works, as in the plain path
     s, _ = fused_lif_multistep(torch.ones(2, 3, 4), LIFParameters(), Sigmoid(), LIFState(torch.ones(4)))
     assert torch.equal(s, lif_multistep(torch.ones(2, 3, 4), LIFParameters(), Sigmoid(), LIFState(torch.ones(4)))[0])
+
+
+def test_a_state_of_another_dtype_computes_as_the_plain_path() -> None:
+    """bfloat16 input (autocast) with a float32 state: both paths compute in the promoted type, float32."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 10000, generator=g) * 2).to(torch.bfloat16)
+    v0 = torch.rand(10000, generator=g) * 0.999
+    ref_s, ref_state = lif_multistep(x, LIFParameters(), Sigmoid(), LIFState(v0))
+    s, state = fused_lif_multistep(x, LIFParameters(), Sigmoid(), LIFState(v0))
+    assert s.dtype == ref_s.dtype == state.v.dtype == torch.float32
+    assert torch.equal(s, ref_s) and torch.equal(state.v, ref_state.v)  # spikes differed at 31 positions
 
 
 def test_bfloat16_takes_the_generic_engine_with_torch_rounding() -> None:

@@ -77,7 +77,9 @@ class QuantReLU(nn.Module):
         if self.training and not bool(self.initialized):
             self._init_theta(x)
         theta = self.threshold()
-        n = torch.clamp(ste_floor(x * (self.levels / theta) + 0.5), 0, self.levels)
+        # clamped before the straight-through floor: the gradient window is the clipping range [0, theta] itself
+        # (clamping after it let gradient through on [-theta / 2L, theta (1 + 1/2L)), where floor sits on a bound)
+        n = ste_floor(torch.clamp(x * (self.levels / theta), 0, self.levels) + 0.5)
         return n * (theta / self.levels)
 
     def extra_repr(self) -> str:

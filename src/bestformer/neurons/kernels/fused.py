@@ -50,8 +50,10 @@ class TimeMajor:
         self.shape = tuple(x.permute(self.perm).shape)
 
     def flat(self, y: Tensor) -> Tensor:
-        """``[T, *rest]`` -> ``[T, M]`` (a view when the layout allows it)."""
-        return y.permute(self.perm).reshape(y.shape[0], -1)
+        """``[T, *rest]`` -> ``[T, M]`` with unit stride along ``M`` (a view when the layout allows it; a time
+        stride of 0 is kept). The kernels index a row as dense: a strided view would be read wrongly."""
+        m = y.permute(self.perm).reshape(y.shape[0], -1)
+        return m if m.shape[1] <= 1 or m.stride(1) == 1 else m.contiguous()
 
     def unflat(self, y2d: Tensor) -> Tensor:
         return y2d.view(self.shape).permute(self.inverse)
@@ -131,6 +133,8 @@ def fused_lif_multistep(x: Tensor, p: LIFParameters, surrogate: Surrogate, state
         raise InputError(f"LIF expects a floating-point input, got {x.dtype}")
     v0 = None
     if state is not None:
+        if state.v.dtype != x.dtype:  # as the plain path computes: in the promoted type (bf16 input, float32 state)
+            x = x.to(torch.promote_types(x.dtype, state.v.dtype))
         try:
             v0 = state.v.to(x.dtype).expand(x.shape[1:])
         except RuntimeError as err:
