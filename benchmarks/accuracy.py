@@ -71,8 +71,8 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
 def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchmark: str) -> dict:
     """:func:`budgeted` options of the parsed ``args`` then its ``--set`` overrides, run folders under
     ``<out>/<benchmark>-<dataset>-<time>``."""
-    if not args.budget > 0:
-        p.error("--budget must be > 0")
+    if not 0 < args.budget < math.inf:
+        p.error(f"--budget must be a finite number > 0, got {args.budget}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     overrides = dict(args.overrides)
     base = budgeted(args.dataset, args.budget, args.limit, args.data_dir,

@@ -180,6 +180,13 @@ def test_eval_a_zoo_entry_reproduces_the_manifest(capsys: pytest.CaptureFixture[
     assert f"top-1 {entry['top1']:.2f}%" in capsys.readouterr().out
 
 
+def test_profile_a_zoo_entry_as_eval_and_export_take_it(capsys: pytest.CaptureFixture[str]) -> None:
+    entry = zoo.get_entry("bestformer_tiny.digits")
+    assert main(["profile", "zoo:bestformer_tiny.digits", "--synthetic", "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)
+    assert profile["model"] == entry["model"] and profile["params"] == entry["params"]
+
+
 def test_train_init_from_a_zoo_entry(tmp_path: Path) -> None:
     from bestformer.pipeline import train
     from bestformer.training import TrainConfig

@@ -20,7 +20,8 @@ _MODEL_OPTIONS = ("num_classes", "in_channels", "img_size", "time_steps")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_OR_CKPT",
-                        help="a registered model name (see bestformer.list_models()) or a checkpoint path")
+                        help="a registered model name (see bestformer.list_models()), a checkpoint path or "
+                             "zoo:NAME (bestformer zoo)")
     opts = parser.add_argument_group("model options (with a model name)")
     opts.add_argument("--num-classes", type=integer(1))
     opts.add_argument("--in-channels", type=integer(1))
@@ -57,7 +58,7 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
 
     from ..errors import ConfigError, FileFormatError
     from ..models import is_model
-    from ..training import load_checkpoint
+    from ..pipeline import load_weights_spec
     from ..zoo import create_model
 
     options = {k: getattr(args, k) for k in _MODEL_OPTIONS if getattr(args, k) is not None}
@@ -65,11 +66,11 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
     if is_model(args.model):
         torch.manual_seed(args.seed)  # an untrained model's profile is the same at every call
         return create_model(args.model, **options), None
-    if path.is_file() or path.suffix == ".safetensors":
+    if path.is_file() or path.suffix == ".safetensors" or args.model.startswith("zoo:"):
         if options:
             flags = ", ".join("--" + k.replace("_", "-") for k in options)
             raise ConfigError(f"{flags} apply to a model name; the checkpoint {path} fixes its own architecture")
-        model, meta = load_checkpoint(path)
+        model, meta = load_weights_spec(args.model)  # a checkpoint, or a zoo entry as eval and export take it
         return model, meta.get("dataset")
     if path.suffix or len(path.parts) > 1:
         raise FileFormatError(f"checkpoint not found: {path}")
