@@ -32,6 +32,17 @@ def test_binary_weights_are_exactly_pm1_and_zero_maps_to_plus_one() -> None:
     assert set(layer.quantized_weight().unique().tolist()) == {-1.0, 1.0}
 
 
+def test_one_weight_per_channel_binarizes_to_plus_one_without_nan() -> None:
+    # Eq. 5 with one weight: W^ = W - mean(W) = 0, so Eq. 6 gives +1; an unbiased std of one value is NaN.
+    w = torch.tensor([[-2.0], [0.5], [3.0]], requires_grad=True)
+    b = SignBinarizer()(w)
+    assert b.tolist() == [[1.0], [1.0], [1.0]]
+    b.sum().backward()
+    assert w.grad.tolist() == [[0.0], [0.0], [0.0]]  # W^ does not depend on W
+    layer = BinaryLinear(1, 3)
+    assert torch.isfinite(layer(torch.randn(2, 1))).all()
+
+
 def test_latent_standardization_per_output_channel() -> None:
     w = torch.randn(8, 4, 3, 3, dtype=torch.float64) * 3 + 1.5
     std = SignBinarizer(eps=0).standardize(w)

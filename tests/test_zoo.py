@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import bestformer
 from bestformer import zoo
 from bestformer.cli import main
 from bestformer.errors import ConfigError, FileFormatError
+from bestformer.quant import BinaryLinear
 from bestformer.zoo import bits, hub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +138,17 @@ def test_binary_weights_are_stored_as_bits_and_restore_the_trained_binary_weight
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
     full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert stored < full / 3
+
+
+def test_a_binary_layer_with_one_weight_per_channel_packs_and_restores() -> None:
+    model = nn.Sequential(BinaryLinear(1, 5), BinaryLinear(5, 2))
+    tensors, packed = bits.pack_state(model)
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    restored = nn.Sequential(BinaryLinear(1, 5), BinaryLinear(5, 2))
+    restored.load_state_dict(bits.unpack_state(tensors, packed, "test"))
+    x = torch.randn(3, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))
 
 
 def test_unpacking_checks_the_file_before_allocating() -> None:

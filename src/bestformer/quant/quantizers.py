@@ -66,6 +66,8 @@ class SignBinarizer(Quantizer):
         """Eq. 5: zero mean and unit (unbiased) standard deviation per output channel."""
         dims = _per_channel_dims(w)
         w_hat = w - w.mean(dim=dims, keepdim=True)
+        if w[0].numel() == 1:  # one weight per channel: W^ is 0 (B = +1), and an unbiased std is undefined
+            return w_hat
         return w_hat / (w_hat.std(dim=dims, keepdim=True) + self.eps)
 
     def forward(self, w: Tensor) -> Tensor:

@@ -58,7 +58,8 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, lis
         codes = quantizer.codes(w)[0]
         bits = (codes > 0).reshape(-1)
         flat = _channel_view(w)
-        mean, std = flat.mean(dim=1), flat.std(dim=1)
+        mean = flat.mean(dim=1)
+        std = flat.std(dim=1) if flat.shape[1] > 1 else torch.ones_like(mean)  # one weight: no spread to keep
         rebuilt = _rebuild(bits, mean, std, tuple(w.shape))
         wrong = (quantizer.codes(rebuilt)[0] != codes).reshape(w.shape[0], -1).any(dim=1)
         mean[wrong], std[wrong] = 0.0, 1.0  # B itself: its codes are always B's
