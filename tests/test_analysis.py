@@ -460,7 +460,7 @@ def test_profile_reads_the_dataset_with_the_data_package() -> None:
 
 def test_profile_errors_are_one_line() -> None:
     model = bestformer.create_model("bestformer_tiny")
-    with pytest.raises(ConfigError, match="either inputs or synthetic"):
+    with pytest.raises(ConfigError, match="one of inputs, data or synthetic"):
         profile_model(model, torch.rand(1, 1, 28, 28), synthetic=True)
     with pytest.raises(ConfigError, match="batches must be"):
         profile_model(model, synthetic=True, batches=0)
@@ -510,6 +510,23 @@ def test_cli_profile_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture
     assert data["model"] == "bestformer_tiny" and data["time_steps"] == 2 and data["ns_ace_fp_bits"] == 16
     assert data["firing_rates_measured_on"] == "synthetic"
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_profile_of_a_checkpoint_measures_on_its_runs_own_validation_carve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bestformer.data import build_datasets
+
+    torch.manual_seed(0)
+    model = bestformer.create_model("bestformer_tiny", img_size=8, in_channels=1)
+    ckpt = bestformer.save_checkpoint(model, tmp_path / "c.safetensors", dataset="digits",
+                                      config={"dataset": "digits", "seed": 5, "val_fraction": 0.5})
+    assert main(["profile", str(ckpt), "--batches", "2", "--batch-size", "4", "--json", "-"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    val = build_datasets("digits", seed=5, val_fraction=0.5).val  # the run's carve, built independently
+    own = profile_model(model, torch.utils.data.DataLoader(val, batch_size=4), batches=2, progress=False)
+    default = profile_model(model, dataset="digits", batches=2, batch_size=4, progress=False)
+    assert cli["samples"] == 8 and cli["firing_rates_measured_on"] == "digits (val)"
+    assert cli["sops"] == pytest.approx(own.sops) and cli["sops"] != pytest.approx(default.sops)
 
 
 def test_cli_profile_checkpoint_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

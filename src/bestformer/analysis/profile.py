@@ -55,7 +55,7 @@ def _dataset_batches(model: nn.Module, dataset: str | None, data_dir: str | Path
         if name is None:
             raise ConfigError("profiling on real data needs dataset=... for a model that is not a registered one")
         dataset = get_input_config(name).dataset
-    from ..data import build_datasets, time_first  # only when real data is asked for
+    from ..data import build_datasets  # only when real data is asked for
     time_steps = getattr(model, "time_steps", None)
     options: dict[str, Any] = {"limit": batches * batch_size}
     if time_steps is not None:
@@ -64,17 +64,24 @@ def _dataset_batches(model: nn.Module, dataset: str | None, data_dir: str | Path
         data = build_datasets(dataset, data_dir, **options)
     except FileFormatError as err:
         raise FileFormatError(f"{err} (or profile on synthetic input: synthetic=True, --synthetic)") from None
+    return _bundle_batches(data, batch_size)
+
+
+def _bundle_batches(data: Any, batch_size: int) -> tuple[Iterator[Tensor], str]:
+    """Batches of a dataset bundle's held-out split: validation, else test, else train."""
+    from ..data import time_first
+
     split_name, split = next(((n, getattr(data, n)) for n in ("val", "test", "train")
                               if getattr(data, n, None) is not None), (None, None))
     if split is None:
-        raise InputError(f"dataset {dataset!r} has no split to profile on")
+        raise InputError(f"dataset {data.name!r} has no split to profile on")
     loader = torch.utils.data.DataLoader(split, batch_size=batch_size, shuffle=False)
 
     def gen() -> Iterator[Tensor]:
         for x, _ in loader:
             yield time_first(x)  # event frames [B, T, ...] -> [T, B, ...]; images unchanged
 
-    return gen(), f"{dataset} ({split_name})"
+    return gen(), f"{data.name} ({split_name})"
 
 
 def _given_batches(inputs: Tensor | Iterable[Any]) -> Iterator[Tensor]:
@@ -103,7 +110,7 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
                   energy: str | EnergyModel = "45nm", synthetic: bool = False, *, dataset: str | None = None,
                   data_dir: str | Path | None = None, batch_size: int = 16, fp_bits: int = FP_BITS,
                   representation: bool = False, blocks: list[str] | None = None, deploy: bool = True,
-                  measured_on: str | None = None, seed: int = 0, progress: bool = True) -> Profile:
+                  measured_on: str | None = None, seed: int = 0, progress: bool = True, data: Any = None) -> Profile:
     """Profile ``model`` on up to ``batches`` batches.
 
     Args:
@@ -112,6 +119,9 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
             batch, whose event frames ``[B, T, C, H, W]`` are put time first, as training does.
             ``None``: the held-out split of ``dataset`` (default: the registered model's own dataset) read by
             ``bestformer.data.build_datasets`` from ``data_dir``; or random input with ``synthetic=True``.
+        data: a dataset bundle (:func:`bestformer.data.build_datasets`) to measure on its held-out split instead
+            of reading ``dataset``: e.g. a saved model's own carve and event binning
+            (:func:`bestformer.training.saved.saved_model_data`), as ``bestformer profile CKPT`` does.
         energy: ``"45nm"`` (E_MAC 4.6 pJ, E_AC 0.9 pJ), ``"fp16"``, ``"int8"`` or an :class:`EnergyModel`.
         batch_size: batch size of synthetic and dataset input.
         fp_bits: bits of a full-precision weight in NS-ACE and in a full-precision model's size (16, the papers'
@@ -131,9 +141,11 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
     _positive("batch_size", batch_size)
     _positive("fp_bits", fp_bits)
     energy_model = get_energy_model(energy)
-    if synthetic and inputs is not None:
-        raise ConfigError("pass either inputs or synthetic=True, not both")
-    if synthetic:
+    if sum((synthetic, inputs is not None, data is not None)) > 1:
+        raise ConfigError("pass one of inputs, data or synthetic=True")
+    if data is not None:
+        stream, label = _bundle_batches(data, batch_size)
+    elif synthetic:
         stream, label = _synthetic_batches(model, batches, batch_size, seed), SYNTHETIC
     elif inputs is not None:
         stream, label = _given_batches(inputs), measured_on or "inputs"

@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write per-layer firing rate and energy bars to this PNG")
 
 
-def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
-    """The model to profile and the dataset its checkpoint was trained on (if recorded)."""
+def _load(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model to profile and its checkpoint's header ``meta`` (``None`` for a model name)."""
     import torch
 
     from ..errors import ConfigError, FileFormatError
@@ -70,8 +70,7 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
         if options:
             flags = ", ".join("--" + k.replace("_", "-") for k in options)
             raise ConfigError(f"{flags} apply to a model name; the checkpoint {path} fixes its own architecture")
-        model, meta = load_weights_spec(args.model)  # a checkpoint, or a zoo entry as eval and export take it
-        return model, meta.get("dataset")
+        return load_weights_spec(args.model)  # a checkpoint, or a zoo entry as eval and export take it
     if path.suffix or len(path.parts) > 1:
         raise FileFormatError(f"checkpoint not found: {path}")
     return create_model(args.model, **options), None  # an unknown name: the registry's error names close ones
@@ -84,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import profile_model
     from ..deploy import fold  # noqa: F401  (loading it registers the deployment-file size with analysis)
     from ..errors import ConfigError
+    from ..training.saved import saved_dataset, saved_model_data
 
-    model, trained_on = _load(args)
+    model, meta = _load(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
@@ -95,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size, fp_bits=args.fp_bits,
                                   representation=args.representation, seed=args.seed)
     if not args.synthetic:
-        kwargs.update(dataset=args.dataset or trained_on, data_dir=args.data_dir)
+        kwargs.update(dataset=args.dataset, data_dir=args.data_dir)
+        if meta is not None and (args.dataset or saved_dataset(meta)):
+            # the run's own validation carve and event binning, as `eval` measures it
+            kwargs["data"] = saved_model_data(model, meta, source=args.model, dataset=args.dataset,
+                                              data_dir=args.data_dir, limit=args.batches * args.batch_size)
     profile = profile_model(model, **kwargs)
     if args.json == "-":
         sys.stdout.write(profile.to_json() + "\n")

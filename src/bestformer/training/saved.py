@@ -19,13 +19,18 @@ def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
     return meta.get("config") if isinstance(meta.get("config"), dict) else {}
 
 
+def saved_dataset(meta: dict[str, Any]) -> str | None:
+    """The dataset a checkpoint's ``meta`` says its model was trained on (``None`` when it records none)."""
+    return meta.get("dataset") or saved_config(meta).get("dataset")
+
+
 def saved_model_data(model: nn.Module, meta: dict[str, Any], *, source: str = "the model", dataset: str | None = None,
                      data_dir: str | None = None, limit: int | None = None) -> Any:
     """The dataset a saved model (``load_weights_spec``) was trained on (or ``dataset``), split with its training
     run's seed, val_fraction and event binning: the same validation carve as during training. Event data are
     binned into the model's own ``T`` frames."""
     config, defaults = saved_config(meta), DataConfig()
-    dataset = dataset or meta.get("dataset") or config.get("dataset")
+    dataset = dataset or saved_dataset(meta)
     if not dataset:
         raise ConfigError(f"{source} does not record its dataset; pass --dataset NAME")
     bundle = build_datasets(dataset, data_dir, time_steps=model_time_steps(model),
