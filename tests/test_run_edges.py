@@ -1,4 +1,4 @@
-"""A run's accounting and resume at the edges: a skipped step, a stop on the last step, a budget's deadline, a
+"""A run's accounting and resume at the edges: a skipped step, a loss scaler's skip, a stop on the last step, a
 teacher trained inside the run, a resume on a GPU, and the random streams of many GPUs."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from bestformer.pipeline.config import execution_config, run_is_done
 from bestformer.training import TrainConfig, Trainer
 from bestformer.training import measure as measure_module
 from bestformer.training.dist import DistContext
-from bestformer.training.state import capture_rng, load_resume_state, restore_rng
+from bestformer.training.state import Progress, capture_rng, load_resume_state, restore_rng
 from test_training import TINY, _blobs, _interrupt_at_step, _trainer, tiny_config, weights
 
 pytestmark = pytest.mark.usefixtures("plain_neurons")
@@ -47,6 +47,48 @@ def test_a_skipped_step_leaves_no_trace_in_the_epochs_loss(tmp_path: Path, monke
     # the mean over the samples of the steps taken; counting the skipped step's samples (the bug) gave 3/4 of it
     expected = sum(v * n for v, n in taken) / sum(n for _, n in taken)
     assert row["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_loss_scaler_skip_leaves_the_mean_gradient_norm_unbiased(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = _trainer(tmp_path, _blobs(), epochs=1, mixup=0.0, label_smoothing=0.0)
+    norms: list[float] = []  # every step's norm; step 1 overflows, as an fp16 loss scaler's would
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def overflow_once(params: object, max_norm: float) -> torch.Tensor:
+        norm = float(clip(params, max_norm))
+        norms.append(math.inf if len(norms) == 1 else norm)
+        return torch.tensor(norms[-1])
+
+    class Scaler(torch.amp.GradScaler):  # skips the step of a non-finite gradient, as an enabled one does
+        def is_enabled(self) -> bool:
+            return True
+
+        def scale(self, loss: torch.Tensor) -> torch.Tensor:
+            return loss
+
+        def step(self, optimizer: torch.optim.Optimizer) -> None:
+            if math.isfinite(norms[-1]):
+                optimizer.step()
+
+        def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+            pass
+
+        def update(self) -> None:
+            pass
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflow_once)
+    monkeypatch.setattr(trainer, "scaler", Scaler("cpu", enabled=False))
+    assert trainer.fit() == "finished"
+    row, finite = trainer.progress.history[0], [n for n in norms if math.isfinite(n)]
+    assert len(norms) == len(finite) + 1 == 4 and row["skipped_steps"] == 0  # the scaler's skip is not ours
+    # the mean over the steps that had a norm; dividing by every step (the bug) gave 3/4 of it
+    assert row["grad_norm"] == pytest.approx(sum(finite) / len(finite)) and row["grad_norm_max"] == max(finite)
+
+
+def test_a_resume_state_saved_before_the_norm_count_keeps_its_mean() -> None:
+    saved = {"epoch": 0, "sums": {"grad_norm": 6.0, "steps": 3}}  # mid-epoch sums of an older version
+    assert Progress.from_json(saved).sums["grad_norm_steps"] == 3
 
 
 def test_a_stop_on_the_last_step_resumes_to_the_same_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -270,9 +270,7 @@ class Trainer:
                     self.scaler.step(self.optimizer)
                     sums.steps += 1
                     sums.add_step(step)
-                    if math.isfinite(norm):
-                        sums.grad_norm += norm
-                        sums.grad_norm_max = max(sums.grad_norm_max, norm)
+                    sums.add_norm(norm)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 step, step_bad, saved_buffers = EpochSums(), False, None
@@ -322,7 +320,6 @@ class Trainer:
         self.monitor.reset()
         rates = {k: f / t for k, (f, t) in counts.items() if t}
         dead, saturated = layer_health(counts)
-        steps = max(sums["steps"], 1)
         row = {
             "epoch": p.epoch + 1, "step": p.global_step, "samples": p.samples_seen,
             "lr": sums["lr"],
@@ -330,7 +327,7 @@ class Trainer:
             "train_acc": 100.0 * train["correct"] / max(train["count"], 1),
             "val_loss": val["loss"] if val else math.nan, "val_acc": val["acc1"] if val else math.nan,
             "val_top5": val["acc5"] if val else math.nan,
-            "grad_norm": sums["grad_norm"] / steps, "grad_norm_max": sums["grad_norm_max"],
+            "grad_norm": sums["grad_norm"] / max(sums["grad_norm_steps"], 1), "grad_norm_max": sums["grad_norm_max"],
             "firing_rate": sum(rates.values()) / len(rates) if rates else math.nan,
             "dead_layers": len(dead), "saturated_layers": len(saturated), "skipped_steps": sums["skipped"],
             "time_s": sums["seconds"], "wall_s": time.perf_counter() - self.clock0, "time_steps": trained_t,

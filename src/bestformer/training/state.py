@@ -93,6 +93,7 @@ class EpochSums:
     count: float = 0.0
     grad_norm: float = 0.0
     grad_norm_max: float = 0.0
+    grad_norm_steps: int = 0  # steps whose gradient norm is finite: a loss-scaler skip (fp16) has none
     steps: int = 0
     skipped: int = 0
     seconds: float = 0.0
@@ -103,6 +104,14 @@ class EpochSums:
         self.loss += step.loss
         self.correct += step.correct
         self.count += step.count
+
+    def add_norm(self, norm: float) -> None:
+        """Count a step's gradient norm; a non-finite one (an fp16 step the loss scaler skips) is left out, so
+        the epoch's mean norm is over the steps that had one."""
+        if math.isfinite(norm):
+            self.grad_norm += norm
+            self.grad_norm_max = max(self.grad_norm_max, norm)
+            self.grad_norm_steps += 1
 
 
 #: the epoch sums that differ from rank to rank (each counts its own samples); the others are the same on all
@@ -145,6 +154,7 @@ class Progress:
         interrupted epoch's sums and firing counts were saved added over all ranks: rank 0 alone carries them
         (``main``), the other ranks start from zero."""
         progress = cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+        progress.sums.setdefault("grad_norm_steps", progress.sums.get("steps", 0))  # a state saved before the field
         if not main:
             progress.sums, progress.spikes = {**progress.sums, **dict.fromkeys(PER_RANK_SUMS, 0.0)}, {}
         return progress
