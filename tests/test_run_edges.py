@@ -1,5 +1,5 @@
 """A run's accounting and resume at the edges: a skipped step, a loss scaler's skip, a stop on the last step, a
-teacher trained inside the run, a resume on a GPU, and the random streams of many GPUs."""
+budget's deadline, a teacher trained inside the run, a resume on a GPU, and the random streams of many GPUs."""
 
 from __future__ import annotations
 
