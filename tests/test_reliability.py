@@ -246,6 +246,24 @@ def test_full_disk_mid_run_keeps_the_previous_checkpoint(tmp_path: Path, monkeyp
     assert not list((tmp_path / "run").glob(".*.tmp"))  # failed writes leave no temporary files
 
 
+def test_a_crash_between_the_weights_and_the_sidecar_leaves_a_loadable_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    old, new = (bestformer.create_model("bestformer_tiny", **TINY) for _ in range(2))
+    path = save_checkpoint(old, tmp_path / "best.safetensors", epoch=1)
+
+    def crash(*args: object, **kw: object) -> None:
+        raise KeyboardInterrupt  # the process dies once the weights are written, before their sidecar
+
+    monkeypatch.setattr("bestformer.training.checkpoint.atomic_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(new, path, epoch=2)
+    monkeypatch.undo()
+    loaded, meta = load_checkpoint(path)  # the new weights, described by their embedded header
+    assert meta["epoch"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), new.state_dict().values()))
+
+
 def test_empty_training_split_is_refused(tmp_path: Path) -> None:
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
     model = bestformer.create_model("bestformer_tiny", **TINY)

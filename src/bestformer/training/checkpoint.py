@@ -74,6 +74,9 @@ def checkpoint_header(model: nn.Module, **meta: Any) -> dict[str, Any]:
 def save_checkpoint(model: nn.Module, path: str | Path, **meta: Any) -> Path:
     """Write ``model``'s weights and header atomically; returns the weights path."""
     path = Path(path)
+    # the old sidecar goes first: a crash between the two writes leaves weights with their embedded header and no
+    # sidecar (which loads), never new weights beside an old sidecar (which is refused as disagreeing)
+    sidecar_path(path).unlink(missing_ok=True)
     header = write_container(path, model.state_dict(), _META_KEY, checkpoint_header(model, **meta))
     atomic_write_json(sidecar_path(path), header)
     return path
