@@ -203,6 +203,18 @@ def test_events_to_frames_edge_cases() -> None:
     assert a[0, 0, 0].tolist() == [0, 1, 0, 1] and a[1, 0, 0].tolist() == [1, 0, 1, 0]
 
 
+def test_events_to_frames_takes_timestamps_of_any_integer_or_float_dtype() -> None:
+    # uint32 (AEDAT / jAER) out of order: sorted by time, as int64 is (np.diff wraps on unsigned, the bug)
+    x, zeros = [0, 1, 2, 3], [0] * 4
+    for dtype in (np.uint32, np.uint16, np.int64):
+        f = events_to_frames(x, zeros, zeros, np.array([30, 20, 10, 0], dtype=dtype), 4, 1, 4)
+        assert f[:, 0, 0].tolist() == np.eye(4)[::-1].tolist(), dtype  # frame k holds the event at t = 10 k
+    # int16 / float16 spans beyond the dtype's range: windows as in int64 / float64 (an overflow before)
+    for t in (np.array([-20000, 0, 20000], dtype=np.int16), np.array([-60000, 0, 60000], dtype=np.float16)):
+        f = events_to_frames([0, 1, 2], [0] * 3, [0] * 3, t, 2, 1, 3, "time")
+        assert f[:, 0, 0].tolist() == [[1, 0, 0], [0, 1, 1]], t.dtype
+
+
 def test_events_to_frames_matches_loop_reference_on_random_events() -> None:
     rng = np.random.default_rng(1)
     for split_by in ("number", "time"):

@@ -68,13 +68,14 @@ def frame_index(t: np.ndarray, time_steps: int, split_by: str) -> np.ndarray:
         return np.minimum(np.arange(n, dtype=np.int64) // chunk, time_steps - 1)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    t0, span = t.min(), t.max() - t.min()
-    if span == 0:
+    lo, hi = t.min(), t.max()
+    if lo == hi:
         return np.zeros(n, dtype=np.int64)
-    if np.issubdtype(t.dtype, np.integer):  # exact integer arithmetic
-        k = (t.astype(np.int64) - int(t0)) * time_steps // int(span)
+    if np.issubdtype(t.dtype, np.integer):  # exact, in int64: a narrow input dtype would overflow the span
+        k = (t.astype(np.int64) - int(lo)) * time_steps // (int(hi) - int(lo))
     else:
-        k = np.floor((t - t0) * time_steps / span).astype(np.int64)
+        t64 = t.astype(np.float64)
+        k = np.floor((t64 - float(lo)) * time_steps / (float(hi) - float(lo))).astype(np.int64)
     return np.minimum(k, time_steps - 1)
 
 
@@ -108,7 +109,7 @@ def events_to_frames(x: object, y: object, p: object, t: object, time_steps: int
             bad = np.flatnonzero((arr < 0) | (arr >= hi))
             raise InputError(f"events_to_frames: event {int(bad[0])} has {name}={int(arr[bad[0]])}, expected "
                              f"0..{hi - 1}")
-    if split_by == "number" and ts.size > 1 and (np.diff(ts) < 0).any():
+    if split_by == "number" and ts.size > 1 and (ts[1:] < ts[:-1]).any():  # np.diff wraps on unsigned t
         order = np.argsort(ts, kind="stable")
         xs, ys, ps, ts = xs[order], ys[order], ps[order], ts[order]
     k = frame_index(ts, time_steps, split_by)
