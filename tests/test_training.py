@@ -100,6 +100,10 @@ def test_augmentation_is_a_function_of_the_step_and_shared_over_frames() -> None
     frames = x.unsqueeze(0).repeat(3, 1, 1, 1, 1)
     ev, _ = aug(frames, y, step=5)
     assert torch.equal(ev[0], ev[1]) and torch.equal(ev[1], ev[2])
+    # the erasing noise is one float32 draw on the CPU, whatever the batch's dtype or device (a generator on the
+    # batch's device draws another stream on CUDA, as float64 does here)
+    a64, _ = aug(x.double(), y, step=5)
+    assert torch.equal(a64, a1.double())
 
 
 def test_mixup_and_cutmix_targets_match_the_mixed_images() -> None:

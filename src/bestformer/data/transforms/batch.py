@@ -123,8 +123,9 @@ class BatchAugment:
         dev = imgs.device
         mask = box_mask(h, w, *(torch.from_numpy(a).to(dev) for a in (top, left, bh, bw)))
         mask &= torch.from_numpy(apply).to(dev)[:, None, None, None]
-        gen = torch.Generator(device=dev).manual_seed(int(rng.integers(2**62)))
-        noise = torch.randn((b, tc // frames, h, w), generator=gen, device=dev, dtype=imgs.dtype)
+        # drawn on the CPU in float32 (a CUDA generator's stream is another): the same noise on every device
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise = torch.randn((b, tc // frames, h, w), generator=gen).to(dev, imgs.dtype)
         return torch.where(mask, noise.repeat(1, frames, 1, 1), imgs)  # the same noise in every frame
 
     def _mix(self, imgs: Tensor, y: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
