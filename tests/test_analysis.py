@@ -31,7 +31,7 @@ from bestformer.analysis.report import energy_str, si
 from bestformer.cli import main
 from bestformer.errors import ConfigError, InputError
 from bestformer.layers import SpikingSelfAttention
-from bestformer.neurons import IELIF, LIF
+from bestformer.neurons import IELIF, LIF, is_spiking_neuron
 from bestformer.quant import BinaryLinear, QuantConv2d, QuantLinear
 
 
@@ -447,6 +447,35 @@ def test_event_batches_of_a_dataloader_are_put_time_first() -> None:
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
         prof = profile_model(model, loader, batches=8 // batch_size, deploy=False, progress=False)
         assert prof.samples == 8 and prof.sops == pytest.approx(by_hand.sops)
+
+
+def test_event_count_input_is_charged_at_e_mac_through_a_copy_or_a_mean_over_frames() -> None:
+    torch.manual_seed(0)
+    model = bestformer.create_model("bestformer_tiny", img_size=16, in_channels=2, time_steps=4)
+    counts = torch.randint(0, 4, (2, 4, 2, 16, 16)).float()  # [B, T, C, H, W] event counts 0..3
+    calibrate_bn(model, counts.transpose(0, 1).contiguous())
+    first = "patch_embed.proj.conv"
+    for inputs in ([(counts, torch.zeros(2))], counts.transpose(0, 1).contiguous()):  # a time-first view, a tensor
+        op = by_name(profile_model(model, inputs, deploy=False, progress=False).layers, first)
+        # T * H * W * C_out * C_in * 9 = 4 * 16 * 16 * 8 * 2 * 9, all real (the view's copy was an event before)
+        assert op.macs == op.real_macs == 147456 and op.sops == 0, op.operands
+    ann = bestformer.create_model("csd_tiny", in_channels=2, img_size=16, input_frames=4).eval()
+    frames = torch.randint(0, 4, (4, 1, 2, 16, 16)).float()  # the ANN averages them: a k/4 grid
+    prof = profile_model(ann, frames, deploy=False, progress=False)
+    assert prof.layers[0].sops == 0 and prof.layers[0].real_macs == prof.layers[0].macs > 0
+
+
+def test_a_neuron_is_counted_in_every_batch_even_when_its_input_is_silent() -> None:
+    lif = nn.Sequential(nn.Identity(), LIF())  # LIF at threshold 1 on a constant input: the first batch fires
+    with OpCounter(lif) as counter:
+        counter.run(torch.full((4, 1, 8), 3.0))
+        counter.run(torch.zeros(4, 1, 8))  # silent (binary) input: the layer was dropped from this batch before
+    (stats,) = counter.neuron_stats()
+    assert (stats.spikes, stats.elements) == (32, 64)
+    fresh = bestformer.create_model("bestformer_tiny", img_size=8)  # untrained: silence spreads layer to layer
+    prof = profile_model(fresh, synthetic=True, batches=1, batch_size=2, deploy=False, progress=False)
+    neurons = [n for n, m in fresh.named_modules() if is_spiking_neuron(m)]
+    assert [s.name for s in prof.neurons] == neurons and len(neurons) > 5
 
 
 def test_profile_reads_the_dataset_with_the_data_package() -> None:

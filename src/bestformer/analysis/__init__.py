@@ -3,12 +3,13 @@ file), MACs and SOPs per layer, energy, NS-ACE (Table 3), firing rates, and the 
 encoder blocks (Fig. 2 / 5b). ``profile_model`` runs them all; ``bestformer profile`` is its command line."""
 
 from .energy import ENERGY_PRESETS, EnergyModel, get_energy_model
-from .ops import NeuronStats, OpCounter, OpStats
+from .ops import OpCounter
 from .precision import FP_BITS
 from .profile import profile_model
 from .report import Profile
 from .representation import BlockRepresentation, RepresentationProbe, value_entropy, value_set_size
 from .size import ModelSize, model_size
+from .stats import NeuronStats, OpStats
 from .values import ValueKind, classify_values
 
 __all__ = [

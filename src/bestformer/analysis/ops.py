@@ -32,10 +32,15 @@ Conventions (the field's, Spikformer / Spike-driven Transformer / BESTformer Tab
   running module's layers), which is what Table 3's relations imply (the 2-bit Q-Spikformer's NS-ACE is exactly
   2 x its SOPs, attention included).
 - Firing rate of a spiking layer: its output's fraction of non-zeros over every step, sample and batch. A spiking
-  layer is the innermost module whose output is an event operand and whose input is not, or has more levels
-  (LIF and IE-LIF on real membranes, the soft-reset LIF of Eq. 9 on the integer attention map; not pooling),
-  found from values, not from classes. Layers with weights and normalisation layers are never taken for
-  neurons, and the input must be an activation, not a Parameter (weight quantizers also output +-1).
+  layer is the innermost module whose output is an event operand and that follows the neuron contract
+  (:func:`bestformer.neurons.is_spiking_neuron`: counted even in a batch where its input is silent or binary),
+  or whose input is not an event or has more levels (any other module: LIF and IE-LIF on real membranes, the
+  soft-reset LIF of Eq. 9 on the integer attention map; not pooling). Layers with weights and normalisation
+  layers are never taken for neurons, and the input must be an activation, not a Parameter (weight quantizers
+  also output +-1).
+- The model's input is a value operand (the encoding layer is charged at ``E_MAC``), also once copied or
+  averaged over its frames (a time-first view that a layer flattens into a copy; a CSD ANN's mean of event
+  frames).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,10 +56,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..neurons import is_spiking_neuron
 from ..quant import weight_bits_of
 from .precision import FP_BITS, FULL_PRECISION, check_fp_bits
 from .spikes import (
-    Declarations,
+    SHAPE_FUNCS,
+    TensorTags,
     conv_products,
     declared_levels,
     event_counts,
@@ -62,6 +69,7 @@ from .spikes import (
     multilevel_kind,
     product_counts,
 )
+from .stats import NeuronStats, OpStats
 from .values import ValueKind, classify_values
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
@@ -83,58 +91,6 @@ PRODUCT_FUNCS: dict[Callable[..., Any], str] = {
 }
 _LAYER_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _LAYER_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-
-
-@dataclass
-class OpStats:
-    """One product site (a layer, or an activation product inside a module), totals per sample.
-
-    ``name`` is the module path, with ``/matmul0``, ``/matmul1``... for the activation products a module issues
-    itself. ``operands`` reads like ``"binary x w1"`` (spikes times 1-bit weights) or ``"binary x binary"``.
-    ``weight_bits`` is the layer's (``None`` for activation products); ``charge_bits`` the ``b_w`` of NS-ACE.
-    ``events``: the products whose event operands are non-zero, each entry once; ``sops``: the same with every
-    declared multi-level spike counted as the binary spikes it stands for (equal for binary spikes).
-    """
-
-    name: str
-    op: str
-    operands: str
-    weight_bits: int | None
-    charge_bits: int
-    shape: str
-    macs: float = 0.0
-    real_macs: float = 0.0
-    sops: float = 0.0
-    ns_ace: float = 0.0
-    calls: int = 0
-    events: float = 0.0
-
-    @property
-    def firing_rate(self) -> float | None:
-        """``events / MACs`` of the synaptic part (``None`` when the product has no event operand)."""
-        event_macs = self.macs - self.real_macs
-        return self.events / event_macs if event_macs > 0 else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "firing_rate": self.firing_rate}
-
-
-@dataclass
-class NeuronStats:
-    """Firing of one spiking layer: ``spikes`` non-zero outputs among ``elements`` (all steps and samples)."""
-
-    name: str
-    kind: str
-    spikes: int = 0
-    elements: int = 0
-
-    @property
-    def firing_rate(self) -> float:
-        return self.spikes / self.elements if self.elements else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "firing_rate": self.firing_rate,
-                "spikes": self.spikes, "elements": self.elements}
 
 
 @dataclass
@@ -197,7 +153,9 @@ class OpCounter(TorchFunctionMode):
         self._block_bits: dict[int, int | None] = {}
         self._kinds: dict[int, tuple[weakref.ref[Tensor], ValueKind]] = {}
         self._input_storages: set[int] = set()
-        self._declared = Declarations()
+        self._declared = TensorTags()
+        # the model's input, followed through its copies and its mean or sum over frames: values, never events
+        self._inputs = TensorTags(SHAPE_FUNCS | {"mean", "sum"})
 
     # ------------------------------------------------------------------------------------------- life cycle
     def __enter__(self) -> OpCounter:
@@ -214,6 +172,7 @@ class OpCounter(TorchFunctionMode):
         self._stack.clear()
         self._kinds.clear()
         self._declared.clear()
+        self._inputs.clear()
 
     def run(self, x: Tensor, batch_size: int | None = None) -> Any:
         """Run the model on one batch (no gradient) and count it. ``batch_size`` defaults to the batch axis of a
@@ -221,11 +180,14 @@ class OpCounter(TorchFunctionMode):
         self._input_storages = {x.untyped_storage().data_ptr()}
         self._kinds.clear()
         self._declared.clear()
+        self._inputs.clear()
+        self._inputs.declare(x, True)
         with torch.no_grad():
             out = self.model(x)
         self.samples += batch_size if batch_size is not None else batch_size_of(x)
         self._kinds.clear()
         self._declared.clear()
+        self._inputs.clear()
         return out
 
     # -------------------------------------------------------------------------------------------- results
@@ -257,7 +219,8 @@ class OpCounter(TorchFunctionMode):
             # a weight quantizer maps a Parameter to +-1: neurons act on activations only
             if out is not None and inp is not None and not isinstance(inp, nn.Parameter):
                 kind = self._kind(out)
-                if kind.event and (not (kind_in := self._kind(inp)).event or kind.levels < kind_in.levels):
+                if kind.event and (is_spiking_neuron(module) or not (kind_in := self._kind(inp)).event
+                                   or kind.levels < kind_in.levels):
                     if (levels := declared_levels(module)) is not None:
                         self._declared.declare(out, levels)
                         kind = multilevel_kind(levels[0])
@@ -279,7 +242,8 @@ class OpCounter(TorchFunctionMode):
         hit = self._kinds.get(id(x))
         if hit is not None and hit[0]() is x:
             return hit[1]
-        kind = classify_values(x, model_input=x.untyped_storage().data_ptr() in self._input_storages)
+        model_input = x.untyped_storage().data_ptr() in self._input_storages or self._inputs.get(x) is not None
+        kind = classify_values(x, model_input=model_input)
         self._kinds[id(x)] = (weakref.ref(x), kind)
         return kind
 
@@ -290,6 +254,7 @@ class OpCounter(TorchFunctionMode):
         op = PRODUCT_FUNCS.get(func)
         if op is None:
             self._declared.follow(func, args, out)
+            self._inputs.follow(func, args, out)
         if op is None or not self._stack or not isinstance(out, Tensor):
             return out
         if op == "einsum":

@@ -14,9 +14,9 @@ from rich.table import Table
 
 from ..fileio import atomic_path, atomic_write_json
 from .energy import EnergyModel
-from .ops import NeuronStats, OpStats
 from .representation import BlockRepresentation
 from .size import ModelSize
+from .stats import NeuronStats, OpStats
 
 _PREFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 

@@ -46,34 +46,37 @@ def multilevel_kind(levels: int) -> ValueKind:
     return ValueKind("multilevel", levels + 1, event=True)
 
 
-class Declarations:
-    """The declared ``(D, spike_unit)`` of the tensors of one batch, by tensor object (weakly held)."""
+class TensorTags:
+    """A tag (a multi-level spike's declared ``(D, spike_unit)``; that a tensor holds values) on the tensors of
+    one batch, by tensor object (weakly held), carried to the outputs of the ``follows`` functions made from them."""
 
-    def __init__(self) -> None:
-        self._items: dict[int, tuple[weakref.ref[Tensor], tuple[int, float]]] = {}
+    def __init__(self, follows: frozenset[str] = SHAPE_FUNCS) -> None:
+        self.follows = follows
+        self._items: dict[int, tuple[weakref.ref[Tensor], Any]] = {}
 
     def clear(self) -> None:
         self._items.clear()
 
-    def declare(self, x: Any, levels: tuple[int, float]) -> None:
+    def declare(self, x: Any, tag: Any) -> None:
         for t in (x if isinstance(x, (tuple, list)) else (x,)):
             if isinstance(t, Tensor):
-                self._items[id(t)] = (weakref.ref(t), levels)
+                self._items[id(t)] = (weakref.ref(t), tag)
 
-    def get(self, x: Tensor) -> tuple[int, float] | None:
+    def get(self, x: Tensor) -> Any:
         hit = self._items.get(id(x))
         return hit[1] if hit is not None and hit[0]() is x else None
 
     def follow(self, func: Any, args: tuple[Any, ...], out: Any) -> None:
-        """Declare ``out`` like the spikes it was made from when ``func`` only moves or copies them."""
-        if getattr(func, "__name__", None) not in SHAPE_FUNCS:
+        """Tag ``out`` like the tensors it was made from when ``func`` is one of :attr:`follows`."""
+        name = getattr(func, "__name__", None)
+        if name not in self.follows:
             return
         inputs = [t for a in args for t in (a if isinstance(a, (tuple, list)) else (a,)) if isinstance(t, Tensor)]
         if not inputs:
             return
-        found = [self.get(t) for t in (inputs if getattr(func, "__name__", "") in ("cat", "stack") else inputs[:1])]
+        found = [self.get(t) for t in (inputs if name in ("cat", "stack") else inputs[:1])]
         if found and all(f is not None and f == found[0] for f in found):
-            self.declare(out, found[0])  # type: ignore[arg-type]
+            self.declare(out, found[0])
 
 
 def event_counts(x: Tensor, kind: ValueKind, declared: tuple[int, float] | None) -> tuple[Tensor, Tensor]:

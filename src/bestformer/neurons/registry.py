@@ -32,6 +32,15 @@ class ReLUNeuron(nn.ReLU):
 _NEURONS: dict[str, Callable[..., nn.Module]] = {"lif": LIF, "relu": ReLUNeuron}
 
 
+def is_spiking_neuron(module: nn.Module) -> bool:
+    """A module that follows the neuron contract (``forward(x, state=None, return_state=False)``: LIF, IE-LIF,
+    ternary); ReLU layers of ANN counterparts do not."""
+    try:
+        return "return_state" in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def register_neuron(name: str, factory: Callable[..., nn.Module]) -> None:
     """Make a neuron selectable by name in every model (``neuron="name"``)."""
     _NEURONS[name] = factory

@@ -8,21 +8,13 @@ layers of ANN counterparts are not spiking and are not monitored.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-
-def is_spiking_neuron(module: nn.Module) -> bool:
-    """A module that follows the neuron contract (``forward(x, state=None, return_state=False)``)."""
-    forward = type(module).forward
-    try:
-        return "return_state" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
+from ..neurons import is_spiking_neuron
 
 
 class FiringRateMonitor:
