@@ -93,6 +93,22 @@ def test_onnx_export_of_a_converted_csdformer_and_event_models(tmp_path: Path) -
     assert np.abs(got - ref).max() <= ONNX_ATOL
 
 
+def test_onnx_export_traces_plain_neurons_whatever_backend_the_model_asks_for(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from bestformer.deploy.onnx_export import export_onnx
+    from bestformer.neurons import LIF, use_backend
+
+    torch.manual_seed(0)
+    model = bestformer.create_model("bestformer_tiny", img_size=8, neuron_kwargs={"backend": "fused"}).eval()
+    x = _digits(16)
+    with use_backend("fused"):  # a scope and a per-module backend: the exporter met the compiled kernel before
+        got = _run_onnx(export_onnx(model, tmp_path / "f.onnx"), x)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(got - ref).max() <= ONNX_ATOL
+    assert {m.backend for m in model.modules() if isinstance(m, LIF)} == {"fused"}  # the model is left as it was
+
+
 def test_onnx_export_of_what_it_cannot_express_is_one_line(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     from bestformer.deploy.onnx_export import export_onnx

@@ -6,7 +6,9 @@
   frames ``[T, B, C, H, W]``, and returns the logits ``[B, classes]``); the batch size is dynamic;
 - 1-bit weights are stored as their exact +-1 values (Eq. 6; no latent weights, no standardization in the graph);
 - every BatchNorm is folded into the per-channel affine ``x * alpha + b`` PyTorch's CPU kernel forms
-  (:func:`.fold.bn_constants`);
+  (:func:`.fold.bn_constants`), as a ``Mul`` then an ``Add``: two roundings where that kernel rounds once (a fused
+  multiply-add, which opset 17 cannot express), so a membrane within one rounding of its threshold can fire on
+  one side and not the other (the packed runtime, :mod:`.runtime`, reproduces the single rounding);
 - spiking neurons become their element-wise update (``Mul``, ``Add``, ``GreaterOrEqual``, ``Where``) per step.
 
 It needs the optional ``onnx`` package (``pip install 'bestformer[onnx]'``). A model (or option) the exporter
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..fileio import atomic_path
-from ..neurons import get_backend, set_backend
+from ..neurons import LIF
 from ..quant.quantizers import SignBinarizer
 from .fold import bn_constants
 
@@ -33,7 +35,7 @@ OPSET = 17
 
 
 class ChannelAffine(nn.Module):
-    """A folded eval-mode BatchNorm: ``x * alpha + b`` along dimension 1."""
+    """A folded eval-mode BatchNorm: ``x * alpha + b`` along dimension 1 (rounded twice: module docstring)."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
@@ -50,6 +52,8 @@ def prepare_for_onnx(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with +-1 weights in place of binarized latents and BatchNorms folded."""
     m = copy.deepcopy(model).eval()
     for module in m.modules():
+        if isinstance(module, LIF):
+            module.backend = "plain"  # the fused kernels are compiled code the exporter cannot trace
         q = getattr(module, "weight_quantizer", None)
         if isinstance(q, SignBinarizer):
             with torch.no_grad():
@@ -85,8 +89,6 @@ def export_onnx(model: nn.Module, path: str | Path, events: bool = False, opset:
     prepared = prepare_for_onnx(model)
     x = example_input(prepared, events)
     batch_axis = 1 if x.dim() == 5 else 0
-    backend = get_backend()
-    set_backend("plain")  # the fused kernels are compiled code the exporter cannot trace
     try:
         with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
@@ -98,6 +100,4 @@ def export_onnx(model: nn.Module, path: str | Path, events: bool = False, opset:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{getattr(model, 'model_name', type(model).__name__)} cannot be expressed in ONNX "
                           f"opset {opset}: {first}") from None
-    finally:
-        set_backend(backend)
     return path
