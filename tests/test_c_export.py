@@ -233,10 +233,11 @@ def test_cli_export_c(tmp_path, capsys):
                  neuron_kwargs={"tau": 2.0, "v_reset": 0.125, "decay_input": False}), True),
     (False, dict(img_size=10, embed_dim=32, num_heads=2, time_steps=2,
                  neuron_kwargs={"tau": 4.0, "v_threshold": 0.5}), True),
+    (False, dict(img_size=10, embed_dim=32, num_heads=2, time_steps=2, stem_widths=(8, 8, 16, 32, 32)), True),
 ])
 def test_variants_bit_equal(events, overrides, use_fma, tmp_path):
     """Channel attention, residual blocks, one head, event frames, 3-word rows, every LIF branch (tau 3 / 4 / inf,
-    decay_input or not, V_reset, soft reset), and BatchNorm evaluated as mul+add (the runtime and the C code both
+    decay_input or not, V_reset, soft reset), stem widths other than D/8..D, and BatchNorm evaluated as mul+add (the runtime and the C code both
     follow the recorded rounding)."""
     model = calibrated(seed=len(overrides), events=events, **overrides)
     pm = PackedModel(fold_model(model), threads=1)

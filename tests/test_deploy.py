@@ -192,6 +192,7 @@ def test_fold_batchnorm_is_bit_exact_on_every_integer(kind):
     ("channel-wide-no-decay-input", False, dict(attention="channel", embed_dim=144, num_heads=1, depth=1,
                                                 img_size=20, neuron_kwargs={"decay_input": False, "tau": 2.5})),
     ("soft-reset-vreset", False, dict(neuron_kwargs={"reset": "soft", "v_reset": -0.25}, time_steps=4)),
+    ("stem-widths", False, dict(stem_widths=(8, 8, 16, 32, 32))),  # not D/8..D: recorded in the file
 ])
 def test_packed_spikes_equal_pytorch_at_every_layer(case, events, overrides):
     model = make_model(seed=len(case), events=events, **overrides)
@@ -199,6 +200,21 @@ def test_packed_spikes_equal_pytorch_at_every_layer(case, events, overrides):
     rates = assert_same_spikes(model, packed(model), x)
     # the comparison is meaningful only if the layers fire (neither silent nor saturated)
     assert all(0.0 < r < 1.0 for r in rates.values()), rates
+
+
+def test_a_model_run_at_fewer_steps_than_built_packs_those_steps(tmp_path):
+    model = make_model(seed=5, time_steps=4)
+    model.set_time_steps(2)  # static images at T=2: PyTorch uses lambda[:2]
+    pm = PackedModel.load(export_packed(model, tmp_path / "t2.bst"))  # the file held lambda of T=4 before
+    assert pm.time_steps == 2
+    assert_same_spikes(model, pm, grid_input(model, 3, seed=7))
+
+
+def test_a_file_without_stem_widths_reads_the_reference_widths():
+    model = make_model(seed=6)
+    data = fold_model(model)
+    assert data.arch.pop("stem_widths") == [4, 8, 16, 32, 32]  # a file written before the field
+    assert_same_spikes(model, PackedModel(data, threads=THREADS), grid_input(model, 3, seed=7))
 
 
 def test_sr_lif_binarizes_table1_of_the_paper():
@@ -455,7 +471,9 @@ def _with_header(raw: bytes, edit, text=lambda t: t) -> bytes:
     (lambda b: b[:200] + bytes([b[200] ^ 1]) + b[201:], "checksum"),
     (lambda b: b"GARBAGE!" + b[8:], "not a bestformer packed model"),
     (lambda b: b[:8] + (FORMAT_VERSION + 1).to_bytes(4, "little") + b[12:], "newer bestformer"),
-    (lambda b: _with_header(b, lambda h: h["arch"].update(embed_dim=64)), "tensor"),
+    (lambda b: _with_header(b, lambda h: h["arch"].update(embed_dim=64, stem_widths=[8, 16, 32, 64, 64])), "tensor"),
+    (lambda b: _with_header(b, lambda h: h["arch"].update(embed_dim=64)), "stem_widths must be 5 integers"),
+    (lambda b: _with_header(b, lambda h: h["arch"].update(stem_widths=[4, 8, 16, 32])), "stem_widths must be"),
     (lambda b: _with_header(b, lambda h: h["arch"].update(attention="ssa")), "attention"),
     (lambda b: _with_header(b, lambda h: h["neurons"]["default"].update(tau=0.5)), "tau"),
     (lambda b: _with_header(b, lambda h: h["tensors"][0].__setitem__(3, 10**9)), "past the end"),

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .packfile import stem_widths
+
 ALIGN = 64  # arena regions start on cache lines (the API needs 8: uint64_t and double)
 
 
@@ -41,8 +43,7 @@ class Geometry:
 
     @classmethod
     def of(cls, a: dict[str, Any], events: bool) -> Geometry:
-        d = a["embed_dim"]
-        widths = [d // 8, d // 4, d // 2, d, d]
+        d, widths = a["embed_dim"], stem_widths(a)
         stages = []
         h = w = a["img_size"]
         for i in range(4):

@@ -186,7 +186,8 @@ def fold_model(model: nn.Module, float_dtype: str = "float32") -> PackedModelDat
             add_bn(f"b{j}.{short}", proj.bn, proj.linear.in_features)
         with torch.no_grad():  # the same float32 product as the model's forward
             scale = (attn.lam * attn.attn_scale).detach().cpu().float()
-        tensors[f"b{j}.scale"] = scale.reshape(scale.shape[0], scale.shape[2]).numpy()
+        # the first T rows: a model run at fewer steps than it was built with (set_time_steps) uses lambda[:T]
+        tensors[f"b{j}.scale"] = scale.reshape(scale.shape[0], scale.shape[2])[:m.time_steps].numpy()
     for name in ("head", "head_dist") if m.head_dist is not None else ("head",):
         layer = getattr(m, name)
         tensors[f"{name}.w"] = _float_weight(layer)
@@ -198,6 +199,7 @@ def fold_model(model: nn.Module, float_dtype: str = "float32") -> PackedModelDat
         "mlp_hidden": m.blocks[0].mlp.fc1.linear.out_features if len(m.blocks) else 4 * d,
         "num_classes": m.num_classes, "attention": m.attention, "reversible": bool(m.reversible),
         "distill_head": m.head_dist is not None, "pool_stages": [bool(p) for p in pe.pool_stages],
+        "stem_widths": [pe.proj.conv.out_channels] + [stage[-1].conv.out_channels for stage in pe.stages],
     }
     if len(roundings) > 1:
         warnings.warn("BatchNorm layers of this model round differently in PyTorch (fma and mul_add); packed spikes "

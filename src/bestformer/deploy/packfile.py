@@ -69,6 +69,13 @@ class PackedModelData:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def stem_widths(arch: dict[str, Any]) -> list[int]:
+    """The stem's five channel counts: as the file records them, else the reference's ``D/8, D/4, D/2, D, D``
+    (files written before the field)."""
+    d = arch["embed_dim"]
+    return list(arch.get("stem_widths") or [d // 8, d // 4, d // 2, d, d])
+
+
 def _packed_row_bytes(k: int) -> int:
     return (k + 7) // 8
 

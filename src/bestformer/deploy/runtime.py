@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import FileFormatError, InputError
 from . import kernels as K
-from .packfile import PackedModelData, decode_packed, read_packed
+from .packfile import PackedModelData, decode_packed, read_packed, stem_widths
 
 _ATTENTIONS = ("token", "channel")
 _BLOCK_NEURONS = ("in", "q", "k", "v", "attn", "out", "n1", "n2")
@@ -76,7 +76,7 @@ def expected_shapes(arch: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...
     """Every tensor a packed model of ``arch`` holds: name -> (``"bits"`` or ``"float"``, shape)."""
     c_in, d, t_steps = arch["in_channels"], arch["embed_dim"], arch["time_steps"]
     hidden, heads, classes = arch["mlp_hidden"], arch["num_heads"], arch["num_classes"]
-    widths = [d // 8, d // 4, d // 2, d, d]
+    widths = stem_widths(arch)
     out: dict[str, tuple[str, tuple[int, ...]]] = {
         "stem.conv.w": ("float", (widths[0], c_in, 3, 3)),
         "stem.conv.bn": ("float", (2, widths[0])),
@@ -113,8 +113,13 @@ def _check_arch(arch: dict[str, Any], src: str) -> None:
                 "num_classes"):
         if not _is_int(arch.get(key)):
             raise bad(f"architecture field {key!r} must be an integer >= 1, got {arch.get(key)!r}")
-    if arch["embed_dim"] % 8 or arch["embed_dim"] % arch["num_heads"]:
-        raise bad(f"embed_dim {arch['embed_dim']} must be divisible by 8 and by num_heads {arch['num_heads']}")
+    widths = arch.get("stem_widths")
+    if widths is not None and not (isinstance(widths, list) and len(widths) == 5 and all(map(_is_int, widths))
+                                   and widths[-1] == arch["embed_dim"]):
+        raise bad(f"stem_widths must be 5 integers >= 1 ending with embed_dim, got {widths!r}")
+    if (widths is None and arch["embed_dim"] % 8) or arch["embed_dim"] % arch["num_heads"]:
+        raise bad(f"embed_dim {arch['embed_dim']} must be divisible by num_heads {arch['num_heads']} (and by 8 "
+                  "without stem_widths)")
     if arch.get("attention") not in _ATTENTIONS:
         raise bad(f"attention {arch.get('attention')!r} is not one of {_ATTENTIONS}")
     for key in ("reversible", "distill_head"):
@@ -198,8 +203,7 @@ class PackedModel:
                 self.w[name] = K.block_weights(words)
             else:
                 self.f[name] = np.ascontiguousarray(t[name], dtype=np.float32)
-        d = arch["embed_dim"]
-        self.stem_conv = self.f["stem.conv.w"].reshape(d // 8, -1).astype(np.float64)
+        self.stem_conv = self.f["stem.conv.w"].reshape(stem_widths(arch)[0], -1).astype(np.float64)
         self.heads = [(self.f[f"{h}.w"].astype(np.float64), self.f[f"{h}.b"].astype(np.float64))
                       for h in (("head", "head_dist") if arch["distill_head"] else ("head",))]
         self._f0 = np.zeros((1, 1, 1), np.float32)
@@ -318,7 +322,7 @@ class PackedModel:
         split_run(K.affine_lif_pack, b * h * w, self.threads, y, bn[0], bn[1], True, self.use_fma, self.lif["stem.0"],
                   bits)
         bits = bits.reshape(t_steps, b, h, w, -1)
-        widths = [arch["embed_dim"] // 8, arch["embed_dim"] // 4, arch["embed_dim"] // 2, arch["embed_dim"]]
+        widths = stem_widths(arch)
         for i in range(4):
             if trace is not None:
                 trace[f"stem.{i}"] = _unpack(bits, widths[i]).transpose(0, 1, 4, 2, 3)
