@@ -465,6 +465,14 @@ def test_event_count_input_is_charged_at_e_mac_through_a_copy_or_a_mean_over_fra
     assert prof.layers[0].sops == 0 and prof.layers[0].real_macs == prof.layers[0].macs > 0
 
 
+def test_a_fresh_quantized_ann_is_counted_as_an_ann() -> None:
+    # QuantReLU starts at theta = 1, so its outputs sit on a k/8 grid: they read as multi-level spikes before
+    ann = bestformer.create_model("csd_tiny", img_size=8, in_channels=1).eval()
+    prof = profile_model(ann, synthetic=True, batches=1, batch_size=1, deploy=False, progress=False)
+    assert prof.neurons == [] and prof.sops == 0
+    assert all(op.real_macs == op.macs > 0 for op in prof.layers)
+
+
 def test_a_neuron_is_counted_in_every_batch_even_when_its_input_is_silent() -> None:
     lif = nn.Sequential(nn.Identity(), LIF())  # LIF at threshold 1 on a constant input: the first batch fires
     with OpCounter(lif) as counter:

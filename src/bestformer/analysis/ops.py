@@ -38,9 +38,12 @@ Conventions (the field's, Spikformer / Spike-driven Transformer / BESTformer Tab
   soft-reset LIF of Eq. 9 on the integer attention map; not pooling). Layers with weights and normalisation
   layers are never taken for neurons, and the input must be an activation, not a Parameter (weight quantizers
   also output +-1).
-- The model's input is a value operand (the encoding layer is charged at ``E_MAC``), also once copied or
-  averaged over its frames (a time-first view that a layer flattens into a copy; a CSD ANN's mean of event
-  frames).
+- The model's input is a value operand (the encoding layer is charged at ``E_MAC``), and so is the output of a
+  module that declares ``emits_values`` (the quantized activation of a CSD ANN, whose ``theta / L`` grid would
+  otherwise read as multi-level spikes). What is computed from values alone stays a value: copies, arithmetic,
+  means, pooling, normalisation (:data:`~bestformer.analysis.spikes.VALUE_FUNCS`; a time-first view that a layer
+  flattens into a copy, a CSD ANN's mean of event frames) and products (all zero in an untrained model, which
+  would otherwise read as silent spikes). A comparison or rounding (a neuron's spike) is never followed.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from ..neurons import is_spiking_neuron
 from ..quant import weight_bits_of
 from .precision import FP_BITS, FULL_PRECISION, check_fp_bits
 from .spikes import (
-    SHAPE_FUNCS,
+    VALUE_FUNCS,
     TensorTags,
     conv_products,
     declared_levels,
@@ -154,8 +157,10 @@ class OpCounter(TorchFunctionMode):
         self._kinds: dict[int, tuple[weakref.ref[Tensor], ValueKind]] = {}
         self._input_storages: set[int] = set()
         self._declared = TensorTags()
-        # the model's input, followed through its copies and its mean or sum over frames: values, never events
-        self._inputs = TensorTags(SHAPE_FUNCS | {"mean", "sum"})
+        # values, never events: the model's input, the outputs of a module that ``emits_values`` (a quantized ANN
+        # activation) and of a product of values, followed through the value functions (copies, arithmetic, means,
+        # pooling, normalisation)
+        self._values = TensorTags(VALUE_FUNCS)
 
     # ------------------------------------------------------------------------------------------- life cycle
     def __enter__(self) -> OpCounter:
@@ -172,7 +177,7 @@ class OpCounter(TorchFunctionMode):
         self._stack.clear()
         self._kinds.clear()
         self._declared.clear()
-        self._inputs.clear()
+        self._values.clear()
 
     def run(self, x: Tensor, batch_size: int | None = None) -> Any:
         """Run the model on one batch (no gradient) and count it. ``batch_size`` defaults to the batch axis of a
@@ -180,14 +185,14 @@ class OpCounter(TorchFunctionMode):
         self._input_storages = {x.untyped_storage().data_ptr()}
         self._kinds.clear()
         self._declared.clear()
-        self._inputs.clear()
-        self._inputs.declare(x, True)
+        self._values.clear()
+        self._values.declare(x, "input")
         with torch.no_grad():
             out = self.model(x)
         self.samples += batch_size if batch_size is not None else batch_size_of(x)
         self._kinds.clear()
         self._declared.clear()
-        self._inputs.clear()
+        self._values.clear()
         return out
 
     # -------------------------------------------------------------------------------------------- results
@@ -213,8 +218,10 @@ class OpCounter(TorchFunctionMode):
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         frame = self._stack.pop()
         spiking = frame.spiking_child
+        if getattr(module, "emits_values", False):
+            self._values.declare(output, "value")
         # synapses (layers with weights) and normalisation layers are never neurons: skip their values
-        if not spiking and weight_bits_of(module) is None and not isinstance(module, _NORMS):
+        elif not spiking and weight_bits_of(module) is None and not isinstance(module, _NORMS):
             out, inp = _first_tensor(output), _first_tensor(args)
             # a weight quantizer maps a Parameter to +-1: neurons act on activations only
             if out is not None and inp is not None and not isinstance(inp, nn.Parameter):
@@ -242,8 +249,10 @@ class OpCounter(TorchFunctionMode):
         hit = self._kinds.get(id(x))
         if hit is not None and hit[0]() is x:
             return hit[1]
-        model_input = x.untyped_storage().data_ptr() in self._input_storages or self._inputs.get(x) is not None
-        kind = classify_values(x, model_input=model_input)
+        tag = "input" if x.untyped_storage().data_ptr() in self._input_storages else self._values.get(x)
+        kind = classify_values(x, model_input=tag is not None)
+        if tag == "value" and kind.event:  # binary or ternary values (an untrained model's zeros): still values
+            kind = ValueKind("integer", kind.levels, event=False)
         self._kinds[id(x)] = (weakref.ref(x), kind)
         return kind
 
@@ -254,7 +263,7 @@ class OpCounter(TorchFunctionMode):
         op = PRODUCT_FUNCS.get(func)
         if op is None:
             self._declared.follow(func, args, out)
-            self._inputs.follow(func, args, out)
+            self._values.follow(func, args, out)
         if op is None or not self._stack or not isinstance(out, Tensor):
             return out
         if op == "einsum":
@@ -315,6 +324,8 @@ class OpCounter(TorchFunctionMode):
         key = self._site(frame, op, layer_bits is not None)
         self._record(key, op, f"{kx} x w{weight_bits}", weight_bits, self._charge(weight_bits), shape, macs, counts,
                      kx.bits)
+        if not kx.event:
+            self._values.declare(out, "value")  # a product of values is a value, even where it happens to be 0
 
     def _block_charge(self) -> int:
         """``b_w`` of an activation product: the widest weight of the innermost running module that has any."""
@@ -342,6 +353,8 @@ class OpCounter(TorchFunctionMode):
         shape = f"{tuple(a.shape[-2:])} @ {tuple(b.shape[-2:])}"
         self._record(key, op, f"{ka} x {kb}", None, self._block_charge(), shape,
                      out.numel() * a.shape[-1] if macs is None else macs, counts, b_a)
+        if not events:
+            self._values.declare(out, "value")
 
     def _einsum(self, args: tuple[Any, ...], out: Tensor) -> None:
         equation, operands = args[0], args[1:]

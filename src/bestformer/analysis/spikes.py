@@ -34,6 +34,14 @@ SHAPE_FUNCS = frozenset({
     "__getitem__", "chunk", "split", "unbind", "pad", "cat", "stack", "to",
 })
 
+#: functions that make their output from every tensor they take: it carries a tag only if all of them have it
+ALL_INPUTS = frozenset({"cat", "stack", "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul", "__mul__",
+                        "__rmul__", "div", "__truediv__", "__rtruediv__"})
+#: functions whose output is a value when their inputs are (arithmetic, means, pooling, normalisation): how a
+#: value operand (the model's input, a quantized ANN activation) is followed
+VALUE_FUNCS = SHAPE_FUNCS | ALL_INPUTS | {"mean", "sum", "batch_norm", "max_pool1d", "max_pool2d", "max_pool3d",
+                                          "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d"}
+
 
 def declared_levels(module: nn.Module) -> tuple[int, float] | None:
     """``(D, spike_unit)`` of a neuron that declares multi-level spikes, else ``None``."""
@@ -74,7 +82,7 @@ class TensorTags:
         inputs = [t for a in args for t in (a if isinstance(a, (tuple, list)) else (a,)) if isinstance(t, Tensor)]
         if not inputs:
             return
-        found = [self.get(t) for t in (inputs if name in ("cat", "stack") else inputs[:1])]
+        found = [self.get(t) for t in (inputs if name in ALL_INPUTS else inputs[:1])]
         if found and all(f is not None and f == found[0] for f in found):
             self.declare(out, found[0])
 

@@ -99,7 +99,8 @@ def _integral(x: Tensor) -> bool:
 
 
 def classify_values(x: Tensor, model_input: bool = False) -> ValueKind:
-    """Classify the values of ``x`` (module docstring); ``model_input=True`` for the model's own input.
+    """Classify the values of ``x`` (module docstring); ``model_input=True`` for the model's own input (and a
+    value :class:`~bestformer.analysis.ops.OpCounter` follows from it).
 
     Each test runs on the first :data:`_PROBE` entries before the whole tensor, so a real-valued tensor (the
     common case: every BatchNorm and linear output) is rejected after a few thousand entries.

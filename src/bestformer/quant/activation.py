@@ -45,6 +45,8 @@ class QuantReLU(nn.Module):
         theta: initial clipping value.
     """
 
+    emits_values = True  # an ANN activation: its outputs are values, not spikes (bestformer.analysis.ops)
+
     def __init__(self, levels: int = 8, theta: float = 1.0) -> None:
         super().__init__()
         if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
