@@ -237,8 +237,8 @@ def test_cli_export_c(tmp_path, capsys):
 ])
 def test_variants_bit_equal(events, overrides, use_fma, tmp_path):
     """Channel attention, residual blocks, one head, event frames, 3-word rows, every LIF branch (tau 3 / 4 / inf,
-    decay_input or not, V_reset, soft reset), stem widths other than D/8..D, and BatchNorm evaluated as mul+add (the runtime and the C code both
-    follow the recorded rounding)."""
+    decay_input or not, V_reset, soft reset), stem widths other than D/8..D, and BatchNorm evaluated as mul+add (the
+    runtime and the C code both follow the recorded rounding)."""
     model = calibrated(seed=len(overrides), events=events, **overrides)
     pm = PackedModel(fold_model(model), threads=1)
     pm.use_fma = use_fma

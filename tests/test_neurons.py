@@ -111,6 +111,9 @@ def test_bad_neuron_options_fail_clearly() -> None:
         get_surrogate("sigmoyd")
     with pytest.raises(ConfigError, match="alpha"):
         Sigmoid(alpha=0)
+    with pytest.raises(ConfigError, match="alpha=3 was given with a Sigmoid surrogate of alpha=4"):
+        get_surrogate(Sigmoid(), alpha=3)  # silently ignored before
+    assert get_surrogate(None, alpha=2.5).alpha == 2.5 and get_surrogate(ATan(2.0), alpha=2.0).alpha == 2.0
     with pytest.raises(InputError, match="time-first"):
         LIF()(torch.ones(3))
 

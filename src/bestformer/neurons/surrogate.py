@@ -104,10 +104,14 @@ SURROGATES: dict[str, type[Surrogate]] = {cls.name: cls for cls in (Sigmoid, ATa
 
 
 def get_surrogate(spec: str | Surrogate | dict[str, Any] | None, alpha: float | None = None) -> Surrogate:
-    """Resolve a surrogate from an instance, a name (``"sigmoid"``, ``"atan"``) or a ``config()`` dict."""
+    """Resolve a surrogate from an instance, a name (``"sigmoid"``, ``"atan"``) or a ``config()`` dict (``None``:
+    the default sigmoid); ``alpha`` sets a named one's sharpness and must agree with an instance's."""
     if spec is None:
-        return Sigmoid()
+        spec = "sigmoid"
     if isinstance(spec, Surrogate):
+        if alpha is not None and alpha != spec.alpha:
+            raise ConfigError(f"alpha={alpha} was given with a {type(spec).__name__} surrogate of alpha={spec.alpha}; "
+                              "set alpha on the surrogate itself")
         return spec
     if isinstance(spec, dict):
         spec = dict(spec)
