@@ -153,6 +153,7 @@ class OpCounter(TorchFunctionMode):
         self._stack: list[_Frame] = []
         self._handles: list[Any] = []
         self._names = {id(m): n for n, m in model.named_modules()}
+        self._contract = {id(m) for m in model.modules() if is_spiking_neuron(m)}  # found once, not per call
         self._block_bits: dict[int, int | None] = {}
         self._kinds: dict[int, tuple[weakref.ref[Tensor], ValueKind]] = {}
         self._input_storages: set[int] = set()
@@ -175,6 +176,10 @@ class OpCounter(TorchFunctionMode):
             handle.remove()
         self._handles.clear()
         self._stack.clear()
+        self._forget_batch()
+
+    def _forget_batch(self) -> None:
+        """Drop what was learned about one batch's tensors (their kinds and tags are per batch)."""
         self._kinds.clear()
         self._declared.clear()
         self._values.clear()
@@ -183,16 +188,12 @@ class OpCounter(TorchFunctionMode):
         """Run the model on one batch (no gradient) and count it. ``batch_size`` defaults to the batch axis of a
         time-first ``[T, B, ...]`` (5-D) or image ``[B, ...]`` input."""
         self._input_storages = {x.untyped_storage().data_ptr()}
-        self._kinds.clear()
-        self._declared.clear()
-        self._values.clear()
+        self._forget_batch()
         self._values.declare(x, "input")
         with torch.no_grad():
             out = self.model(x)
         self.samples += batch_size if batch_size is not None else batch_size_of(x)
-        self._kinds.clear()
-        self._declared.clear()
-        self._values.clear()
+        self._forget_batch()
         return out
 
     # -------------------------------------------------------------------------------------------- results
@@ -226,7 +227,7 @@ class OpCounter(TorchFunctionMode):
             # a weight quantizer maps a Parameter to +-1: neurons act on activations only
             if out is not None and inp is not None and not isinstance(inp, nn.Parameter):
                 kind = self._kind(out)
-                if kind.event and (is_spiking_neuron(module) or not (kind_in := self._kind(inp)).event
+                if kind.event and (id(module) in self._contract or not (kind_in := self._kind(inp)).event
                                    or kind.levels < kind_in.levels):
                     if (levels := declared_levels(module)) is not None:
                         self._declared.declare(out, levels)

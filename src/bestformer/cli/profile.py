@@ -94,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = dict(batches=args.batches, energy=args.energy, synthetic=args.synthetic,
                                   batch_size=args.batch_size, fp_bits=args.fp_bits,
                                   representation=args.representation, seed=args.seed)
-    if not args.synthetic:
+    if not args.synthetic and meta is not None and (args.dataset or saved_dataset(meta)):
+        # the run's own validation carve and event binning, as `eval` measures it
+        kwargs["data"] = saved_model_data(model, meta, source=args.model, dataset=args.dataset,
+                                          data_dir=args.data_dir, limit=args.batches * args.batch_size)
+    elif not args.synthetic:
         kwargs.update(dataset=args.dataset, data_dir=args.data_dir)
-        if meta is not None and (args.dataset or saved_dataset(meta)):
-            # the run's own validation carve and event binning, as `eval` measures it
-            kwargs["data"] = saved_model_data(model, meta, source=args.model, dataset=args.dataset,
-                                              data_dir=args.data_dir, limit=args.batches * args.batch_size)
     profile = profile_model(model, **kwargs)
     if args.json == "-":
         sys.stdout.write(profile.to_json() + "\n")
