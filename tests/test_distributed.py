@@ -461,9 +461,9 @@ def _warm_up(cfgs: list[dict[str, Any]]) -> None:
         sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
 
 
-def _fork_ranks(world: int, cfgs: list[dict[str, Any]], out: Path) -> list[int | None]:
+def _fork_ranks(world: int, cfgs: list[dict[str, Any]], out: Path, grace_s: float = 5.0) -> list[int | None]:
     """Fork ``world`` ranks that join one gloo group through torchrun's variables; their exit codes. When one
-    fails, the others get 5 s to fail on their own, then are killed (what torchrun's agent would do)."""
+    fails, the others get ``grace_s`` to fail on their own, then are killed (what torchrun's agent would do)."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs = [multiprocessing.get_context("fork").Process(target=_rank_main, args=(r, world, port, cfgs, out))
@@ -473,7 +473,7 @@ def _fork_ranks(world: int, cfgs: list[dict[str, Any]], out: Path) -> list[int |
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline and any(p.is_alive() for p in procs):
         if any(p.exitcode for p in procs):
-            deadline = min(deadline, time.monotonic() + 5)
+            deadline = min(deadline, time.monotonic() + grace_s)
         time.sleep(0.05)
     codes = [p.exitcode for p in procs]
     for p in procs:
@@ -568,7 +568,9 @@ def _launch(root: Path) -> dict[str, list[int | None]]:
             torch.save(_engine_job(job), out / "rank0.pt")
             codes[job["name"]] = [0]
         else:
-            codes[job["name"]] = _fork_ranks(world, [job], out)
+            # a rank that outlives a crashed peer must leave on its own: a minute's grace on a loaded 2-core CI
+            # machine (CI once saw more than 5 s); test_a_crashed_rank... bounds how soon it leaves
+            codes[job["name"]] = _fork_ranks(world, [job], out, grace_s=60.0)
     for name, cfgs in JOBS.items():
         codes[name] = _fork_ranks(2, cfgs, root / "ranks" / name)
     return codes
@@ -686,8 +688,9 @@ def test_a_crashed_rank_stops_the_other_with_one_line(launched: Any) -> None:
     """Rank 1 dies (os._exit) in step 1 of a real run; rank 0's next collective fails at once with one
     DistributedError line, and its process group is left (the process exits)."""
     codes, root = launched
-    assert codes["crash"] == [1, 3]
-    err = json.loads((root / "ranks" / "crash" / "rank0.err").read_text())
+    report = root / "ranks" / "crash" / "rank0.err"
+    assert codes["crash"] == [1, 3], report.read_text() if report.exists() else "rank 0 wrote no error"
+    err = json.loads(report.read_text())
     assert err["error"].startswith("rank 0 of 2 lost contact with the other processes (")
     assert "\n" not in err["error"] and err["after_s"] < 30
 
