@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_dry_run_passes_every_stage_in_under_a_minute(tmp_path: Path) -> None:
+def test_gpu_check_dry_run_passes_every_stage_at_tiny_sizes(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -27,4 +27,6 @@ def test_gpu_check_dry_run_passes_every_stage_in_under_a_minute(tmp_path: Path) 
     assert "tests collected" in " ".join(stages["cuda_tests"]["result_lines"])
     summary = (tmp_path / "summary.txt").read_text()
     assert "dry run" in summary and "7 passed, 0 failed" in proc.stdout
-    assert seconds < 90, seconds  # about a minute on the 2-core CI machine
+    # about a minute on an idle 2-core CI machine; the bound only catches a stage left at full size (a shared,
+    # loaded CI machine must not fail it)
+    assert seconds < 200, seconds
