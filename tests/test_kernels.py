@@ -406,7 +406,7 @@ def test_eq13_inverse_is_not_bit_exact_and_can_flip_a_spike() -> None:
     Hence the library checkpoints block inputs (exact) and does not offer inverse-based recomputation."""
     torch.manual_seed(0)
     neuron = get_neuron("lif")
-    block = ReversibleBlock(SpikingSelfAttention(32, 2, "token", 2, neuron), SpikingMLP(32, 128, neuron)).train()
+    block = ReversibleBlock(SpikingSelfAttention(32, 2, "token", 2, neuron), SpikingMLP(32, 128, neuron)).eval()
     x0 = torch.randn(2, 2, 16, 32)
     x1 = torch.randn(2, 2, 16, 32)
     x1[0] = 2.0  # H = x / tau = 1.0 = V_th at t = 0: fires only if reconstructed exactly (or above)

@@ -85,6 +85,10 @@ def test_reversible_inverse_reconstructs_inputs_float64() -> None:
         r0, r1 = block.inverse(y0, y1)
     for ref, rec in ((x0, r0), (x1, r1)):
         assert ((rec - ref).norm() / ref.norm()).item() < 1e-9
+    stats = [b.clone() for b in block.buffers()]
+    with pytest.raises(ConfigError, match="needs eval mode"):
+        block.train().inverse(y0, y1)  # batch statistics would not invert the forward, and would be learned
+    assert all(torch.equal(a, b) for a, b in zip(stats, block.buffers(), strict=True))
 
 
 def test_token_attention_matches_hand_computation() -> None:
