@@ -3,7 +3,7 @@ exported to C, built for
 
 - a Cortex-M4 (STM32F4 class: ``arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -mfpu=fpv4-sp-d16 -mfloat-abi=hard``):
   the sizes of the library object and of a linked firmware image with a static arena (``.text`` / ``.data`` /
-  ``.bss``), flash = text + data and RAM = data + bss against the goals (64 kB, 192 kB);
+  ``.bss``), flash = text + data and RAM = data + bss against the goals (64 KiB, 192 KiB);
 - aarch64 Linux (``aarch64-linux-gnu-gcc -static``, the NEON popcount path, and the portable path), run under
   ``qemu-aarch64`` on MNIST test images: every logit equal to the packed runtime's bit for bit, the argmax equal
   to PyTorch's, the test accuracy of both.
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.entry}: weights {info.weight_bytes} B, arena {info.arena_bytes} B")
     for name, r in m4.items():
         print(f"Cortex-M4 {name:9s} .text {r['text']:7d}  .data {r['data']:5d}  .bss {r['bss']:7d}  "
-              f"flash {r['flash'] / 1024:6.1f} kB  RAM {r['ram'] / 1024:6.1f} kB")
+              f"flash {r['flash'] / 1024:6.1f} KiB  RAM {r['ram'] / 1024:6.1f} KiB")
     print(f"stack: at most {m4['library']['stack']} B (the sum of all of model.c's frames)")
     for name, r in runs.items():
         print(f"aarch64 ({name}) under qemu on {len(y)} MNIST test images: bit-equal to the packed runtime "
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['accuracy']:.2%} (PyTorch {res['pytorch_accuracy']:.2%})")
     ok = (fw["flash"] <= FLASH_GOAL and fw["ram"] + m4["library"]["stack"] <= RAM_GOAL
           and all(r["bit_equal_packed"] and r["argmax_equal_pytorch"] for r in runs.values()))
-    print(f"cross-check {'passed' if ok else 'FAILED'}: Cortex-M4 flash {fw['flash'] / 1024:.1f} kB (goal <= 64), "
-          f"RAM {(fw['ram'] + m4['library']['stack']) / 1024:.1f} kB with the stack (goal <= 192); aarch64 under "
+    print(f"cross-check {'passed' if ok else 'FAILED'}: Cortex-M4 flash {fw['flash'] / 1024:.1f} KiB (goal <= 64), "
+          f"RAM {(fw['ram'] + m4['library']['stack']) / 1024:.1f} KiB with the stack (goal <= 192); aarch64 under "
           f"qemu bit-exact: {all(r['bit_equal_packed'] for r in runs.values())}")
     return 0 if ok else 1
 
