@@ -77,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "help": f"{field_help(key)} (default: {getattr(defaults, key)})"}
         if key == "distill":
             kw["choices"] = distill_choices()
+            nullable = False  # "none" is one of the choices (no distillation), not a null that the choices refuse
         elif key == "neuron_backend":
             kw["choices"] = sorted({"plain", "fused", *supported_backends()})
         elif field_choices(key):

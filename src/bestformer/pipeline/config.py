@@ -10,15 +10,22 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError
-from ..training.config import TrainConfig, config_from_dict, resolve_config, resolve_time_steps, with_recipe
+from ..training.config import (
+    TrainConfig,
+    config_from_dict,
+    flat_options,
+    resolve_config,
+    resolve_time_steps,
+    with_recipe,
+)
 from ..training.dist import DistContext, replan_batches
 from ..training.distill import Distiller, get_distiller, list_distillers
 from ..training.evaluation import log_main
 from .teacher import is_saved_teacher
 
-__all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "LAZY_DISTILLERS", "RESUMABLE", "check_same_run", "distill_choices",
-           "execution_config", "keep_global_batch", "make_distiller", "model_options", "resolve_config",
-           "resolve_distill", "resolve_time_steps", "resumed_config", "run_is_done"]
+__all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "LAZY_DISTILLERS", "RESUMABLE", "check_resume_length", "check_same_run",
+           "distill_choices", "execution_config", "keep_global_batch", "make_distiller", "model_options",
+           "resolve_config", "resolve_distill", "resolve_time_steps", "resumed_config", "run_is_done"]
 
 #: distillers that live in modules imported only when chosen
 LAZY_DISTILLERS = {"fgd": "bestformer.training.fgd"}
@@ -66,13 +73,16 @@ def make_distiller(name: str, teacher: nn.Module, student: nn.Module, label_smoo
     return factory(teacher, **kwargs)
 
 
-def model_options(bundle: Any, time_steps: int, extra: dict[str, Any]) -> dict[str, Any]:
+def model_options(bundle: Any, time_steps: int, extra: dict[str, Any], fixed_time_steps: bool = True
+                  ) -> dict[str, Any]:
     """Options of a model for ``bundle``: its data fields from the dataset (``time_steps``: the run's resolved
-    ``T``, :func:`~bestformer.training.config.resolve_time_steps`), then ``extra``."""
+    ``T``, :func:`~bestformer.training.config.resolve_time_steps`), then ``extra``. Static images take a model
+    option ``time_steps`` unless the run fixed ``T`` itself (``fixed_time_steps``: ``--time-steps`` was given)."""
     data = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels, "img_size": bundle.img_size,
             "time_steps": time_steps}
     for key in DATA_FIELDS:
-        if key in extra and extra[key] != data[key] and not (key == "time_steps" and not bundle.is_event):
+        free = key == "time_steps" and not bundle.is_event and not fixed_time_steps
+        if key in extra and extra[key] != data[key] and not free:
             raise ConfigError(f"model option {key}={extra[key]!r} contradicts the dataset {bundle.name} "
                               f"({key}={data[key]}); leave it out, it is filled from the data")
     return {**data, **extra}
@@ -125,19 +135,44 @@ def execution_config(cfg: TrainConfig, progress: dict[str, Any] | None, ctx: Dis
     return cfg
 
 
-def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[str, Any], where: str) -> TrainConfig:
+def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[str, Any], where: str,
+                   implied: str | None = None) -> TrainConfig:
     """The config of a resumed run: its ``saved`` options, with those of ``overrides`` that changed (only
-    :data:`RESUMABLE` ones may). ``recipe``: the original command's ``--recipe``, whose values count as given."""
-    # the original command repeated: its recipe's values count as given (without one, only the options given)
-    given = with_recipe(None if recipe is None or recipe.lower() == "none" else recipe, overrides)
+    :data:`RESUMABLE` ones may). ``recipe``: the original command's ``--recipe``, whose values count as given.
+    Without one only the options given count, their mappings (``--model-arg``) merged over ``implied``: the
+    recipe the run started from, as they were then."""
+    if recipe is not None:  # the original command repeated: its recipe's values count as given
+        given = with_recipe(None if recipe.lower() == "none" else recipe, overrides)
+    else:
+        merged = with_recipe(implied, overrides)
+        given = {k: merged[k] for k in _flat_keys(overrides)}
     asked = config_from_dict({**saved, **given}, "options").to_dict()
     # a run on CUDA trained at its recipe's cuda_batch_size: the recipe's CPU batch_size repeated is no change
     on_cuda = saved.get("cuda_batch_size") is not None and saved.get("batch_size") == saved.get("cuda_batch_size")
-    changed = [k for k in given if asked[k] != saved.get(k) and not (k == "batch_size" and on_cuda)]
+    changed = [k for k in given if asked[k] != saved.get(k)
+               and not (k == "batch_size" and on_cuda and k not in _flat_keys(overrides))]
     bad = [k for k in changed if k not in RESUMABLE]
     if bad:
         k = bad[0]
-        raise ConfigError(f"--{k.replace('_', '-')} cannot change on --resume (the run has {saved.get(k)!r}, the "
-                          f"command {asked[k]!r}; the continuation would not be exact); changeable: "
-                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)}")
+        raise ConfigError(f"{_flag(k)} cannot change on --resume (the run has {saved.get(k)!r}, the command "
+                          f"{asked[k]!r}; the continuation would not be exact); changeable: "
+                          f"{', '.join(_flag(k) for k in RESUMABLE)}")
     return config_from_dict({**saved, **{k: asked[k] for k in changed}}, where)
+
+
+def check_resume_length(progress: dict[str, Any], cfg: TrainConfig, where: str) -> None:
+    """An unfinished run resumes only with more epochs than it has started: fewer would train an epoch of no
+    steps, or finish one past the end of its schedule."""
+    total, started = cfg.epochs + cfg.cooldown_epochs, progress.get("epoch", 0) + 1
+    if not progress.get("finished") and total < started:
+        raise ConfigError(f"{where} has done {started - 1} epoch(s) and is not finished: --epochs (plus "
+                          f"cooldown_epochs) must be at least {started} to continue it, got {total}")
+
+
+def _flat_keys(overrides: dict[str, Any]) -> list[str]:
+    return list(flat_options(overrides, "options"))
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of a config key (mappings are given one ``KEY=VALUE`` at a time)."""
+    return {"model_args": "--model-arg", "teacher_args": "--teacher-arg"}.get(key, "--" + key.replace("_", "-"))

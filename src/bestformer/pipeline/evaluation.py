@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from ..analysis import profile_model
 from ..data import time_first
 from ..deploy import fold  # noqa: F401  (loading it registers the deployment-file size profile.json records)
-from ..errors import BestformerError, ConfigError
-from ..training.config import TrainConfig
+from ..errors import BestformerError, ConfigError, FileFormatError
+from ..training.config import TrainConfig, field_choices
 from ..training.dist import DistContext, resolve_device
 from ..training.evaluation import evaluate
 from ..training.result import TrainResult
@@ -57,21 +57,27 @@ def evaluate_best(result: TrainResult, model: nn.Module, bundle: Any, cfg: Train
 
 def evaluate_saved(model: nn.Module, meta: dict[str, Any], *, source: str = "the model",
                    dataset: str | None = None, data_dir: str | None = None, split: str = "test",
-                   limit: int | None = None, batch_size: int = 256, device: str = "auto", amp: str | None = None,
-                   flip: bool | None = None, workers: int = 0) -> dict[str, Any]:
+                   limit: int | Literal["run"] | None = "run", batch_size: int = 256, device: str = "auto",
+                   amp: str | None = None, flip: bool | None = None, workers: int = 0) -> dict[str, Any]:
     """Evaluate a saved model (``load_weights_spec``) on a split of its dataset, by default with its training run's
-    own evaluation settings (amp, flip TTA) and its seed and val_fraction (the same validation carve as during
-    training), so that its recorded accuracy is reproduced. Returns ``evaluate``'s metrics plus ``dataset``,
-    ``amp`` and ``flip``."""
+    own evaluation settings (amp, flip TTA), its seed and val_fraction (the same validation carve as during
+    training) and its sample ``limit`` per split (``None``: whole splits), so that its recorded accuracy is
+    reproduced. Returns ``evaluate``'s metrics plus ``dataset``, ``amp`` and ``flip``."""
+    config = saved_config(meta)
+    amp = amp or config.get("amp", "auto")
+    flip = config.get("eval_flip", False) if flip is None else flip
+    limit = config.get("limit") if limit == "run" else limit
+    if amp not in field_choices("amp") or not isinstance(flip, bool) or not (
+            limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)):
+        raise FileFormatError(f"{source} records amp={amp!r}, eval_flip={flip!r}, limit={limit!r}; expected amp one "
+                              f"of {', '.join(field_choices('amp'))}, a boolean eval_flip and a limit >= 1 or none")
     bundle = saved_model_data(model, meta, source=source, dataset=dataset, data_dir=data_dir, limit=limit)
-    dataset, config = bundle.name, saved_config(meta)
+    dataset = bundle.name
     data = getattr(bundle, split)
     if data is None:
         raise ConfigError(f"{dataset} has no {split} split here; choose another --split")
     ctx = DistContext(device=resolve_device(device))
     model.to(ctx.device)
-    amp = amp or config.get("amp", "auto")
-    flip = bool(config.get("eval_flip", False)) if flip is None else flip
     res = evaluate(model, data, num_classes=bundle.num_classes, batch_size=batch_size, ctx=ctx, amp=amp,
                    workers=workers, desc=f"{dataset} {split}", where=f"{dataset} {split} split", flip=flip)
     return {**res, "dataset": dataset, "amp": amp, "flip": flip}

@@ -16,12 +16,12 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..fileio import read_json
-from ..training.config import TrainConfig, list_recipes, load_recipe
+from ..training.config import TrainConfig, implied_recipe, load_recipe
 from ..training.dist import DistContext, broadcast_object
 from ..training.result import TrainResult
 from ..training.runs import RunFolder, default_run_name, resolve_run_folder
 from ..training.state import load_resume_state
-from .config import resumed_config
+from .config import check_resume_length, resumed_config
 from .ranks import locked, session
 from .run import Run
 
@@ -49,14 +49,14 @@ def resume(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs", *
     own options; only the options in :data:`~.config.RESUMABLE` may take another value. A folder without a
     checkpoint yet (a run killed during start-up) starts from the beginning with its saved config."""
     folder = resolve_run_folder(spec, out)
-    if folder.has_checkpoint():
-        saved = load_resume_state(folder.resume_path).progress.get("config")
-    else:
-        saved = load_recipe(str(folder.config_path))
-    if recipe is None and overrides.get("dataset") in list_recipes():
-        recipe = overrides["dataset"]  # as resolve_config picks it for a command without --recipe
-    cfg = resumed_config(saved, recipe, overrides, f"run {folder.path}")
+    progress = load_resume_state(folder.resume_path).progress if folder.has_checkpoint() else None
+    saved = progress.get("config") if progress is not None else load_recipe(str(folder.config_path))
     info = read_json(folder.path / "run.json", "run description") if (folder.path / "run.json").is_file() else {}
+    # the recipe the run started from (a run killed before run.json: the one its command implied)
+    implied = info["recipe"] if "recipe" in info else implied_recipe(overrides)
+    cfg = resumed_config(saved, recipe, overrides, f"run {folder.path}", implied)
+    if progress is not None:
+        check_resume_length(progress, cfg, f"run {folder.path}")
     with session(cfg, ctx) as ctx:
         folder.enabled = ctx.is_main
         with locked(folder, ctx):

@@ -124,6 +124,9 @@ class Run:
             raise InputError(f"{bundle.name}: the training split is empty")
         if cfg.rand_augment and bundle.is_event:
             raise ConfigError(f"rand_augment works on static images; {bundle.name} has event frames (set it to null)")
+        if cfg.time_step_schedule and bundle.is_event:
+            raise ConfigError(f"time_step_schedule works on static images; {bundle.name} has event frames, which "
+                              "fix T (set it to null)")
         info = {"recipe": self.recipe, "role": self.role, "world_size": ctx.world_size,
                 "global_batch": cfg.batch_size * cfg.accum_steps * ctx.world_size, "device": str(ctx.device),
                 "neuron_backend": backend, "library_version": __version__, "torch_version": torch.__version__,
@@ -139,7 +142,8 @@ class Run:
                                    stopped_by=teacher_result.stopped_by)
 
         seed_everything(cfg.seed, cfg.deterministic)
-        student = create_model(cfg.model, **model_options(bundle, time_steps, cfg.model_args))
+        student = create_model(cfg.model, **model_options(bundle, time_steps, cfg.model_args,
+                                                         cfg.time_steps is not None))
         if cfg.init is not None and state is None:  # fine-tuning starts from these weights (a resume has its own)
             source = shared_checkpoint(cfg.init, ctx)
             check_fits(student, source.state_dict(), f"--init {cfg.init} ({source.model_name})")
@@ -189,8 +193,6 @@ class Run:
         ``config.yaml`` / ``run.json`` and arms the trainer's deadline."""
         cfg = self.cfg
         budget = parse_duration(str(cfg.time_budget))
-        if bundle.is_event and cfg.time_step_schedule:
-            raise ConfigError("time_step_schedule works on static images; event frames fix T")
         # every rank must plan the same step count: rank 0's measurement counts
         probe = bundle.val if bundle.val is not None and len(bundle.val) else bundle.test  # the test pass counts too
         step_s, per_sample = broadcast_object(trainer.measure_costs(eval_set=probe))

@@ -90,6 +90,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.time_steps is not None and self.time_steps < 1:
             raise ConfigError(f"time_steps must be >= 1, got {self.time_steps}")
+        if not 0 <= self.seed < 2**64:  # torch.manual_seed's range (a negative one would alias a large one)
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.limit is not None and self.limit < 1:
@@ -232,7 +234,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     if not isinstance(values, dict):
         raise ConfigError(f"{source} must be a mapping of option: value, got {type(values).__name__}")
     checked = {}
-    for key, value in _flat(values, source).items():
+    for key, value in flat_options(values, source).items():
         if key not in _FIELDS:
             raise ConfigError(f"{source}: unknown key {key!r}{close_matches(str(key), _FIELDS)}; "
                               "see `bestformer train --help` for the options")
@@ -255,7 +257,7 @@ def model_time_steps(model: nn.Module) -> int:
     return getattr(model, "time_steps", None) or BuildOptions.time_steps
 
 
-def _flat(values: dict[str, Any], source: str) -> dict[str, Any]:
+def flat_options(values: dict[str, Any], source: str) -> dict[str, Any]:
     """``values`` with grouped sections (``optim: {lr: 0.1}``) spelt flat (``lr: 0.1``); flat keys pass as they are."""
     flat = {k: v for k, v in values.items() if k not in GROUPS}
     for group in (g for g in GROUPS if g in values):
@@ -307,19 +309,31 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 def resolve_config(recipe: str | None, overrides: dict[str, Any]) -> tuple[TrainConfig, str | None]:
     """Defaults, then the recipe, then ``overrides``. Without ``recipe``, the shipped recipe named after the
     dataset is used when one exists (so ``bestformer train`` alone runs the ``digits`` demo); ``"none"``
-    applies no recipe. Returns the config and the recipe used."""
+    applies no recipe. A ``batch_size`` given without a ``cuda_batch_size`` is the batch on every device (the
+    recipe's GPU batch no longer replaces it). Returns the config and the recipe used."""
     if recipe is None:
-        dataset = overrides.get("dataset", DataConfig.dataset)
-        recipe = dataset if dataset in list_recipes() else None
+        recipe = implied_recipe(overrides)
     elif recipe.lower() == "none":
         recipe = None
-    return config_from_dict(with_recipe(recipe, overrides), "options"), recipe
+    values = with_recipe(recipe, overrides)
+    given = flat_options(overrides, "options")
+    if "batch_size" in given and "cuda_batch_size" not in given:
+        values["cuda_batch_size"] = None
+    return config_from_dict(values, "options"), recipe
+
+
+def implied_recipe(overrides: dict[str, Any]) -> str | None:
+    """The recipe of a command without ``--recipe``: the shipped one named after its dataset, if any."""
+    dataset = flat_options(overrides, "options").get("dataset", DataConfig.dataset)
+    return dataset if dataset in list_recipes() else None
 
 
 def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The values of ``recipe`` (none for ``None``), then ``overrides``; the option mappings (``model_args``,
-    ``teacher_args``) merge key by key."""
-    values = load_recipe(recipe) if recipe else {}
+    """The values of ``recipe`` (none for ``None``), then ``overrides``, both spelt flat (a recipe's grouped
+    sections must not outrank the command line); the option mappings (``model_args``, ``teacher_args``) merge key
+    by key."""
+    values = flat_options(load_recipe(recipe), f"recipe {recipe}") if recipe else {}
+    overrides = flat_options(overrides, "options")
     merged = {**values, **overrides}
     for key in ("model_args", "teacher_args"):
         if key in values and key in overrides:

@@ -1,0 +1,124 @@
+"""Where a run's options come from and when they are checked: recipe, command line, saved run and checkpoint
+header; precedence, resume and one-line refusals before any work is done."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from bestformer.cli import main
+from bestformer.data.registry import DatasetBundle
+from bestformer.errors import ConfigError, FileFormatError
+from bestformer.pipeline import evaluate_saved, load_weights_spec, train
+from bestformer.pipeline import run as run_module
+from bestformer.pipeline.config import check_resume_length, execution_config, model_options, resumed_config
+from bestformer.training import TrainConfig
+from bestformer.training.checkpoint import read_checkpoint, save_checkpoint
+from bestformer.training.config import resolve_config
+from bestformer.training.dist import DistContext
+
+pytestmark = pytest.mark.usefixtures("plain_neurons")
+
+#: a seconds-long run of the digits recipe (no --recipe: the one named after the dataset)
+QUICK = ["--epochs", "1", "--limit", "48", "--teacher", "none", "--model-arg", "embed_dim=16", "--model-arg",
+         "num_heads=2", "--neuron-backend", "plain"]
+CUDA = DistContext(device=torch.device("cuda"))  # only the device type is read: no GPU needed
+
+
+def test_the_original_command_resumes_a_run_of_the_implied_recipe(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A run started without --recipe took the digits recipe; its --model-arg merged into the recipe's
+    model_args. Repeating the command with --resume is no change (it was refused as a model_args change)."""
+    argv = ["train", *QUICK, "--out", str(tmp_path), "--name", "a"]
+    assert main(argv) == 0
+    assert main([*argv, "--resume", str(tmp_path / "a")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "a"), "--model-arg", "embed_dim=32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--model-arg cannot change on --resume" in err and "--model-args" not in err
+
+
+def test_a_batch_size_given_beats_the_recipes_gpu_batch() -> None:
+    """cifar10-fast trains at 128 on the CPU and 512 on a GPU; --batch-size 64 is 64 everywhere."""
+    cfg, _ = resolve_config("cifar10-fast", {"batch_size": 64})
+    assert cfg.cuda_batch_size is None and execution_config(cfg, None, CUDA).batch_size == 64
+    cfg, _ = resolve_config("cifar10-fast", {})
+    assert execution_config(cfg, None, CUDA).batch_size == 512
+    cfg, _ = resolve_config("cifar10-fast", {"batch_size": 64, "cuda_batch_size": 256})
+    assert execution_config(cfg, None, CUDA).batch_size == 256
+
+
+def test_a_new_batch_size_on_resume_is_refused_even_when_it_matched_the_gpu_batch() -> None:
+    saved = TrainConfig(batch_size=32, cuda_batch_size=32).to_dict()
+    assert resumed_config(saved, None, {}, "run r").batch_size == 32
+    with pytest.raises(ConfigError, match="--batch-size cannot change on --resume"):
+        resumed_config(saved, None, {"batch_size": 16}, "run r")
+
+
+def test_grouped_recipe_sections_do_not_outrank_the_command_line(tmp_path: Path) -> None:
+    recipe = tmp_path / "grouped.yaml"
+    recipe.write_text("optim: {lr: 0.02, batch_size: 32}\narch: {model_args: {embed_dim: 16}}\n")
+    cfg, _ = resolve_config(str(recipe), {"lr": 0.5, "batch_size": 8, "model_args": {"depth": 1}})
+    assert (cfg.lr, cfg.batch_size, cfg.model_args) == (0.5, 8, {"embed_dim": 16, "depth": 1})
+    cfg, _ = resolve_config(str(recipe), {})
+    assert (cfg.lr, cfg.batch_size) == (0.02, 32)
+    assert resumed_config(cfg.to_dict(), str(recipe), {"epochs": 3}, "run r").epochs == 3  # was a KeyError
+
+
+def test_distill_none_is_accepted_on_the_command_line(tmp_path: Path) -> None:
+    assert main(["train", *QUICK, "--distill", "none", "--out", str(tmp_path), "--name", "b"]) == 0
+
+
+def test_a_fixed_time_steps_and_a_contradicting_model_option_are_refused() -> None:
+    static = types.SimpleNamespace(name="digits", num_classes=10, in_channels=1, img_size=8, is_event=False)
+    with pytest.raises(ConfigError, match="time_steps=6 contradicts the dataset digits"):
+        model_options(static, 2, {"time_steps": 6}, fixed_time_steps=True)
+    assert model_options(static, 4, {"time_steps": 6}, fixed_time_steps=False)["time_steps"] == 6
+    assert model_options(static, 2, {"time_steps": 2}, fixed_time_steps=True)["time_steps"] == 2
+
+
+def test_a_schedule_of_time_steps_on_event_data_is_refused_before_the_teacher(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = TensorDataset(torch.zeros(8, 4, 2, 8, 8), torch.zeros(8, dtype=torch.long))
+    events = DatasetBundle("events", frames, frames, None, 2, 2, 8, True, ["a", "b"], (0.0, 0.0), (1.0, 1.0))
+    monkeypatch.setattr(run_module, "load_bundle", lambda cfg, time_steps: events)
+    monkeypatch.setattr(run_module.Run, "teacher", lambda *a: pytest.fail("the teacher was built"))
+    cfg = TrainConfig(model="bestformer_tiny", dataset="digits", time_steps=4, time_step_schedule="1:0.5,4:0.5",
+                      teacher="ann_tiny", out=str(tmp_path), name="e", neuron_backend="plain")
+    with pytest.raises(ConfigError, match="time_step_schedule works on static images; events has event frames"):
+        train(cfg)
+
+
+def test_a_resume_needs_more_epochs_than_the_run_has_started() -> None:
+    """4 epochs done: --epochs 1 would log an epoch of no steps; inside epoch 3, --epochs 2 would run epoch 3."""
+    for progress, epochs in (({"epoch": 4}, 1), ({"epoch": 2, "sums": {"steps": 3}}, 2)):
+        with pytest.raises(ConfigError, match=rf"has done {progress['epoch']} epoch\(s\).*at least "
+                                              rf"{progress['epoch'] + 1} to continue it, got {epochs}"):
+            check_resume_length(progress, TrainConfig(epochs=epochs), "run r")
+    check_resume_length({"epoch": 4}, TrainConfig(epochs=5), "run r")
+    check_resume_length({"epoch": 4, "finished": True}, TrainConfig(epochs=1), "run r")  # done: its table again
+    check_resume_length({"epoch": 4}, TrainConfig(epochs=3, cooldown_epochs=2), "run r")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_outside_torchs_range_is_refused_when_configured(seed: int) -> None:
+    with pytest.raises(ConfigError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+        TrainConfig(seed=seed)
+
+
+def test_eval_takes_the_runs_limit_and_checks_its_recorded_settings(tmp_path: Path) -> None:
+    assert main(["train", *QUICK, "--out", str(tmp_path), "--name", "c"]) == 0
+    best = tmp_path / "c" / "best.safetensors"
+    model, meta = load_weights_spec(str(best))
+    assert evaluate_saved(model, meta)["count"] == 48  # the run's own limit: its recorded test accuracy
+    assert evaluate_saved(model, meta, limit=None)["count"] == 359  # whole split
+    tensors, header = read_checkpoint(best)
+    for key, value in (("amp", "fp32"), ("eval_flip", "yes"), ("limit", -3)):
+        bad = {**header["meta"], "config": {**header["meta"]["config"], key: value}}
+        model.load_state_dict(tensors)
+        path = save_checkpoint(model, tmp_path / f"bad_{key}.safetensors", **bad)
+        with pytest.raises(FileFormatError, match=f"records .*{key.split('_')[-1]}={value!r}"):
+            evaluate_saved(*load_weights_spec(str(path)), source="the checkpoint")
