@@ -185,6 +185,29 @@ def test_a_build_that_fuses_float_operations_refuses_to_run(tiny):
     assert lib.call(np.zeros(info.input_size, np.float32))[0] == -4
 
 
+def test_a_build_that_assumes_finite_math_is_refused(tiny):
+    """-ffinite-math-only alone (not -ffast-math) would fold the NaN/inf tests away: refused at compile time."""
+    with pytest.raises(bestformer.errors.ConfigError, match="must not be compiled with -ffinite-math-only"):
+        CLib(tiny[2], ("-ffinite-math-only",))
+
+
+def test_a_library_rebuilt_in_the_same_folder_runs_the_new_model(tiny, tmp_path):
+    """dlopen keeps the first library loaded from a path: the default output is named after the code, so a second
+    model exported into the same folder runs its own code; rebuilding onto a loaded path is refused."""
+    from bestformer.deploy import compile_library
+
+    model = calibrated(seed=2)
+    pms = [tiny[1], PackedModel(fold_model(model), threads=1)]
+    x = grid_inputs(model, 2, seed=3).numpy()
+    for pm in pms:
+        info = export_c(pm, tmp_path)
+        lib = compile_library(info, flags=("-O1",))
+        assert_bit_equal(lib.predict(x), pm.predict(x))
+    assert not np.array_equal(pms[0].predict(x), pms[1].predict(x))
+    with pytest.raises(bestformer.errors.ConfigError, match="already loaded in this process"):
+        compile_library(info, flags=("-O1",), output=lib.path)
+
+
 def test_example_driver(tiny, tmp_path):
     model, pm, info, _ = tiny
     exe = tmp_path / "predict"
@@ -200,6 +223,20 @@ def test_example_driver(tiny, tmp_path):
     (tmp_path / "bad.f32").write_bytes(x.astype(np.float32).tobytes()[:-4])  # not a whole number of inputs
     bad = subprocess.run([str(exe), str(tmp_path / "bad.f32")], capture_output=True, text=True)
     assert bad.returncode == 2 and "whole number" in bad.stderr
+    x[1, 0, 3, 3] = np.nan  # the second input is refused: its code, after the first input's line
+    (tmp_path / "nan.f32").write_bytes(x.astype(np.float32).tobytes())
+    bad = subprocess.run([str(exe), str(tmp_path / "nan.f32")], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr == "bestformer_predict failed on input 1: -3\n"
+    assert len(bad.stdout.splitlines()) == 1
+    bad = subprocess.run([str(exe), str(tmp_path / "missing.f32")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr == "cannot open the input file\n"
+    # built with AddressSanitizer where the compiler has it: no error path leaks the arena or the file
+    asan = subprocess.run([CC, *CFLAGS, "-fsanitize=address", "-g", str(info.files["model.c"]),
+                           str(info.files["example.c"]), "-o", str(exe)], capture_output=True, text=True)
+    if asan.returncode == 0:
+        for name, code in (("missing.f32", 2), ("nan.f32", 1), ("bad.f32", 2)):
+            run = subprocess.run([str(exe), str(tmp_path / name)], capture_output=True, text=True)
+            assert run.returncode == code and "Sanitizer" not in run.stderr, run.stderr[-2000:]
 
 
 def test_cli_export_c(tmp_path, capsys):

@@ -10,6 +10,7 @@ change only the time.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,6 +26,9 @@ from .c_export import CFLAGS, CExportInfo
 
 #: -O3 vectorizes the LIF / BatchNorm loops (about 3x at -O2 on x86, measured); -march=native picks the popcount path
 SPEED_FLAGS = ("-O3", "-march=native")
+#: shared objects loaded in this process: dlopen hands back the first library loaded from a path, so a library
+#: rebuilt at that path would run the old model's code with the new model's sizes
+_LOADED: set[Path] = set()
 
 
 def find_compiler() -> str | None:
@@ -41,6 +45,7 @@ class CLibrary:
         self.path = Path(path)
         self.info = info
         self.lib = ctypes.CDLL(str(self.path))
+        _LOADED.add(self.path.resolve())
         self.lib.bestformer_predict.argtypes = [ctypes.c_void_p] * 3
         self.lib.bestformer_predict.restype = ctypes.c_int
         self.lib.bestformer_popcount_path.restype = ctypes.c_char_p
@@ -70,19 +75,26 @@ class CLibrary:
 
 def build_shared(info: CExportInfo, threads: int = 1, flags: Sequence[str] = SPEED_FLAGS,
                  compiler: str | None = None, output: str | Path | None = None) -> Path:
-    """Build ``info``'s ``model.c`` into a shared object (``output``, default ``model.so`` beside it); its path.
-    The generated code's ``CFLAGS`` come first, then ``flags`` (default: this CPU's fastest build; e.g.
-    ``("-O3", "-mavx2", "-mpopcnt")`` for the AVX2 path). ``threads > 1`` adds ``-fopenmp`` (the arena must hold
-    that many scratch sets: ``export_c(threads=...)``)."""
+    """Build ``info``'s ``model.c`` into a shared object; its path: ``output``, by default ``model-<hash>.so``
+    beside it, named after the code and the command (an ``output`` already loaded in this process is refused: it
+    could not be loaded again). The generated code's ``CFLAGS`` come first, then ``flags`` (default: this CPU's
+    fastest build; e.g. ``("-O3", "-mavx2", "-mpopcnt")`` for the AVX2 path). ``threads > 1`` adds ``-fopenmp``
+    (the arena must hold that many scratch sets: ``export_c(threads=...)``)."""
     cc = compiler or find_compiler()
     if cc is None:
         raise ConfigError("no C compiler found: install cc, gcc or clang, or set CC")
     if threads > info.threads:
         raise ConfigError(f"the library was exported for {info.threads} thread(s), not {threads}: "
                           f"export_c(threads={threads})")
-    so = Path(output) if output else info.out_dir / "model.so"
-    cmd = [cc, *CFLAGS, *(("-fopenmp",) if threads > 1 else ()), *flags,
-           "-fPIC", "-shared", str(info.files["model.c"]), "-o", str(so)]
+    cmd = [cc, *CFLAGS, *(("-fopenmp",) if threads > 1 else ()), *flags, "-fPIC", "-shared", str(info.files["model.c"])]
+    digest = hashlib.sha256("\0".join(cmd).encode() + b"\0" + info.files["model.c"].read_bytes()).hexdigest()
+    so = Path(output) if output else info.out_dir / f"model-{digest[:16]}.so"
+    if not output and so.resolve() in _LOADED:
+        return so  # the same code built the same way, already loaded
+    if output and so.resolve() in _LOADED:
+        raise ConfigError(f"{so} is already loaded in this process, and a library rebuilt there would not be "
+                          "loaded again (dlopen keeps the first); build to another output path")
+    cmd += ["-o", str(so)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:  # the first diagnostic says why (the last is often "warnings treated as errors")
         lines = done.stderr.strip().splitlines() or [""]

@@ -24,6 +24,9 @@
 #ifdef __FAST_MATH__
 #error "bestformer must not be compiled with -ffast-math (it reorders and fuses float operations)"
 #endif
+#if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__
+#error "bestformer must not be compiled with -ffinite-math-only (inf and NaN tests would be folded away)"
+#endif
 #if INT_MAX != 2147483647
 #error "bestformer needs a 32-bit int (the vector paths store 32-bit counts into int arrays)"
 #endif

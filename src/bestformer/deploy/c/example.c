@@ -14,8 +14,11 @@ int main(int argc, char **argv) {
     void *arena = malloc(BESTFORMER_ARENA_BYTES);
     unsigned long samples = 0;
     size_t got;
+    int status = 0;
     if (fp == NULL || arena == NULL) {
         fprintf(stderr, fp == NULL ? "cannot open the input file\n" : "out of memory\n");
+        free(arena);
+        if (fp != NULL && fp != stdin) fclose(fp);
         return 2;
     }
     while ((got = fread(input, sizeof(float), BESTFORMER_INPUT_SIZE, fp)) == BESTFORMER_INPUT_SIZE) {
@@ -23,7 +26,8 @@ int main(int argc, char **argv) {
         int rc = bestformer_predict(input, logits, arena);
         if (rc != BESTFORMER_OK) {
             fprintf(stderr, "bestformer_predict failed on input %lu: %d\n", samples, rc);
-            return 1;
+            status = 1;
+            break;
         }
         for (k = 0; k < BESTFORMER_NUM_CLASSES; k++) {
             printf("%.9g ", logits[k]); /* 9 significant digits: the float32 value exactly */
@@ -33,10 +37,11 @@ int main(int argc, char **argv) {
         samples++;
     }
     free(arena);
-    if (got != 0 || samples == 0) {
+    if (fp != stdin) fclose(fp);
+    if (status == 0 && (got != 0 || samples == 0)) {
         fprintf(stderr, "expected a whole number (at least 1) of inputs of %u float32 values\n",
                 (unsigned)BESTFORMER_INPUT_SIZE);
-        return 2;
+        status = 2;
     }
-    return 0;
+    return status;
 }

@@ -18,8 +18,11 @@ static double bf_head_logit(const double *feat, const float *w, const float *b, 
 
 static int bf_check_input(const float *x, size_t n) {
     size_t i;
-    for (i = 0; i < n; i++)
-        if (!(x[i] - x[i] == 0.0f)) return 0; /* NaN or inf */
+    uint32_t u;
+    for (i = 0; i < n; i++) {
+        memcpy(&u, &x[i], sizeof u); /* the bits: no float flag can fold this test away */
+        if ((u & 0x7F800000u) == 0x7F800000u) return 0; /* all exponent bits set: NaN or inf */
+    }
     return 1;
 }
 
