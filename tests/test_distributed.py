@@ -541,14 +541,17 @@ def _engine_job(job: dict[str, Any]) -> dict[str, Any]:
     return {"status": result.status, "records": _HOOKS["records"]}
 
 
+#: augmentation of the 1-process-accumulating and 2-process runs that must be the same run: each micro-batch draws
+#: by its slot in the step, so the two layouts crop, flip, erase and mix alike
+AUGMENT = {"crop_padding": 1, "flip": 0.5, "random_erasing": 0.5, "mixup": 0.4}
 #: single-process and 2-process runs, in this order (a resume continues the run folder named by "resume")
 ENGINE_JOBS: list[tuple[int, dict[str, Any]]] = [
     (1, {"name": "one16", "cfg": {"batch_size": 16, "sync_bn": True}}),
     (1, {"name": "one16_stop", "cfg": {"batch_size": 16, "sync_bn": True}, "stop_at": 1}),
-    (1, {"name": "one8x2", "cfg": {"batch_size": 8, "accum_steps": 2}}),
+    (1, {"name": "one8x2", "cfg": {"batch_size": 8, "accum_steps": 2, **AUGMENT}}),
     (2, {"name": "two8_sync", "cfg": {"batch_size": 8, "sync_bn": True}}),
     (2, {"name": "two_resume", "resume": "one16_stop"}),
-    (2, {"name": "two8_stop", "cfg": {"batch_size": 8}, "stop_at": 1}),
+    (2, {"name": "two8_stop", "cfg": {"batch_size": 8, **AUGMENT}, "stop_at": 1}),
     (1, {"name": "one_resume", "resume": "two8_stop"}),
     (2, {"name": "crash", "cfg": {"batch_size": 8}, "crash": [1, 1]}),
 ]
@@ -628,7 +631,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(launched: An
     two, one = _records(root, "two8_sync"), _records(root, "one16")
     assert len(_step_losses(two)) == 6 and {r["batch"] for r in two} == {8, 4}
     _assert_same_run(two, one, root / "two8_sync" / "last.safetensors", root / "one16" / "last.safetensors")
-    # without synced BatchNorm 2 ranks x 8 are one process accumulating 2 x 8 (the first step of two8_stop)
+    # without synced BatchNorm 2 ranks x 8 are one process accumulating 2 x 8 (the first step of two8_stop), with
+    # the same augmentation draws by slot (the accumulated micro-batches once repeated the first one's)
     first = {k: v for k, v in _step_losses(_records(root, "two8_stop")).items() if k == (0, 0)}
     assert abs(first[(0, 0)] - _step_losses(_records(root, "one8x2"))[(0, 0)]) <= 1e-5
 

@@ -216,8 +216,8 @@ def test_batch_augment_runs_rand_augment_first_on_the_step_generator() -> None:
     ra = RandAugment.from_spec("m9-n1-mstd0.4-inc1", mean=MEAN, std=STD)
     x = _normalize(torch.rand(8, 3, 8, 8))
     y = torch.arange(8) % 4
-    aug = BatchAugment(num_classes=4, seed=5, rank=1, rand_augment=ra)
-    out, target = aug(x, y, step=9)
+    aug = BatchAugment(num_classes=4, seed=5, rand_augment=ra)
+    out, target = aug(x, y, step=9, slot=1)
     assert torch.equal(out, ra(x, np.random.Generator(np.random.PCG64([5, 1, 9])))) and torch.equal(target, y)
     full = BatchAugment(num_classes=4, crop_padding=2, flip=0.5, random_erasing=0.3, seed=5, rand_augment=ra)
     assert torch.equal(full(x, y, step=3)[0], full(x, y, step=3)[0])

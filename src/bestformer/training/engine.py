@@ -107,7 +107,7 @@ class Trainer:
         self.plan_end = math.inf
         self._ckpt_s = 0.0
         self.clock0 = time.perf_counter()  # the run's start (less its earlier segments'), for the wall-clock column
-        self.augment = build_augmentation(cfg, num_classes, self.ctx.rank, mean, std)
+        self.augment = build_augmentation(cfg, num_classes, mean, std)
         self.monitor = FiringRateMonitor(self.module)
         self.progress = Progress()
         self.last_checkpoint: str | None = None
@@ -237,7 +237,7 @@ class Trainer:
                 self._set_time_steps(p.global_step)
                 x = time_first(x).to(self.dev, non_blocking=True)
                 y = y.to(self.dev, non_blocking=True)
-                x, target = self.augment(x, y, p.global_step, mix)
+                x, target = self.augment(x, y, p.global_step, mix, mb.slot)
                 sample = bool(cfg.monitor_every) and p.global_step % cfg.monitor_every == 0 and mb.count > 0
                 with gradient_sync(self.model, mb.last), self.monitor.sampling(sample):
                     with autocast(self.dev, self.dtype):

@@ -78,11 +78,11 @@ def build_time_step_schedule(cfg: TrainConfig, module: nn.Module) -> TimeStepSch
     return parse_time_step_schedule(cfg.time_step_schedule, module.built_time_steps)
 
 
-def build_augmentation(cfg: TrainConfig, num_classes: int, rank: int, mean: Sequence[float] | None,
+def build_augmentation(cfg: TrainConfig, num_classes: int, mean: Sequence[float] | None,
                        std: Sequence[float] | None) -> BatchAugment:
     """The batch augmentation (crop, flip, erasing, mixup / cutmix, RandAugment on un-normalized pixels)."""
     if cfg.rand_augment and (mean is None or std is None):
         raise ConfigError("rand_augment needs the normalization (mean, std) of the training images")
     rand_augment = RandAugment.from_spec(cfg.rand_augment, mean=mean, std=std) if cfg.rand_augment else None
     return BatchAugment(num_classes, cfg.crop_padding, cfg.flip, cfg.random_erasing, cfg.mixup, cfg.cutmix,
-                        cfg.mixup_prob, cfg.mixup_switch_prob, cfg.seed, rank, rand_augment)
+                        cfg.mixup_prob, cfg.mixup_switch_prob, cfg.seed, rand_augment)

@@ -5,9 +5,11 @@ statistics of AutoContrast, Equalize and Contrast (the flip commutes with the op
 are random).
 
 Images are ``[B, C, H, W]``; event frames ``[T, B, C, H, W]`` get one crop / flip / erased box per sample,
-shared by all its frames. The random numbers of step ``s`` come from generators seeded with
-``(seed, rank, s)``, not from the global RNG: a resumed run (or one on another device) augments every step
-exactly as an uninterrupted run did.
+shared by all its frames. The random numbers of a micro-batch come from a generator seeded with ``(seed, slot,
+step)``, not from the global RNG; ``slot`` is the micro-batch's place in its optimizer step over all processes
+and accumulation steps (:class:`~bestformer.training.dist.MicroBatch`), so every micro-batch of a step draws
+anew, and a resumed run (on another device or number of processes) augments every step exactly as an
+uninterrupted run did.
 
 Sources: mixup (Zhang et al., ICLR 2018) and cutmix (Yun et al., ICCV 2019) as in timm's batch mode (one
 ``lambda ~ Beta(alpha, alpha)`` per batch, the batch mixed with its reverse, cutmix's ``lambda`` corrected
@@ -70,7 +72,7 @@ class BatchAugment:
     ``target`` is ``y`` (class indices) when no mixing happened, else soft targets ``[B, num_classes]``.
     Label smoothing is applied by the loss, not here. ``rand_augment`` (normalized ``[B, C, H, W]`` images
     only: it raises :class:`~bestformer.errors.ConfigError` on event frames) runs first, on the step's generator,
-    so that its draws, like all the others, are a function of ``(seed, rank, step)``.
+    so that its draws, like all the others, are a function of ``(seed, slot, step)``.
     """
 
     num_classes: int
@@ -82,7 +84,6 @@ class BatchAugment:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     seed: int = 0
-    rank: int = 0
     rand_augment: RandAugment | None = None
 
     @property
@@ -90,10 +91,10 @@ class BatchAugment:
         return bool(self.rand_augment is not None or self.crop_padding or self.flip or self.random_erasing
                     or self.mixup or self.cutmix)
 
-    def __call__(self, x: Tensor, y: Tensor, step: int, mix: bool = True) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: Tensor, y: Tensor, step: int, mix: bool = True, slot: int = 0) -> tuple[Tensor, Tensor]:
         if not self.enabled:
             return x, y
-        rng = np.random.Generator(np.random.PCG64([self.seed, self.rank, step]))
+        rng = np.random.Generator(np.random.PCG64([self.seed, slot, step]))
         if self.rand_augment is not None:
             x = self.rand_augment(x, rng)
         imgs, shape = _as_images(x)

@@ -121,6 +121,8 @@ class MicroBatch:
         count: real samples in it (0: a filler that only keeps the ranks in step; its loss weight is 0).
         step: optimizer step within the epoch; step_count: real samples of that step over all ranks.
         last: the last micro-batch of the step on this rank (synchronize gradients, then step the optimizer).
+        slot: its place among the step's ``accum_steps x world_size`` micro-batches (``j x world_size + rank``):
+            the same samples and augmentation draws on any layout of the same global and micro-batch size.
         loss_weight: multiply the micro-batch's *mean* loss by it before ``backward``: ``count x world_size /
             step_count``. DDP averages gradients over ranks, so the result is the mean over the step's samples.
     """
@@ -131,6 +133,7 @@ class MicroBatch:
     step_count: int
     last: bool
     loss_weight: float
+    slot: int = 0
 
 
 def _sized_length(data: Sized | int, what: str = "dataset") -> int:
@@ -226,7 +229,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
                 count = int(sizes[slot])
                 idx = chunk[bounds[slot]:bounds[slot + 1]] if count else chunk[:1]
                 yield MicroBatch(tuple(int(i) for i in idx), count, step, m, j == self.accum_steps - 1,
-                                 count * self.world_size / m)
+                                 count * self.world_size / m, slot)
 
     def __iter__(self) -> Iterator[list[int]]:
         for mb in self.micro_batches():
