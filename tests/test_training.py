@@ -30,6 +30,7 @@ from bestformer.training import (
 from bestformer.training.checkpoint import read_checkpoint
 from bestformer.training.distill import HardDistillation
 from bestformer.training.engine import StopSignals, evaluate
+from bestformer.training.factories import build_schedule
 from bestformer.training.monitor import FiringRateMonitor, layer_health
 from bestformer.training.runs import RunFolder
 from bestformer.training.schedule import CosineSchedule
@@ -76,6 +77,21 @@ def test_schedule_warmup_cosine_cooldown_by_hand() -> None:
                        steps_per_epoch=20)
     assert f(1) == pytest.approx(0.5) and f(2) == pytest.approx(1.0)
     assert f(11) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_schedule_without_warmup_prefix_is_timms_default() -> None:
+    """timm's CosineLRScheduler(t_initial=6, warmup_t=2, warmup_prefix=False), the reference recipes': the same
+    warm-up, then ``min + (lr - min) (1 + cos(pi e / 6)) / 2`` from the run's start, so the rate steps down from
+    ``lr`` to 0.1 + 0.9 * 0.75 where the warm-up ends."""
+    s = CosineSchedule(lr=1.0, min_lr=0.1, warmup_lr=0.0, warmup_epochs=2, epochs=6, cooldown_epochs=2,
+                       steps_per_epoch=10, warmup_prefix=False)
+    assert s(10) == pytest.approx(0.5) and s(19) == pytest.approx(0.95)
+    assert s(20) == pytest.approx(0.1 + 0.9 * 0.75)  # cos(pi / 3) = 1/2
+    assert s(30) == pytest.approx(0.1 + 0.9 * 0.5) and s(45) == pytest.approx(0.1 + 0.9 * 0.5 * (1 - 0.5 ** 0.5))
+    assert s(60) == s(79) == 0.1
+    cfg, _ = resolve_config("cifar10", {})
+    assert not cfg.warmup_prefix and build_schedule(cfg, 512, 98, None)[0].warmup_prefix is False
+    assert resolve_config("digits", {})[0].warmup_prefix  # ours: the cosine after the warm-up, as measured
 
 
 # ------------------------------------------------------------------------------------------ augmentation

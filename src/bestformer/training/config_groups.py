@@ -51,6 +51,9 @@ class ScheduleConfig:
     cooldown_epochs: int = field(default=0, metadata=_opt("extra epochs at min_lr after the cosine schedule"))
     warmup_epochs: float = field(default=0.0, metadata=_opt("warm-up epochs, warmup_lr to lr (may be fractional)"))
     warmup_lr: float = field(default=1e-5, metadata=_opt("learning rate at the start of the warm-up"))
+    warmup_prefix: bool = field(default=True, metadata=_opt(
+        "start the cosine at the end of the warm-up (timm's warmup_prefix=True); false: the cosine spans the whole "
+        "run, warm-up included (timm's default, the reference recipes')"))
     min_lr: float = field(default=1e-5, metadata=_opt("learning rate at the end of the cosine and in cool-down"))
     time_budget: str | None = field(default=None, metadata=_opt(
         "wall-clock budget of the whole run, e.g. 60m, 1.5h, 900s (data, teacher and evaluations included): the "

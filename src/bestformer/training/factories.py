@@ -65,7 +65,8 @@ def build_schedule(cfg: TrainConfig, global_batch: int, steps_per_epoch: int, ma
     spe = steps_per_epoch
     epochs, cooldown = (cfg.epochs, cfg.cooldown_epochs) if max_steps is None else (max_steps / spe, 0)
     k = cfg.lr_factor(global_batch)
-    schedule = CosineSchedule(cfg.lr * k, cfg.min_lr, cfg.warmup_lr * k, cfg.warmup_epochs, epochs, cooldown, spe)
+    schedule = CosineSchedule(cfg.lr * k, cfg.min_lr, cfg.warmup_lr * k, cfg.warmup_epochs, epochs, cooldown, spe,
+                              cfg.warmup_prefix)
     return schedule, (cfg.epochs + cfg.cooldown_epochs) * spe if max_steps is None else max_steps
 
 
