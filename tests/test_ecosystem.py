@@ -301,3 +301,30 @@ def test_tensorboard_continues_after_a_resume(tmp_path: Path) -> None:
     events = accumulator.EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("accuracy/val")] == [1, 2, 3]  # each epoch once, across both processes
+
+
+def test_tensorboard_keeps_the_epochs_when_a_finished_run_resumes_for_its_summary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash during the final evaluation leaves the epochs done and no summary: the resume evaluates and
+    profiles, and must not purge the epochs it did not rewrite (it purged them all)."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from bestformer.pipeline import resume, train
+    from bestformer.pipeline import run as run_module
+    from bestformer.training import TrainConfig
+
+    def crash(*args: object) -> None:
+        raise OSError("the machine went down")
+
+    cfg = TrainConfig(dataset="digits", limit=64, epochs=2, batch_size=32, out=str(tmp_path), name="tb",
+                      log="tensorboard", model_args={"embed_dim": 16}, neuron_backend="plain", monitor_every=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "evaluate_best", crash)
+        with pytest.raises(OSError, match="went down"):
+            train(cfg)
+    run = tmp_path / "tb"
+    assert not (run / "summary.json").exists()
+    resume(run)
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
+    assert [e.step for e in events.Scalars("profile/sops")] == [2]

@@ -381,3 +381,48 @@ def test_resume_state_of_another_model_or_other_data_is_refused(tmp_path: Path) 
                          torch.utils.data.Subset(data, range(16)), None, num_classes=10, run=RunFolder(tmp_path))
     with pytest.raises(ConfigError, match="trained on 32 training samples, the training split now has 16"):
         other_data.load_state(load_resume_state(path))
+
+
+# ------------------------------------------------------------------------------------------ run folders
+def test_a_default_name_made_of_a_hostile_model_name_writes_nothing(tmp_path: Path) -> None:
+    """The default run name is ``<time>-<model>-<dataset>``: checked before the folder or its lock is created."""
+    cfg = TrainConfig(model="../../escaped/x", dataset="digits", out=str(tmp_path / "out"), limit=48, epochs=1)
+    with pytest.raises(ConfigError, match="name must be one folder name inside --out"):
+        train(cfg)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_teacher_folder_in_use_is_not_trained_twice(tmp_path: Path) -> None:
+    """A run trains its teacher under the teacher folder's own lock: a second process resuming (or training) that
+    folder is refused, and so is the run while another process holds it."""
+    cfg = TrainConfig(model="bestformer_tiny", dataset="digits", teacher="ann_tiny", out=str(tmp_path), name="t",
+                      limit=48, epochs=1, model_args={"embed_dim": 16, "num_heads": 2},
+                      teacher_args={"embed_dim": 16, "num_heads": 2}, neuron_backend="plain")
+    with RunFolder(tmp_path / "t" / "teacher").lock(), pytest.raises(ConfigError, match=r"t/teacher is in use"):
+        train(cfg)
+
+
+def test_history_files_of_unfinished_epochs_go_with_them(tmp_path: Path) -> None:
+    """A resume that rewrites an empty history removes the firing rates and curves a crashed epoch left."""
+    folder = RunFolder(tmp_path)
+    row = {"epoch": 1, "train_loss": 1.0, "train_acc": 50.0, "val_loss": 1.0, "val_acc": 50.0}
+    folder.write_history([row], [{"epoch": 1, "blocks.0": 0.2}])
+    assert folder.firing_path.is_file() and folder.plot_path.is_file()
+    folder.write_history([], [])
+    assert not folder.firing_path.exists() and not folder.plot_path.exists()
+    assert folder.metrics_path.read_text() == ""
+
+
+def test_the_curves_leave_the_callers_matplotlib_backend_alone(tmp_path: Path) -> None:
+    import matplotlib
+
+    from bestformer.training.runs import plot_curves
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        row = {"epoch": 1, "train_loss": 1.0, "train_acc": 50.0, "val_loss": 1.0, "val_acc": 50.0}
+        plot_curves([row], tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        matplotlib.use(before)

@@ -86,13 +86,11 @@ def conversion_errors(ann: nn.Module, batches: Iterable[tuple[Tensor, Tensor | N
 
 def plot_delay_sweep(results: Sequence[ConversionResult], path: str | Path, title: str = "") -> Path:
     """PNG of the conversion error and the top-1 agreement / accuracy against the DIF delay (atomic write)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     delays = [r.delay for r in results]
-    fig, (ax_err, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    ax_err, ax_acc = fig.subplots(1, 2)
     ax_err.plot(delays, [r.max_abs for r in results], "o-", label="max |logit diff|")
     ax_err.plot(delays, [r.mean_abs for r in results], "s-", label="mean |logit diff|")
     ax_err.set_xlabel("DIF delay d (steps)")
@@ -107,6 +105,4 @@ def plot_delay_sweep(results: Sequence[ConversionResult], path: str | Path, titl
     ax_acc.legend()
     fig.suptitle(title or "CSDformer conversion error against the DIF delay")
     fig.tight_layout()
-    saved = save_png(fig, path, dpi=110)
-    plt.close(fig)  # a pyplot figure stays registered until closed
-    return saved
+    return save_png(fig, path, dpi=110)

@@ -280,14 +280,12 @@ def format_report(res: dict[str, Any]) -> str:
 
 def plot_report(res: dict[str, Any], path: str | Path) -> Path:
     """Bar chart of the latencies per batch size (log scale), speedups annotated; PNG written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     rows = res["rows"]
     xs = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     engines = [("torch", "PyTorch float32 eval"), ("packed", "packed 1-bit runtime (numba)")]
     engines += [("c", f"C library ({res['c']['popcount_path']})")] if "c" in res else []
     width = 0.8 / len(engines)
@@ -302,6 +300,4 @@ def plot_report(res: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{res['model']}, {res['threads']} threads")
     ax.legend()
     fig.tight_layout()
-    saved = save_png(fig, path, dpi=120)
-    plt.close(fig)  # a pyplot figure stays registered until closed
-    return saved
+    return save_png(fig, path, dpi=120)

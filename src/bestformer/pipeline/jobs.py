@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..fileio import read_json
-from ..training.config import TrainConfig, implied_recipe, load_recipe
+from ..training.config import TrainConfig, check_run_name, implied_recipe, load_recipe
 from ..training.dist import DistContext, broadcast_object
 from ..training.result import TrainResult
 from ..training.runs import RunFolder, default_run_name, resolve_run_folder
@@ -31,7 +31,8 @@ def train(cfg: TrainConfig, *, recipe: str | None = None, ctx: DistContext | Non
     resume it instead). Under torchrun (no ``ctx`` given) every process calls it; they join the process group,
     rank 0 names the run folder and writes it."""
     with session(cfg, ctx) as ctx:
-        name = broadcast_object(cfg.name or default_run_name(cfg.model, cfg.dataset))
+        # the default name is made of --model and --dataset: checked before anything is created from it
+        name = check_run_name(broadcast_object(cfg.name or default_run_name(cfg.model, cfg.dataset)))
         folder = RunFolder(Path(cfg.out) / name, enabled=ctx.is_main)
         with locked(folder, ctx):
             if broadcast_object(folder.has_checkpoint()):

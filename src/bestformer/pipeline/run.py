@@ -46,7 +46,7 @@ from .config import (
     run_is_done,
 )
 from .evaluation import evaluate_best, write_profile
-from .ranks import agreed_checkpoint, load_on_main, shared_checkpoint
+from .ranks import agreed_checkpoint, load_on_main, locked, shared_checkpoint
 from .teacher import check_teacher_architecture, is_saved_teacher, load_teacher
 
 #: seconds set aside after training for the profile written beside the checkpoints
@@ -184,7 +184,7 @@ class Run:
         if self.role == "model" and ctx.is_main:
             log_main(ctx, write_profile(student, bundle, folder.path / "profile.json"))
             if folder.tensorboard is not None and (folder.path / "profile.json").is_file():
-                folder.tensorboard.profile(read_json(folder.path / "profile.json", "profile"))
+                folder.tensorboard.profile(read_json(folder.path / "profile.json", "profile"), p.epoch)
         return result
 
     def _plan_budget(self, trainer: Trainer, bundle: Any, info: dict[str, Any]) -> TrainConfig:
@@ -219,7 +219,8 @@ class Run:
         check_teacher_architecture(spec)
         tcfg = self.cfg.teacher_config(spec, time_steps if bundle.is_event else None)
         run = Run(tcfg, self.folder.teacher, self.ctx, self.recipe, role="teacher", started=self.started)
-        result = run.execute(bundle)
+        with locked(self.folder.teacher, self.ctx):  # a --resume of the teacher folder itself must wait for us
+            result = run.execute(bundle)
         if result.status == "interrupted":
             return nn.Identity(), result
         return shared_checkpoint(self.folder.teacher.weights_path("best"), self.ctx), result

@@ -127,10 +127,15 @@ class RunFolder:
     def write_history(self, history: list[dict[str, Any]], firing: list[dict[str, float]]) -> None:
         """Rewrite ``metrics.csv``, ``firing_rates.csv`` and ``curves.png`` from the full history."""
         self._write(self.metrics_path, lambda: atomic_write_text(self.metrics_path, _csv(history)))
+        # files of epochs a crash left unfinished go with them: no rows or curves beside an empty history
         if firing:
             self._write(self.firing_path, lambda: atomic_write_text(self.firing_path, _csv(firing)))
+        else:
+            self._write(self.firing_path, lambda: self.firing_path.unlink(missing_ok=True))
         if history:
             self._write(self.plot_path, lambda: plot_curves(history, self.plot_path))
+        else:
+            self._write(self.plot_path, lambda: self.plot_path.unlink(missing_ok=True))
         if self.tensorboard is not None:
             self._write(self.path / "tensorboard", lambda: self.tensorboard.epochs(history, firing))
 
@@ -158,14 +163,12 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch, training and validation, as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss and accuracy per epoch, training and validation, as a PNG (matplotlib)."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "acc", "top-1 accuracy (%)")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
         if any(math.isfinite(r[f"val_{key}"]) for r in history):
@@ -178,7 +181,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def resolve_run_folder(spec: str | os.PathLike[str], out: str | os.PathLike[str] = "runs") -> RunFolder:

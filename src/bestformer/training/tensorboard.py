@@ -65,13 +65,14 @@ class TensorBoardLog:
             self.last_epoch = step
         writer.flush()
 
-    def profile(self, totals: dict[str, Any]) -> None:
-        """The profile's totals (``profile.json``), at the last epoch's step."""
-        writer = self._open(self.last_epoch)
+    def profile(self, totals: dict[str, Any], epoch: int) -> None:
+        """The profile's totals (``profile.json``), at the run's last epoch ``epoch``. Opened only now (a resumed
+        run that had finished its epochs), the files keep every epoch up to ``epoch``."""
+        writer = self._open(epoch + 1)
         for key, (tag, scale) in _PROFILE.items():
             value = totals.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(tag, value * scale, self.last_epoch)
+                writer.add_scalar(tag, value * scale, epoch)
         writer.flush()
 
     def close(self) -> None:
