@@ -9,7 +9,7 @@ import torch
 import bestformer
 from bestformer.errors import ConfigError, InputError
 from bestformer.layers import A2OS2A, merge_heads
-from bestformer.neurons import LIF, Sigmoid, TernaryNeuron, get_neuron, ternary_multistep
+from bestformer.neurons import LIF, Sigmoid, TernaryNeuron, get_neuron, is_spiking_neuron, ternary_multistep
 from bestformer.neurons.ternary import TernaryParameters
 
 # ------------------------------------------------------------------------------------------ ternary neuron
@@ -73,7 +73,9 @@ def test_ternary_soft_reset_and_errors() -> None:
 def test_ternary_as_the_model_neuron(family: str) -> None:
     # the registry path: every neuron of the model is ternary, with the LIF-style options the blocks pass
     model = bestformer.create_model(family, neuron="ternary", img_size=8, embed_dim=16, num_heads=2)
-    assert any(m.params.v_threshold == 0.5 for m in model.modules() if isinstance(m, TernaryNeuron))
+    neurons = [m for m in model.modules() if is_spiking_neuron(m)]
+    assert len(neurons) >= 8 and all(isinstance(m, TernaryNeuron) for m in neurons), neurons
+    assert any(m.params.v_threshold == 0.5 for m in neurons)  # the attention map's neuron keeps its threshold
     out = model(torch.randn(2, 1, 8, 8))
     out = out[0] if isinstance(out, tuple) else out
     assert out.shape == (2, 10) and torch.isfinite(out).all()

@@ -8,13 +8,16 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import bestformer
 from bestformer.cli import main
+from bestformer.deploy.fold import export_packed
+from bestformer.deploy.packfile import read_packed
 from bestformer.hardware import cpu_info
 from bestformer.neurons import get_backend, set_backend
-from bestformer.training import load_checkpoint, parameter_counts
+from bestformer.training import load_checkpoint
 
 SMALL = ["--recipe", "none", "--dataset", "digits", "--limit", "48", "--model-arg", "embed_dim=16",
          "--model-arg", "num_heads=2", "--model-arg", "pool_stages=[false,false,true,true]", "--time-steps", "2",
@@ -71,8 +74,12 @@ def test_demo_table_and_run_files(trained: Path, capsys: pytest.CaptureFixture[s
                  "best.safetensors", "best.json", "resume.safetensors", "teacher/best.safetensors"):
         assert (trained / name).is_file(), name
     model, meta = load_checkpoint(trained / "best.safetensors")
-    one_bit, full = parameter_counts(model)
-    assert (summary["one_bit_params"], summary["full_precision_params"]) == (one_bit, full) and one_bit > 0
+    # independent counts: the +-1 weights the packed file stores, and every parameter of the model
+    data, _ = read_packed(export_packed(model, trained.parent / "counted.bst"))
+    one_bit = sum(t.size for t in data.tensors.values() if t.dtype == np.int8)
+    total = sum(p.numel() for p in model.parameters())
+    assert (summary["one_bit_params"], summary["full_precision_params"]) == (one_bit, total - one_bit)
+    assert 0 < one_bit < total
     assert meta["dataset"] == "digits" and meta["distill"] == "hard" and meta["recipe"] is None
     run_info = json.loads((trained / "run.json").read_text())
     assert run_info["global_batch"] == 16 and run_info["world_size"] == 1

@@ -1,6 +1,8 @@
 """``make cross-check`` (benchmarks/cross_check.py) where the cross tools are installed: the zoo's MNIST model
 built for a Cortex-M4 within the flash and RAM goals, and for aarch64, run under qemu bit-exact against the packed
-runtime. Skipped, with the reason, where the tools are missing (CI: they come from ``make cross-check``)."""
+runtime. Skipped, with the reason, where the tools are missing: ``make cross-check`` installs them (apt-get), ``make
+test`` does not, so a CI machine that runs only ``make test`` skips it; test_c_export.py covers the same C code with
+the host's compiler there."""
 
 from __future__ import annotations
 

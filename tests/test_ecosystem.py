@@ -210,6 +210,8 @@ def test_event_datasets_take_a_tonic_transform() -> None:
                                        event_transform=tt.ToFrame(sensor_size=(34, 34, 2), n_event_bins=4)).test
     x, y = framed[0]
     assert x.shape == (4, 2, 34, 34) and x.dtype == torch.float32 and y == plain[0][1]
+    theirs = tt.ToFrame(sensor_size=(34, 34, 2), n_event_bins=4)(to_structured(plain.events(0)))
+    assert torch.equal(x, torch.from_numpy(np.asarray(theirs, np.float32))) and x.sum() > 0
     dropped = bestformer.build_datasets("nmnist", str(NMNIST), limit=4,
                                         event_transform=tt.DropEvent(p=1.0)).test
     assert dropped[0][0].sum() == 0  # events in, events out: framed by us

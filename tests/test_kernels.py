@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
-import sys
 import zlib
 
 import pytest
@@ -32,6 +31,7 @@ from bestformer.neurons import (
     lif_multistep,
     set_backend,
     supported_backends,
+    use_backend,
 )
 from bestformer.neurons.kernels import cpu, fused_lif_multistep, generic, select_engine
 from bestformer.neurons.kernels.fused import is_marked_binary
@@ -421,5 +421,16 @@ def test_eq13_inverse_is_not_bit_exact_and_can_flip_a_spike() -> None:
     assert flips > 0  # and that is enough to change spikes
 
 
-def test_cpu_kernels_are_compiled_with_numba() -> None:
-    assert "numba" in sys.modules  # the CPU engine ran above; not the generic fallback
+def test_the_default_fused_lif_runs_numba_kernels_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU float32 input through the fused LIF goes to the numba engine (not the generic fallback), whose
+    forward is a compiled numba dispatcher."""
+    import numba
+
+    x = torch.randn(3, 2, 8)
+    assert select_engine(x) is cpu and select_engine(x.half()) is generic
+    calls: list[int] = []
+    forward = cpu.forward
+    monkeypatch.setattr(cpu, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    with use_backend("fused"):
+        LIF()(x)
+    assert calls == [1] and isinstance(cpu._compiled()["forward"], numba.core.registry.CPUDispatcher)

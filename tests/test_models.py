@@ -111,12 +111,25 @@ def test_token_attention_matches_hand_computation() -> None:
     assert torch.allclose(out, torch.stack(expected))
 
 
-def test_channel_attention_is_linear_in_tokens() -> None:
-    attn = SpikingSelfAttention(8, 2, "channel", time_steps=2, neuron_layer=get_neuron("lif"))
-    q, k, v = ((torch.rand(2, 1, 2, 50, 4) > 0.5).float() for _ in range(3))
+def test_channel_attention_matches_hand_computation() -> None:
+    """Channel attention (linear in N): Q SR-LIF(K^T V) times lambda and 0.125, the d x d map binarized over T."""
+    torch.manual_seed(2)
+    attn = SpikingSelfAttention(8, 2, "channel", time_steps=3, neuron_layer=get_neuron("lif")).double()
+    with torch.no_grad():
+        attn.lam.copy_(torch.rand_like(attn.lam) + 0.5)
+    q, k, v = ((torch.rand(3, 1, 2, 50, 4) > 0.5).double() for _ in range(3))
+    out = attn.attend(q, k, v)
     kv = k.transpose(-1, -2) @ v
     assert kv.shape[-2:] == (4, 4)  # d x d map, independent of N
-    assert attn.attend(q, k, v).shape == q.shape
+    mem = torch.zeros_like(kv[0])
+    expected = []
+    for t in range(3):  # SR-LIF, tau = 2, V_th = 1, decay_input charge
+        h = mem + (kv[t] - mem) / 2
+        s = (h >= 1).double()
+        mem = h - s
+        expected.append(q[t] @ s * attn.lam[t] * 0.125)
+    assert 0 < float(torch.stack(expected).count_nonzero()) < out.numel()  # the map neither silent nor saturated
+    assert torch.allclose(out, torch.stack(expected))
 
 
 def test_gradients_reach_latent_weights_and_lambda() -> None:
