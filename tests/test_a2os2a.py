@@ -62,7 +62,7 @@ def test_ternary_soft_reset_and_errors() -> None:
         TernaryNeuron("binary")
     with pytest.raises(ConfigError, match="surrogate"):
         TernaryNeuron("ternary_spike", surrogate="atan")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="v_threshold must be finite and above v_reset=0.0, got 0.0"):
         TernaryNeuron(v_threshold=0.0)
     with pytest.raises(InputError):
         TernaryNeuron()(torch.ones(3))

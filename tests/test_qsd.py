@@ -96,11 +96,11 @@ def test_inference_form_gives_identical_downstream_sums() -> None:
 
 
 def test_ielif_errors_and_registry() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"levels must be an integer in \[1, 255\], got 0"):
         IELIF(levels=0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown IE-LIF reset 'none'"):
         IELIF(reset="none")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="amplitude must be a finite number > 0, got -1.0"):
         IELIF(amplitude=-1.0)
     with pytest.raises(InputError, match="channels"):
         IELIF(rectify_channels=3)(torch.randn(1, 2, 4, 5, 5))
