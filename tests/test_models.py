@@ -91,45 +91,43 @@ def test_reversible_inverse_reconstructs_inputs_float64() -> None:
     assert all(torch.equal(a, b) for a, b in zip(stats, block.buffers(), strict=True))
 
 
-def test_token_attention_matches_hand_computation() -> None:
-    """Eq. 8-9: Attn = Q K^T (integers), binarized over T by a soft-reset LIF, times lambda and 0.125."""
-    torch.manual_seed(1)
-    attn = SpikingSelfAttention(8, 2, "token", time_steps=3, neuron_layer=get_neuron("lif")).double()
-    with torch.no_grad():
-        attn.lam.copy_(torch.rand_like(attn.lam) + 0.5)
-    q, k, v = ((torch.rand(3, 1, 2, 5, 4) > 0.5).double() for _ in range(3))
-    out = attn.attend(q, k, v)
-    a = q @ k.transpose(-1, -2)
-    assert torch.equal(a, a.round()) and a.min() >= 0
-    mem = torch.zeros_like(a[0])
-    expected = []
-    for t in range(3):  # SR-LIF, tau = 2, V_th = 1, decay_input charge
-        h = mem + (a[t] - mem) / 2
+def _sr_lif_by_hand(maps: torch.Tensor) -> list[torch.Tensor]:
+    """The attention neuron over T (SR-LIF, tau = 2, V_th = 1, decay_input charge): one spike map per step."""
+    mem, spikes = torch.zeros_like(maps[0]), []
+    for t in range(maps.shape[0]):
+        h = mem + (maps[t] - mem) / 2
         s = (h >= 1).double()
         mem = h - s
-        expected.append(s @ v[t] * attn.lam[t] * 0.125)
-    assert torch.allclose(out, torch.stack(expected))
+        spikes.append(s)
+    return spikes
+
+
+def _attention(mode: str, seed: int, tokens: int
+               ) -> tuple[SpikingSelfAttention, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    attn = SpikingSelfAttention(8, 2, mode, time_steps=3, neuron_layer=get_neuron("lif")).double()
+    with torch.no_grad():
+        attn.lam.copy_(torch.rand_like(attn.lam) + 0.5)
+    return (attn, *((torch.rand(3, 1, 2, tokens, 4) > 0.5).double() for _ in range(3)))
+
+
+def test_token_attention_matches_hand_computation() -> None:
+    """Eq. 8-9: Attn = Q K^T (integers), binarized over T by a soft-reset LIF, times lambda and 0.125."""
+    attn, q, k, v = _attention("token", 1, 5)
+    a = q @ k.transpose(-1, -2)
+    assert torch.equal(a, a.round()) and a.min() >= 0
+    expected = torch.stack([s @ v[t] * attn.lam[t] * 0.125 for t, s in enumerate(_sr_lif_by_hand(a))])
+    assert torch.allclose(attn.attend(q, k, v), expected)
 
 
 def test_channel_attention_matches_hand_computation() -> None:
     """Channel attention (linear in N): Q SR-LIF(K^T V) times lambda and 0.125, the d x d map binarized over T."""
-    torch.manual_seed(2)
-    attn = SpikingSelfAttention(8, 2, "channel", time_steps=3, neuron_layer=get_neuron("lif")).double()
-    with torch.no_grad():
-        attn.lam.copy_(torch.rand_like(attn.lam) + 0.5)
-    q, k, v = ((torch.rand(3, 1, 2, 50, 4) > 0.5).double() for _ in range(3))
-    out = attn.attend(q, k, v)
+    attn, q, k, v = _attention("channel", 2, 50)
     kv = k.transpose(-1, -2) @ v
     assert kv.shape[-2:] == (4, 4)  # d x d map, independent of N
-    mem = torch.zeros_like(kv[0])
-    expected = []
-    for t in range(3):  # SR-LIF, tau = 2, V_th = 1, decay_input charge
-        h = mem + (kv[t] - mem) / 2
-        s = (h >= 1).double()
-        mem = h - s
-        expected.append(q[t] @ s * attn.lam[t] * 0.125)
-    assert 0 < float(torch.stack(expected).count_nonzero()) < out.numel()  # the map neither silent nor saturated
-    assert torch.allclose(out, torch.stack(expected))
+    expected = torch.stack([q[t] @ s * attn.lam[t] * 0.125 for t, s in enumerate(_sr_lif_by_hand(kv))])
+    assert 0 < int(expected.count_nonzero()) < expected.numel()  # the map neither silent nor saturated
+    assert torch.allclose(attn.attend(q, k, v), expected)
 
 
 def test_gradients_reach_latent_weights_and_lambda() -> None:
