@@ -242,16 +242,16 @@ def test_example_driver(tiny, tmp_path):
 def test_cli_export_c(tmp_path, capsys):
     from bestformer.cli import main as cli_main
 
-    out = tmp_path / "model.c"
+    out = tmp_path / "tiny_c" / "model.c"  # the folder is created, as export_c does
     assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "-o", str(out)]) == 0
     assert "arena" in capsys.readouterr().out
-    header = (tmp_path / "model.h").read_text()
+    header = (out.parent / "model.h").read_text()
     assert "bestformer_tiny" in header and "#define BESTFORMER_INPUT_SIZE 784u" in header
-    assert (tmp_path / "example.c").exists()
+    assert (out.parent / "example.c").exists()
     assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "-o", str(tmp_path / "m.c")]) == 2
     assert "give -o" in capsys.readouterr().err
     assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "--threads", "4", "-o", str(out)]) == 0
-    assert "-fopenmp" in capsys.readouterr().out and "#define BF_THREADS 4 " in (tmp_path / "model.c").read_text()
+    assert "-fopenmp" in capsys.readouterr().out and "#define BF_THREADS 4 " in out.read_text()
     assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--threads", "2", "-o", str(tmp_path / "m.bst")]) == 2
     assert "--threads applies to --format c" in capsys.readouterr().err
 

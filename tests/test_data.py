@@ -572,6 +572,26 @@ def test_imagefolder_resize_crop_and_split_policy(tmp_path: Path) -> None:
     assert (len(c.train), len(c.val), len(c.test)) == (10, 4, 6)
 
 
+def test_an_empty_class_folder_is_refused_in_a_folder_and_an_archive(tmp_path: Path) -> None:
+    """A class folder with no file at all (a failed copy) would silently drop a class and shift every label after
+    it: refused, from a folder and from a tar archive (which records the empty folder as a member)."""
+    files = {f"{s}/{c}/{k}.png": png_bytes(np.zeros((4, 4, 3), np.uint8)) for s in ("train", "val")
+             for c in ("a", "c") for k in range(3)}
+    root = write_files(tmp_path / "d", files)
+    (root / "train" / "b").mkdir()
+    (root / "val" / "b").mkdir()
+    with pytest.raises(FileFormatError, match=r"train/b: class folder holds no image files"):
+        build_datasets("imagefolder", root, img_size=4)
+    with tarfile.open(tmp_path / "d.tar", "w") as tf:
+        tf.add(root, arcname="d")
+    with pytest.raises(FileFormatError, match=r"/b: class folder holds no image files"):
+        build_datasets("imagefolder", tmp_path / "d.tar", img_size=4)
+    (root / "train" / ".cache").mkdir()  # hidden folders are not classes
+    (root / "train" / "b" / "0.png").write_bytes(files["train/a/0.png"])
+    (root / "val" / "b" / "0.png").write_bytes(files["train/a/0.png"])
+    assert build_datasets("imagefolder", root, img_size=4).class_names == ["a", "b", "c"]
+
+
 def test_imagefolder_unreadable_image_names_the_file(tmp_path: Path) -> None:
     files = {f"train/{c}/{k}.jpg": png_bytes(np.zeros((4, 4, 3), np.uint8)) for c in ("a", "b") for k in range(5)}
     files["train/b/0.jpg"] = b"\xff\xd8\xff\xe0 truncated jpeg"

@@ -122,3 +122,15 @@ def test_eval_takes_the_runs_limit_and_checks_its_recorded_settings(tmp_path: Pa
         path = save_checkpoint(model, tmp_path / f"bad_{key}.safetensors", **bad)
         with pytest.raises(FileFormatError, match=f"records .*{key.split('_')[-1]}={value!r}"):
             evaluate_saved(*load_weights_spec(str(path)), source="the checkpoint")
+
+
+def test_a_model_option_that_cannot_build_fails_before_the_teacher(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run_module.Run, "teacher", lambda *a: pytest.fail("the teacher was built"))
+    for option, message in (({"depth": 0}, "depth must be an integer >= 1"),
+                            ({"img_size": 16}, "img_size=16 contradicts the dataset digits")):
+        cfg = TrainConfig(model="bestformer_tiny", dataset="digits", teacher="ann_tiny", limit=48, out=str(tmp_path),
+                          name=f"m-{next(iter(option))}", model_args=option, neuron_backend="plain")
+        with pytest.raises(ConfigError, match=message):
+            train(cfg)
+    assert not any(tmp_path.glob("*/config.yaml"))  # no half-made run left behind

@@ -25,7 +25,8 @@ HELP = "convert a trained CSDformer ANN checkpoint into a spike-driven model"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint of a trained csd_* ANN (bestformer train --model csd_tiny)")
+    p.add_argument("checkpoint", help="checkpoint of a trained csd_* ANN (bestformer train --recipe none --model "
+                                      "csd_tiny --dataset digits)")
     p.add_argument("-o", "--output", required=True, type=output_file("spiking model"),
                    help="spiking model to write (.safetensors, plus a .json)")
     p.add_argument("--time-steps", "-T", type=integer(1, 4096), default=None,

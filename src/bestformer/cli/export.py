@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .options import integer, number, output_file
+from .options import integer, number
 
 HELP = "write a deployment file (packed 1-bit model, NIR graph, ONNX or a C library) from a checkpoint"
 
@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("packed", "nir", "onnx", "c"), default="packed",
                         help="packed: .bst file for `bestformer predict`; nir: NIR graph (HDF5); onnx: ONNX graph; "
                              "c: C99 library (-o FOLDER/model.c; model.h and example.c are written beside it)")
-    parser.add_argument("-o", "--output", required=True, type=output_file(),
-                        help="file to write (e.g. model.bst or model.nir)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="file to write (e.g. model.bst or model.nir; --format c: FOLDER/model.c, the folder "
+                             "is created)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="packed: storage of the full-precision tensors (float32 reproduces PyTorch exactly; "
                              "float16 is smaller and approximate)")
@@ -43,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
+    from ..fileio import check_output
     from ..pipeline import load_weights_spec
 
-    out = args.output
+    out = check_output(args.output, parents=args.format == "c")  # before any compute; C writes a folder of files
     model, meta = load_weights_spec(args.checkpoint)
     name = meta["model_name"]
     if args.threads != 1 and args.format != "c":

@@ -147,7 +147,7 @@ class _FolderData:
     """An image-folder CIFAR layout: file names and labels, decoded on demand (and cached when complete)."""
 
     def __init__(self, v: _Variant, tree: FileTree, prefix: str) -> None:
-        files = tree.files()
+        files = tree.entries()  # empty class folders included
         train = check_class_folders(list_class_folders(files, prefix, "train", IMAGE_SUFFIXES),
                                     tree.describe(prefix + "train"), num_classes=v.num_classes)
         self.class_names = list(train)

@@ -278,7 +278,7 @@ def _build_nmnist(root: Path | None, opts: BuildOptions) -> DatasetBundle:
     assert root is not None
     tree, prefix = locate(root, lambda files: find_class_folders(files, ("train",), (".bin",)), "N-MNIST data",
                           _NMNIST_EXPECTED)
-    files, digits = tree.files(), [str(i) for i in range(10)]
+    files, digits = tree.entries(), [str(i) for i in range(10)]  # empty class folders included
     train = check_class_folders(list_class_folders(files, prefix, "train", (".bin",)),
                                 tree.describe(prefix + "Train"), num_classes=10, class_names=digits, kind=".bin")
     names, labels = flatten_folders(train, digits)
@@ -306,7 +306,7 @@ def _build_cifar10dvs(root: Path | None, opts: BuildOptions) -> DatasetBundle:
     assert root is not None
     tree, prefix = locate(root, lambda files: find_class_folders(files, None, (".aedat",)), "CIFAR10-DVS data",
                           _DVS_EXPECTED)
-    folders = check_class_folders(list_class_folders(tree.files(), prefix, None, (".aedat",)),
+    folders = check_class_folders(list_class_folders(tree.entries(), prefix, None, (".aedat",)),
                                   tree.describe(prefix.rstrip("/") or "."), num_classes=10, kind=".aedat")
     class_names = list(folders)
     names, labels = flatten_folders(folders, class_names)

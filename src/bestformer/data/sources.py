@@ -39,6 +39,13 @@ class FileTree(abc.ABC):
     def files(self) -> list[str]: ...
 
     @abc.abstractmethod
+    def folders(self) -> list[str]: ...
+
+    def entries(self) -> list[str]:
+        """:meth:`files` and every folder as ``"path/"``: an empty (class) folder has no file to show it."""
+        return sorted([*self.files(), *(f"{d}/" for d in self.folders())])
+
+    @abc.abstractmethod
     def read(self, name: str) -> bytes: ...
 
     def describe(self, name: str) -> str:
@@ -53,10 +60,15 @@ class DirTree(FileTree):
         self.root = Path(root)
         self.label = str(self.root)
         self._files: list[str] | None = None
+        self._folders: list[str] = []
+
+    def folders(self) -> list[str]:
+        self.files()
+        return self._folders
 
     def files(self) -> list[str]:
         if self._files is None:
-            found, seen = [], set()
+            found, folders, seen = [], [], set()
             for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
                 real = os.path.realpath(dirpath)
                 if real in seen:  # a symlink cycle: do not walk it again
@@ -66,7 +78,8 @@ class DirTree(FileTree):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 rel = Path(dirpath).relative_to(self.root)
                 found += [(rel / f).as_posix() for f in filenames if not f.startswith(".")]
-            self._files = sorted(found)
+                folders += [(rel / d).as_posix() for d in dirnames]
+            self._files, self._folders = sorted(found), sorted(folders)
         return self._files
 
     def read(self, name: str) -> bytes:
@@ -94,12 +107,15 @@ class TarTree(FileTree):
             if raw[:2] == b"\x1f\x8b":
                 raw = gzip.decompress(raw)
             with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
-                members = {self._clean(m.name): (m.offset_data, m.size) for m in tf if m.isfile()}
+                entries = list(tf)
+                members = {self._clean(m.name): (m.offset_data, m.size) for m in entries if m.isfile()}
+                folders = {self._clean(m.name).rstrip("/") for m in entries if m.isdir()}
         except (OSError, tarfile.TarError, EOFError, zlib.error) as err:  # OSError: gzip.BadGzipFile
             raise FileFormatError(f"archive {self.path} is truncated or not a tar archive ({err})") from None
         self._data = raw
         self._members = {k: v for k, v in members.items() if not any(p.startswith(".") for p in k.split("/"))}
         self._names = sorted(self._members)
+        self._folders = sorted(d for d in folders if d and not any(p.startswith(".") for p in d.split("/")))
         for name, (offset, size) in self._members.items():
             if offset + size > len(self._data):
                 raise FileFormatError(f"archive {self.path} is truncated: member {name} is cut off")
@@ -110,6 +126,9 @@ class TarTree(FileTree):
 
     def files(self) -> list[str]:
         return self._names
+
+    def folders(self) -> list[str]:
+        return self._folders
 
     def read(self, name: str) -> bytes:
         try:

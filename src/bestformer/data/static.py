@@ -258,7 +258,7 @@ def _build_imagefolder(root: Path | None, opts: BuildOptions) -> DatasetBundle:
     assert root is not None
     tree, prefix = locate(root, lambda files: find_class_folders(files, ("train",), IMAGE_SUFFIXES),
                           "image folder dataset", _IMAGEFOLDER_EXPECTED)
-    files = tree.files()
+    files = tree.entries()  # empty class folders included
     train_dirs = check_class_folders(list_class_folders(files, prefix, "train", IMAGE_SUFFIXES),
                                      tree.describe(prefix + "train"))
     class_names = list(train_dirs)

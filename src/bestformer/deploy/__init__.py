@@ -4,6 +4,7 @@
 - :func:`export_packed` (``bestformer export CKPT --format packed``) folds a model and writes a ``.bst`` file;
 - :class:`PackedModel` (``bestformer predict``) loads and runs it with popcounts on 64-bit words;
 - :func:`export_nir` (``bestformer export CKPT --format nir``) writes the parts NIR can express;
+- :func:`export_onnx` (``bestformer export CKPT --format onnx``) writes an ONNX graph of the folded model;
 - :func:`export_c` (``bestformer export CKPT --format c``) writes a C99 inference library (no malloc, libc only)
   whose logits equal the packed runtime's bit for bit; :func:`compile_library` builds and loads it (ctypes).
 
@@ -22,6 +23,7 @@ _LAZY = {
     "read_packed": "packfile",
     "write_packed": "packfile",
     "export_nir": "nir_export",
+    "export_onnx": "onnx_export",
     "export_c": "c_export",
     "compile_library": "c_build",
     "to_nir": "nir_export",

@@ -66,6 +66,18 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
+def check_model_builds(name: str, options: dict[str, Any]) -> None:
+    """Build the model on the ``meta`` device, nothing allocated and torch's random stream restored after, so that
+    invalid options fail before any data or teacher time is spent (a model that reads values while it is built
+    cannot be built there: it is checked when it is built for real)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        try:
+            create_model(name, **options)
+        except (NotImplementedError, RuntimeError) as err:
+            if "meta" not in str(err):
+                raise
+
+
 def choose_backend(name: str | None) -> str:
     """The LIF backend: ``name``, else ``"fused"`` when registered, else ``"plain"``."""
     return name or ("fused" if "fused" in supported_backends() else "plain")
@@ -127,6 +139,8 @@ class Run:
         if cfg.time_step_schedule and bundle.is_event:
             raise ConfigError(f"time_step_schedule works on static images; {bundle.name} has event frames, which "
                               "fix T (set it to null)")
+        options = model_options(bundle, time_steps, cfg.model_args, cfg.time_steps is not None)
+        check_model_builds(cfg.model, options)  # bad --model-arg values fail now, not after a teacher's training
         info = {"recipe": self.recipe, "role": self.role, "world_size": ctx.world_size,
                 "global_batch": cfg.batch_size * cfg.accum_steps * ctx.world_size, "device": str(ctx.device),
                 "neuron_backend": backend, "library_version": __version__, "torch_version": torch.__version__,
@@ -142,8 +156,7 @@ class Run:
                                    stopped_by=teacher_result.stopped_by)
 
         seed_everything(cfg.seed, cfg.deterministic)
-        student = create_model(cfg.model, **model_options(bundle, time_steps, cfg.model_args,
-                                                         cfg.time_steps is not None))
+        student = create_model(cfg.model, **options)
         if cfg.init is not None and state is None:  # fine-tuning starts from these weights (a resume has its own)
             source = shared_checkpoint(cfg.init, ctx)
             check_fits(student, source.state_dict(), f"--init {cfg.init} ({source.model_name})")

@@ -134,7 +134,7 @@ class RuntimeConfig:
     threads: int | None = field(default=None, metadata=_opt(
         "CPU threads of torch and of the fused neuron kernels; default: torch's choice"))
     out: str = field(default="runs", metadata=_opt("root folder of the runs"))
-    name: str | None = field(default=None, metadata=_opt("run folder name (default: <model>-<dataset>-<time>)"))
+    name: str | None = field(default=None, metadata=_opt("run folder name (default: <time>-<model>-<dataset>)"))
     log: str = field(default="csv", metadata=_opt(
         "logs of the run: csv (metrics.csv, curves.png) or tensorboard (the same, plus TensorBoard event files in "
         "<run>/tensorboard; needs the tensorboard extra)", choices=("csv", "tensorboard")))
