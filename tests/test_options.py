@@ -41,6 +41,15 @@ def test_the_original_command_resumes_a_run_of_the_implied_recipe(tmp_path: Path
     assert "--model-arg cannot change on --resume" in err and "--model-args" not in err
 
 
+def test_a_run_resumes_after_its_recipe_file_is_gone(tmp_path: Path) -> None:
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("dataset: digits\nmodel_args: {embed_dim: 16, num_heads: 2}\n")
+    assert main(["train", "--recipe", str(recipe), *QUICK, "--out", str(tmp_path), "--name", "r"]) == 0
+    recipe.unlink()
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "r"), "--model-arg", "embed_dim=16"]) == 2  # no file to merge
+
+
 def test_a_batch_size_given_beats_the_recipes_gpu_batch() -> None:
     """cifar10-fast trains at 128 on the CPU and 512 on a GPU; --batch-size 64 is 64 everywhere."""
     cfg, _ = resolve_config("cifar10-fast", {"batch_size": 64})

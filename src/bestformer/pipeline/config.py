@@ -144,8 +144,14 @@ def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[st
     if recipe is not None:  # the original command repeated: its recipe's values count as given
         given = with_recipe(None if recipe.lower() == "none" else recipe, overrides)
     else:
-        merged = with_recipe(implied, overrides)
-        given = {k: merged[k] for k in _flat_keys(overrides)}
+        given = flat_options(overrides, "options")
+        mappings = [k for k in ("model_args", "teacher_args") if k in given]
+        if implied is not None and mappings:
+            try:
+                merged = with_recipe(implied, overrides)
+            except ConfigError:  # the recipe file is gone or changed: the mappings compare as given
+                merged = given
+            given.update({k: merged[k] for k in mappings})
     asked = config_from_dict({**saved, **given}, "options").to_dict()
     # a run on CUDA trained at its recipe's cuda_batch_size: the recipe's CPU batch_size repeated is no change
     on_cuda = saved.get("cuda_batch_size") is not None and saved.get("batch_size") == saved.get("cuda_batch_size")
