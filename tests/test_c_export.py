@@ -206,6 +206,13 @@ def test_a_library_rebuilt_in_the_same_folder_runs_the_new_model(tiny, tmp_path)
     assert not np.array_equal(pms[0].predict(x), pms[1].predict(x))
     with pytest.raises(bestformer.errors.ConfigError, match="already loaded in this process"):
         compile_library(info, flags=("-O1",), output=lib.path)
+    # one output path through a link that moves to another folder: loaded by its real path, so the new model runs
+    current = tmp_path / "current"
+    for k, pm in enumerate(pms):
+        info = export_c(pm, tmp_path / f"m{k}")
+        current.unlink(missing_ok=True)
+        current.symlink_to(tmp_path / f"m{k}", target_is_directory=True)
+        assert_bit_equal(compile_library(info, flags=("-O1",), output=current / "model.so").predict(x), pm.predict(x))
 
 
 def test_example_driver(tiny, tmp_path):
@@ -250,6 +257,8 @@ def test_cli_export_c(tmp_path, capsys):
     assert (out.parent / "example.c").exists()
     assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "-o", str(tmp_path / "m.c")]) == 2
     assert "give -o" in capsys.readouterr().err
+    missing = ["export", str(tmp_path / "none.safetensors"), "--format", "c", "-o", str(tmp_path / "new" / "model.c")]
+    assert cli_main(missing) == 2 and not (tmp_path / "new").exists()  # nothing created for a failed export
     assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--format", "c", "--threads", "4", "-o", str(out)]) == 0
     assert "-fopenmp" in capsys.readouterr().out and "#define BF_THREADS 4 " in out.read_text()
     assert cli_main(["export", "zoo:bestformer_tiny.mnist", "--threads", "2", "-o", str(tmp_path / "m.bst")]) == 2

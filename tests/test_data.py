@@ -587,9 +587,11 @@ def test_an_empty_class_folder_is_refused_in_a_folder_and_an_archive(tmp_path: P
     with pytest.raises(FileFormatError, match=r"/b: class folder holds no image files"):
         build_datasets("imagefolder", tmp_path / "d.tar", img_size=4)
     (root / "train" / ".cache").mkdir()  # hidden folders are not classes
+    (root / "test").mkdir()  # an empty split folder is no split (val/ stays the test split)
     (root / "train" / "b" / "0.png").write_bytes(files["train/a/0.png"])
     (root / "val" / "b" / "0.png").write_bytes(files["train/a/0.png"])
-    assert build_datasets("imagefolder", root, img_size=4).class_names == ["a", "b", "c"]
+    b = build_datasets("imagefolder", root, img_size=4)
+    assert b.class_names == ["a", "b", "c"] and len(b.test) == 7
 
 
 def test_imagefolder_unreadable_image_names_the_file(tmp_path: Path) -> None:

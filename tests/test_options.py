@@ -81,12 +81,16 @@ def test_distill_none_is_accepted_on_the_command_line(tmp_path: Path) -> None:
     assert main(["train", *QUICK, "--distill", "none", "--out", str(tmp_path), "--name", "b"]) == 0
 
 
-def test_a_fixed_time_steps_and_a_contradicting_model_option_are_refused() -> None:
-    static = types.SimpleNamespace(name="digits", num_classes=10, in_channels=1, img_size=8, is_event=False)
-    with pytest.raises(ConfigError, match="time_steps=6 contradicts the dataset digits"):
-        model_options(static, 2, {"time_steps": 6}, fixed_time_steps=True)
-    assert model_options(static, 4, {"time_steps": 6}, fixed_time_steps=False)["time_steps"] == 6
-    assert model_options(static, 2, {"time_steps": 2}, fixed_time_steps=True)["time_steps"] == 2
+def test_time_steps_and_a_contradicting_model_option_on_one_command_line_are_refused() -> None:
+    with pytest.raises(ConfigError, match="--time-steps 2 and --model-arg time_steps=6 disagree; give one"):
+        resolve_config("none", {"time_steps": 2, "model_args": {"time_steps": 6}})
+    # a recipe's T and a model option (static images): the model option builds the model, as before 0.2.0
+    cfg, _ = resolve_config("mnist", {"model_args": {"time_steps": 2}})
+    static = types.SimpleNamespace(name="mnist", num_classes=10, in_channels=1, img_size=28, is_event=False)
+    assert model_options(static, cfg.time_steps, cfg.model_args)["time_steps"] == 2
+    events = types.SimpleNamespace(name="nmnist", num_classes=10, in_channels=2, img_size=34, is_event=True)
+    with pytest.raises(ConfigError, match="time_steps=2 contradicts the dataset nmnist"):
+        model_options(events, 4, {"time_steps": 2})
 
 
 def test_a_schedule_of_time_steps_on_event_data_is_refused_before_the_teacher(tmp_path: Path,
@@ -110,6 +114,24 @@ def test_a_resume_needs_more_epochs_than_the_run_has_started() -> None:
     check_resume_length({"epoch": 4}, TrainConfig(epochs=5), "run r")
     check_resume_length({"epoch": 4, "finished": True}, TrainConfig(epochs=1), "run r")  # done: its table again
     check_resume_length({"epoch": 4}, TrainConfig(epochs=3, cooldown_epochs=2), "run r")
+    check_resume_length({"epoch": 25}, TrainConfig(epochs=1, max_steps=200), "run r")  # a budget's plan: steps
+
+
+def test_options_added_since_a_run_was_made_resume_at_its_behaviour() -> None:
+    """A run saved before ``warmup_prefix`` existed ran the prefix schedule (the default): repeating its reference
+    recipe (which sets it false) is no change, and the run continues with the schedule it had."""
+    saved = resolve_config("cifar10", {"epochs": 2})[0].to_dict()
+    del saved["warmup_prefix"]
+    cfg = resumed_config(saved, "cifar10", {"epochs": 3}, "run r")
+    assert cfg.epochs == 3 and cfg.warmup_prefix
+    with pytest.raises(ConfigError, match="--warmup-prefix cannot change on --resume"):
+        resumed_config(saved, "cifar10", {"warmup_prefix": False}, "run r")
+
+
+def test_the_gpu_batch_rule_holds_on_resume_too() -> None:
+    cfg, _ = resolve_config("cifar10-fast", {"batch_size": 16})
+    resumed = resumed_config(cfg.to_dict(), "cifar10-fast", {"batch_size": 16, "epochs": 2}, "run r")
+    assert (resumed.batch_size, resumed.cuda_batch_size, resumed.epochs) == (16, None, 2)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64])
@@ -124,6 +146,8 @@ def test_eval_takes_the_runs_limit_and_checks_its_recorded_settings(tmp_path: Pa
     model, meta = load_weights_spec(str(best))
     assert evaluate_saved(model, meta)["count"] == 48  # the run's own limit: its recorded test accuracy
     assert evaluate_saved(model, meta, limit=None)["count"] == 359  # whole split
+    with pytest.raises(ConfigError, match="amp must be one of .*, got 'bf32'"):  # the caller's, not the file's
+        evaluate_saved(model, meta, amp="bf32")
     tensors, header = read_checkpoint(best)
     for key, value in (("amp", "fp32"), ("eval_flip", "yes"), ("limit", -3)):
         bad = {**header["meta"], "config": {**header["meta"]["config"], key: value}}

@@ -47,8 +47,13 @@ def run(args: argparse.Namespace) -> int:
     from ..fileio import check_output
     from ..pipeline import load_weights_spec
 
-    out = check_output(args.output, parents=args.format == "c")  # before any compute; C writes a folder of files
+    if args.format == "c" and Path(args.output).name != "model.c":
+        raise ConfigError(f"--format c writes model.c, model.h and example.c into one folder: give -o "
+                          f"{Path(args.output).parent / 'model.c'} (got {Path(args.output).name!r})")
+    out = Path(args.output) if args.format == "c" else check_output(args.output)  # before any compute
     model, meta = load_weights_spec(args.checkpoint)
+    if args.format == "c":  # its folder is created once the checkpoint has loaded
+        out = check_output(out, parents=True)
     name = meta["model_name"]
     if args.threads != 1 and args.format != "c":
         raise ConfigError("--threads applies to --format c")
@@ -103,11 +108,7 @@ def run(args: argparse.Namespace) -> int:
 def _export_c(model: Any, out: Path, events: bool, name: str, threads: int) -> int:
     from ..deploy.c_build import SPEED_FLAGS
     from ..deploy.c_export import CFLAGS, export_c
-    from ..errors import ConfigError
 
-    if out.name != "model.c":
-        raise ConfigError(f"--format c writes model.c, model.h and example.c into one folder: give -o "
-                          f"{out.parent / 'model.c'} (got {out.name!r})")
     info = export_c(model, out.parent, events=events, threads=threads)
     omp = " -fopenmp" if threads > 1 else ""
     print(f"wrote {out} with model.h and example.c (C99, {info.weight_bytes / 1e3:.1f} KB of constants, arena "

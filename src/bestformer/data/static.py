@@ -186,7 +186,7 @@ def list_class_folders(files: list[str], prefix: str, split: str | None, suffixe
             continue
         parts = f[len(prefix):].split("/")
         if split is not None:
-            if parts[0].lower() != split.lower():
+            if parts[0].lower() != split.lower() or parts[1:] == [""]:  # an empty split folder is no split
                 continue
             found, parts = True, parts[1:]
         if len(parts) == 2:

@@ -44,7 +44,7 @@ class CLibrary:
     def __init__(self, path: str | Path, info: CExportInfo):
         self.path = Path(path)
         self.info = info
-        self.lib = ctypes.CDLL(str(self.path))
+        self.lib = ctypes.CDLL(str(self.path.resolve()))  # dlopen matches by this string: the same key as _LOADED
         _LOADED.add(self.path.resolve())
         self.lib.bestformer_predict.argtypes = [ctypes.c_void_p] * 3
         self.lib.bestformer_predict.restype = ctypes.c_int

@@ -14,6 +14,7 @@ from ..training.config import (
     TrainConfig,
     config_from_dict,
     flat_options,
+    gpu_batch_rule,
     resolve_config,
     resolve_time_steps,
     with_recipe,
@@ -73,16 +74,14 @@ def make_distiller(name: str, teacher: nn.Module, student: nn.Module, label_smoo
     return factory(teacher, **kwargs)
 
 
-def model_options(bundle: Any, time_steps: int, extra: dict[str, Any], fixed_time_steps: bool = True
-                  ) -> dict[str, Any]:
+def model_options(bundle: Any, time_steps: int, extra: dict[str, Any]) -> dict[str, Any]:
     """Options of a model for ``bundle``: its data fields from the dataset (``time_steps``: the run's resolved
     ``T``, :func:`~bestformer.training.config.resolve_time_steps`), then ``extra``. Static images take a model
-    option ``time_steps`` unless the run fixed ``T`` itself (``fixed_time_steps``: ``--time-steps`` was given)."""
+    option ``time_steps`` (a command line that also gives ``--time-steps`` is refused by ``resolve_config``)."""
     data = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels, "img_size": bundle.img_size,
             "time_steps": time_steps}
     for key in DATA_FIELDS:
-        free = key == "time_steps" and not bundle.is_event and not fixed_time_steps
-        if key in extra and extra[key] != data[key] and not free:
+        if key in extra and extra[key] != data[key] and not (key == "time_steps" and not bundle.is_event):
             raise ConfigError(f"model option {key}={extra[key]!r} contradicts the dataset {bundle.name} "
                               f"({key}={data[key]}); leave it out, it is filled from the data")
     return {**data, **extra}
@@ -142,7 +141,7 @@ def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[st
     Without one only the options given count, their mappings (``--model-arg``) merged over ``implied``: the
     recipe the run started from, as they were then."""
     if recipe is not None:  # the original command repeated: its recipe's values count as given
-        given = with_recipe(None if recipe.lower() == "none" else recipe, overrides)
+        given = gpu_batch_rule(with_recipe(None if recipe.lower() == "none" else recipe, overrides), overrides)
     else:
         given = flat_options(overrides, "options")
         mappings = [k for k in ("model_args", "teacher_args") if k in given]
@@ -155,8 +154,10 @@ def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[st
     asked = config_from_dict({**saved, **given}, "options").to_dict()
     # a run on CUDA trained at its recipe's cuda_batch_size: the recipe's CPU batch_size repeated is no change
     on_cuda = saved.get("cuda_batch_size") is not None and saved.get("batch_size") == saved.get("cuda_batch_size")
-    changed = [k for k in given if asked[k] != saved.get(k)
-               and not (k == "batch_size" and on_cuda and k not in _flat_keys(overrides))]
+    explicit = _flat_keys(overrides)
+    # a key the run never recorded (an option added since) ran at its default: only an explicit value changes it
+    changed = [k for k in given if asked[k] != saved.get(k) and (k in saved or k in explicit)
+               and not (k == "batch_size" and on_cuda and k not in explicit)]
     bad = [k for k in changed if k not in RESUMABLE]
     if bad:
         k = bad[0]
@@ -168,9 +169,10 @@ def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[st
 
 def check_resume_length(progress: dict[str, Any], cfg: TrainConfig, where: str) -> None:
     """An unfinished run resumes only with more epochs than it has started: fewer would train an epoch of no
-    steps, or finish one past the end of its schedule."""
+    steps, or finish one past the end of its schedule. A run of ``max_steps`` (a budget's plan) ends at its step
+    count, whatever ``epochs`` says."""
     total, started = cfg.epochs + cfg.cooldown_epochs, progress.get("epoch", 0) + 1
-    if not progress.get("finished") and total < started:
+    if cfg.max_steps is None and not progress.get("finished") and total < started:
         raise ConfigError(f"{where} has done {started - 1} epoch(s) and is not finished: --epochs (plus "
                           f"cooldown_epochs) must be at least {started} to continue it, got {total}")
 

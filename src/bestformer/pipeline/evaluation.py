@@ -63,14 +63,19 @@ def evaluate_saved(model: nn.Module, meta: dict[str, Any], *, source: str = "the
     own evaluation settings (amp, flip TTA), its seed and val_fraction (the same validation carve as during
     training) and its sample ``limit`` per split (``None``: whole splits), so that its recorded accuracy is
     reproduced. Returns ``evaluate``'s metrics plus ``dataset``, ``amp`` and ``flip``."""
-    config = saved_config(meta)
+    config, amps = saved_config(meta), field_choices("amp")
+    if amp is not None and amp not in amps:
+        raise ConfigError(f"amp must be one of {', '.join(amps)}, got {amp!r}")
+    if not (limit in ("run", None) or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)):
+        raise ConfigError(f"limit must be an integer >= 1, 'run' or None, got {limit!r}")
+    # the training run's own settings, where the caller leaves them: read from the file, so checked
     amp = amp or config.get("amp", "auto")
     flip = config.get("eval_flip", False) if flip is None else flip
     limit = config.get("limit") if limit == "run" else limit
-    if amp not in field_choices("amp") or not isinstance(flip, bool) or not (
+    if amp not in amps or not isinstance(flip, bool) or not (
             limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)):
         raise FileFormatError(f"{source} records amp={amp!r}, eval_flip={flip!r}, limit={limit!r}; expected amp one "
-                              f"of {', '.join(field_choices('amp'))}, a boolean eval_flip and a limit >= 1 or none")
+                              f"of {', '.join(amps)}, a boolean eval_flip and a limit >= 1 or none")
     bundle = saved_model_data(model, meta, source=source, dataset=dataset, data_dir=data_dir, limit=limit)
     dataset = bundle.name
     data = getattr(bundle, split)

@@ -139,7 +139,7 @@ class Run:
         if cfg.time_step_schedule and bundle.is_event:
             raise ConfigError(f"time_step_schedule works on static images; {bundle.name} has event frames, which "
                               "fix T (set it to null)")
-        options = model_options(bundle, time_steps, cfg.model_args, cfg.time_steps is not None)
+        options = model_options(bundle, time_steps, cfg.model_args)
         check_model_builds(cfg.model, options)  # bad --model-arg values fail now, not after a teacher's training
         info = {"recipe": self.recipe, "role": self.role, "world_size": ctx.world_size,
                 "global_batch": cfg.batch_size * cfg.accum_steps * ctx.world_size, "device": str(ctx.device),

@@ -315,11 +315,20 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any]) -> tuple[Train
         recipe = implied_recipe(overrides)
     elif recipe.lower() == "none":
         recipe = None
-    values = with_recipe(recipe, overrides)
+    given = flat_options(overrides, "options")
+    steps, model_steps = given.get("time_steps"), (given.get("model_args") or {}).get("time_steps")
+    if steps is not None and model_steps is not None and steps != model_steps:
+        raise ConfigError(f"--time-steps {steps} and --model-arg time_steps={model_steps} disagree; give one")
+    return config_from_dict(gpu_batch_rule(with_recipe(recipe, overrides), overrides), "options"), recipe
+
+
+def gpu_batch_rule(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a recipe merged with ``overrides``) where a ``batch_size`` given without a ``cuda_batch_size``
+    is the batch on every device: the recipe's GPU batch no longer replaces it."""
     given = flat_options(overrides, "options")
     if "batch_size" in given and "cuda_batch_size" not in given:
-        values["cuda_batch_size"] = None
-    return config_from_dict(values, "options"), recipe
+        return {**values, "cuda_batch_size": None}
+    return values
 
 
 def implied_recipe(overrides: dict[str, Any]) -> str | None:
