@@ -126,7 +126,7 @@ def test_lsq_levels_and_gradient_scale(bits: int) -> None:
         q.step.fill_(2.0 / qp)  # clip beyond about 2 sigma, so both gradient cases are exercised
     wq = q(w)
     for c in range(6):
-        step = float(q.step[c])
+        step = float(q.step[c].detach())
         assert torch.equal(wq[c].detach(), torch.clamp(torch.round(w[c].detach() / step), qn, qp) * step)
         codes = wq[c].detach() / q.step[c]
         assert torch.allclose(codes, codes.round()) and codes.min() >= qn and codes.max() <= qp
