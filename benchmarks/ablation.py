@@ -105,12 +105,13 @@ def against_baseline(results: dict[str, list[dict]], key: str) -> dict[str, dict
         if name == "baseline":
             continue
         mean, std = mean_std([r[key] for r in runs])
-        paired = [r[key] - base[r["seed"]] for r in runs if r["seed"] in base]
+        paired = {r["seed"]: r[key] - base[r["seed"]] for r in sorted(runs, key=lambda r: r["seed"])
+                  if r["seed"] in base}
         diff, spread = mean - base_mean, max(std, base_std)
         verdict = None if min(len(runs), len(base)) < 2 else \
             "within" if abs(diff) <= spread else "better" if diff > 0 else "worse"
         out[name] = {"diff": diff, "spread": spread, "verdict": verdict, "paired": paired,
-                     "better_seeds": sum(d > 0 for d in paired)}
+                     "better_seeds": sum(d > 0 for d in paired.values())}
     return out
 
 
@@ -122,7 +123,8 @@ def verdict_lines(verdicts: dict[str, dict]) -> list[str]:
     """One line per variant: ``+RF vs baseline: +0.42 points, seed spread 0.80: within the spread; ...``."""
     return [f"{name} vs baseline: {v['diff']:+.2f} points, seed spread {v['spread']:.2f}: "
             f"{VERDICT_TEXT[v['verdict']]}; better on "
-            f"{v['better_seeds']} of {len(v['paired'])} seeds ({', '.join(f'{d:+.2f}' for d in v['paired'])})"
+            f"{v['better_seeds']} of {len(v['paired'])} seeds "
+            f"({', '.join(f'seed {s} {d:+.2f}' for s, d in v['paired'].items())})"
             for name, v in verdicts.items()]
 
 
@@ -201,9 +203,6 @@ def main() -> None:
             new_runs += 1
             if ledger is not None:
                 atomic_write_json(ledger, {"identity": identity, "runs": results, "teacher_checkpoint": teacher_ckpt})
-    seconds = time.perf_counter() - t0
-    if ledger is not None:  # the runs of every call that built the ledger
-        seconds = 60 * sum(r.get("minutes", 0.0) for runs in results.values() for r in runs)
     missing = [(n, s) for s in range(args.seed, args.seed + args.seeds) for n in VARIANTS  # the order runs go in
                if not any(r["seed"] == s for r in results[n])]
     if missing:
@@ -213,6 +212,12 @@ def main() -> None:
 
     seeds = range(args.seed, args.seed + args.seeds)  # the table is of these seeds, whatever else the ledger holds
     results = {name: [r for r in runs if r["seed"] in seeds] for name, runs in results.items()}
+    twice = [name for name, runs in results.items() if len({r["seed"] for r in runs}) != len(runs)]
+    if twice:  # the table would average both while the paired differences keep one
+        raise SystemExit(f"{ledger}: {twice[0]} holds a seed twice; keep one run per variant and seed")
+    seconds = time.perf_counter() - t0
+    if ledger is not None:  # the runs of the table, over every call that built the ledger (the teacher's apart)
+        seconds = 60 * sum(r.get("minutes", 0.0) for runs in results.values() for r in runs)
     summary = {}
     for name, runs in results.items():
         row = {"val": mean_std([r["val"] for r in runs])}
@@ -246,21 +251,19 @@ def main() -> None:
 
 def _plot(summary: dict, results: dict[str, list[dict]], path: Path, title: str) -> None:
     """Mean and standard deviation per variant (bars), each seed's run as a dot on its bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, key in enumerate(("val", "test")):
-        if all(key in summary[n] for n in names):
-            xs = [j + 0.38 * i for j in range(len(names))]
-            ax.bar(xs, [summary[n][key][0] for n in names], 0.36, yerr=[summary[n][key][1] for n in names],
-                   capsize=4, label=key)
-            for x, n in zip(xs, names):
-                ax.plot([x] * len(results[n]), [r[key] for r in results[n]], "k.", markersize=4)
-    ax.set_xticks([j + 0.19 for j in range(len(names))], names)
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    keys = [key for key in ("val", "test") if all(key in summary[n] for n in names)]
+    for i, key in enumerate(keys):
+        xs = [j + 0.38 * i for j in range(len(names))]
+        ax.bar(xs, [summary[n][key][0] for n in names], 0.36, yerr=[summary[n][key][1] for n in names],
+               capsize=4, label=key)
+        for x, n in zip(xs, names):
+            ax.plot([x] * len(results[n]), [r[key] for r in results[n]], "k.", markersize=4)
+    ax.set_xticks([j + 0.19 * (len(keys) - 1) for j in range(len(names))], names)  # under the bar (pair)
     lows = [summary[n]["val"][0] for n in names]
     ax.set_ylim(max(0.0, min(lows) - 10), 100)
     ax.set_ylabel("top-1 accuracy (%)")
@@ -268,7 +271,6 @@ def _plot(summary: dict, results: dict[str, list[dict]], path: Path, title: str)
     ax.legend()
     fig.tight_layout()
     save_png(fig, path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

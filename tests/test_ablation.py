@@ -29,15 +29,19 @@ def test_against_baseline_by_hand():
                "+RF +IED": _runs([74.0, 72.0])}  # seed 2 missing: paired over seeds 0 and 1 only
     v = against_baseline(results, "val")
     assert v["+RF"]["diff"] == pytest.approx(4.0) and v["+RF"]["spread"] == pytest.approx(2.0)
-    assert v["+RF"]["verdict"] == "better" and v["+RF"]["paired"] == [5.0, 4.0, 3.0] and v["+RF"]["better_seeds"] == 3
+    assert v["+RF"]["verdict"] == "better" and v["+RF"]["better_seeds"] == 3
+    assert v["+RF"]["paired"] == {0: 5.0, 1: 4.0, 2: 3.0}
     assert v["+IED"]["diff"] == pytest.approx(73.5 - 72.0 - 1 / 3) and v["+IED"]["spread"] == pytest.approx(
         (((71 - 73.5 + 1 / 3) ** 2 + (73 - 73.5 + 1 / 3) ** 2 + (75.5 - 73.5 + 1 / 3) ** 2) / 2) ** 0.5)
     # better on every seed, yet within the spread: the table's question is about the means
     assert v["+IED"]["verdict"] == "within" and v["+IED"]["better_seeds"] == 3
-    assert v["+RF +IED"]["paired"] == [4.0, 0.0] and v["+RF +IED"]["better_seeds"] == 1  # a tie is not better
+    assert v["+RF +IED"]["paired"] == {0: 4.0, 1: 0.0} and v["+RF +IED"]["better_seeds"] == 1  # a tie: not better
     lines = verdict_lines(v)
     assert lines[0] == ("+RF vs baseline: +4.00 points, seed spread 2.00: better by more than the spread; better on "
-                        "3 of 3 seeds (+5.00, +4.00, +3.00)")
+                        "3 of 3 seeds (seed 0 +5.00, seed 1 +4.00, seed 2 +3.00)")
+    # a ledger in another order pairs and prints by seed
+    shuffled = {name: runs[::-1] for name, runs in results.items()}
+    assert verdict_lines(against_baseline(shuffled, "val")) == lines
     assert "within the spread" in lines[1]
 
 
@@ -116,3 +120,9 @@ def test_ledger_builds_the_table_over_calls(tmp_path: Path):
     # --runs without a ledger would throw the finished runs away
     lost = call("--runs", "1", "--results", "")
     assert lost.returncode == 2 and "--runs needs --results" in lost.stderr
+    # a seed twice (a hand-edited ledger) would be averaged in the table but paired once: refused
+    dup = json.loads(ledger.read_text())
+    dup["runs"]["baseline"].append(dict(dup["runs"]["baseline"][0]))
+    ledger.write_text(json.dumps(dup))
+    twice = call()
+    assert twice.returncode != 0 and "baseline holds a seed twice" in twice.stderr and "training" not in twice.stdout
