@@ -140,10 +140,11 @@ def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[st
     :data:`RESUMABLE` ones may). ``recipe``: the original command's ``--recipe``, whose values count as given.
     Without one only the options given count, their mappings (``--model-arg``) merged over ``implied``: the
     recipe the run started from, as they were then."""
+    explicit = flat_options(overrides, "options")  # the options the command itself gives
     if recipe is not None:  # the original command repeated: its recipe's values count as given
         given = gpu_batch_rule(with_recipe(None if recipe.lower() == "none" else recipe, overrides), overrides)
     else:
-        given = flat_options(overrides, "options")
+        given = dict(explicit)
         mappings = [k for k in ("model_args", "teacher_args") if k in given]
         if implied is not None and mappings:
             try:
@@ -154,7 +155,6 @@ def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[st
     asked = config_from_dict({**saved, **given}, "options").to_dict()
     # a run on CUDA trained at its recipe's cuda_batch_size: the recipe's CPU batch_size repeated is no change
     on_cuda = saved.get("cuda_batch_size") is not None and saved.get("batch_size") == saved.get("cuda_batch_size")
-    explicit = _flat_keys(overrides)
     # a key the run never recorded (an option added since) ran at its default: only an explicit value changes it
     changed = [k for k in given if asked[k] != saved.get(k) and (k in saved or k in explicit)
                and not (k == "batch_size" and on_cuda and k not in explicit)]
@@ -175,10 +175,6 @@ def check_resume_length(progress: dict[str, Any], cfg: TrainConfig, where: str) 
     if cfg.max_steps is None and not progress.get("finished") and total < started:
         raise ConfigError(f"{where} has done {started - 1} epoch(s) and is not finished: --epochs (plus "
                           f"cooldown_epochs) must be at least {started} to continue it, got {total}")
-
-
-def _flat_keys(overrides: dict[str, Any]) -> list[str]:
-    return list(flat_options(overrides, "options"))
 
 
 def _flag(key: str) -> str:
