@@ -39,7 +39,12 @@ So a table of 12 one-hour runs can be built over several sessions; the table and
 is in. With ``--results FILE`` the run folders are ``runs/<FILE's stem>/<variant>-s<seed>``: a run cut off by the end
 of a session (SIGTERM writes its resume state) is continued exactly where it stopped by the next call, and a
 finished run whose result is not in FILE yet is read back from its folder. The options are recorded there too
-(``ledger_identity.json``): folders of other options are refused, never read back.
+(``ledger_identity.json``): folders of other options are refused, never read back. Two calls may build one ledger
+at once (on 2 cores, each ``--threads 1`` trains about 1.2x more steps per second in all than one call on both): a
+run another call is training (its folder locked) is skipped, and each finished run is merged into FILE as it is
+then. FILE also keeps the teacher's validation accuracy: when its checkpoint is gone (the run folders lost), the
+teacher is trained again with the first seed's config, and a teacher that does not reach the same accuracy is said
+to differ, since the distilled runs before it had the other one.
 """
 
 from __future__ import annotations
@@ -82,11 +87,52 @@ def run_once(cfg: TrainConfig) -> dict:
             "minutes": round(seconds / 60, 2), "run_dir": folder}
 
 
-def train_teacher(cfg: TrainConfig) -> str:
+def train_teacher(cfg: TrainConfig) -> tuple[str, float | None]:
     """The shared teacher, trained first as its own run with the config a distilled run would give it
-    (``TrainConfig.teacher_config``); returns its best checkpoint."""
+    (``TrainConfig.teacher_config``); returns its best checkpoint and validation accuracy."""
     tcfg = cfg.teacher_config(str(cfg.teacher), None).replace(name=f"teacher-{cfg.name}")
-    return str(run_once(tcfg)["run_dir"] / "best.safetensors")
+    res = run_once(tcfg)
+    return str(res["run_dir"] / "best.safetensors"), res["val"]
+
+
+def in_use(folder: Path) -> bool:
+    """Whether another process holds the run lock of ``folder`` (``RunFolder.lock``): a run another call of this
+    script is training now, left to it."""
+    lock = folder / ".lock"
+    if not lock.is_file():
+        return False
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks to look at
+        return False
+    with open(lock, "rb") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def record(ledger: Path, identity: dict, teacher: dict, name: str | None = None,
+           entry: dict | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """Add one finished run (``entry`` of variant ``name``) and the shared teacher (``teacher_checkpoint``,
+    ``teacher_val``) to the ledger as the file is now, under a lock, so that two calls training at once (each
+    ``--threads 1`` on a 2-core machine) both keep their runs; returns the ledger's runs and teacher."""
+    import fcntl
+
+    with open(Path("runs") / ledger.stem / "ledger.lock", "a") as lock:  # the run root (main)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = json.loads(ledger.read_text()) if ledger.is_file() else {}
+        if saved and saved["identity"] != identity:
+            raise SystemExit(f"{ledger} holds runs of other options ({saved['identity']}); give another --results")
+        runs = {n: list(saved.get("runs", {}).get(n, [])) for n in VARIANTS}
+        if name is not None and not any(r["seed"] == entry["seed"] for r in runs[name]):
+            runs[name].append(entry)
+        kept = {k: saved.get(k) for k in ("teacher_checkpoint", "teacher_val")}  # unless this call trained one
+        kept.update({k: v for k, v in teacher.items() if v is not None})
+        atomic_write_json(ledger, {"identity": identity, "runs": runs, **kept})
+    return runs, kept
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -167,6 +213,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     teacher_ckpt: str | None = None
+    teacher: dict = {}  # what the ledger keeps of the shared teacher
     ledger = Path(args.results) if args.results else None
     identity = {"dataset": args.dataset, "recipe": recipe_name, "budget": args.budget, "model": model,
                 "overrides": {k: v for k, v in args.overrides}, "limit": args.limit}
@@ -179,30 +226,52 @@ def main() -> None:
             raise SystemExit(f"{ledger} holds runs of other options ({saved['identity']}); give another --results")
         results = {name: saved["runs"].get(name, []) for name in VARIANTS}  # the table's order, not the file's
         teacher_ckpt = saved.get("teacher_checkpoint")
+        teacher["teacher_val"] = saved.get("teacher_val")
     new_runs = 0
+    first_distilled = next(name for name, (_, distilled) in VARIANTS.items() if distilled)
+
+    def config_for(name: str, seed: int, teacher_arg: str | None) -> TrainConfig:
+        model_args = {**recipe.get("model_args", {}), **base.get("model_args", {}), **VARIANTS[name][0]}
+        return resolve_config(recipe_name, {
+            **base, "seed": seed, "name": f"{name.replace(' ', '').replace('+', 'p')}-s{seed}",
+            "model_args": model_args, "teacher": teacher_arg})[0]
+
+    if teacher_ckpt is not None and not Path(teacher_ckpt).is_file():  # run folders lost (a new checkout)
+        print(f"the ledger's teacher {teacher_ckpt} is gone: trained again with the same config before the next "
+              "distilled run (its accuracy is compared with the ledger's)")
+        teacher_ckpt = None
     for seed in range(args.seed, args.seed + args.seeds):
-        for name, (options, distilled) in VARIANTS.items():
+        for name, (_, distilled) in VARIANTS.items():
             if any(r["seed"] == seed for r in results[name]):
                 continue  # in the ledger already
             if args.runs is not None and new_runs >= args.runs:
                 break
-            # the ANN counterpart of the student's size, trained once (first seed), then shared
-            teacher = (teacher_ckpt or model.replace("bestformer", "ann")) if distilled else None
-            model_args = {**recipe.get("model_args", {}), **base.get("model_args", {}), **options}
-            cfg, _ = resolve_config(recipe_name, {
-                **base, "seed": seed, "name": f"{name.replace(' ', '').replace('+', 'p')}-s{seed}",
-                "model_args": model_args, "teacher": teacher})
+            arch_or_ckpt = (teacher_ckpt or model.replace("bestformer", "ann")) if distilled else None
+            cfg = config_for(name, seed, arch_or_ckpt)
+            if in_use(Path(cfg.out) / cfg.name):
+                print(f"{name}, seed {seed}: trained by another call now (its folder is locked); skipped")
+                continue
             if distilled and teacher_ckpt is None:
-                teacher_ckpt = train_teacher(cfg)
+                # the ANN counterpart of the student's size, trained once with the first seed's config, then shared
+                first = config_for(first_distilled, args.seed, arch_or_ckpt)
+                if in_use(Path(first.out) / f"teacher-{first.name}"):
+                    print(f"{name}, seed {seed}: the shared teacher is trained by another call now; skipped")
+                    continue
+                teacher_ckpt, val = train_teacher(first)
                 cfg = cfg.replace(teacher=teacher_ckpt)
+                if teacher.get("teacher_val") not in (None, val):  # the runs before it had another teacher
+                    print(f"the teacher trained again reached {val:.2f} % validation, the ledger's "
+                          f"{teacher['teacher_val']:.2f} %: its distilled runs have a different teacher")
+                teacher = {"teacher_checkpoint": teacher_ckpt, "teacher_val": val}
                 if ledger is not None:  # kept at once: a later call reuses it
-                    atomic_write_json(ledger, {"identity": identity, "runs": results,
-                                               "teacher_checkpoint": teacher_ckpt})
+                    results, teacher = record(ledger, identity, teacher)
             res = run_once(cfg)
-            results[name].append({"seed": seed, "val": res["val"], "test": res["test"], "minutes": res["minutes"]})
+            entry = {"seed": seed, "val": res["val"], "test": res["test"], "minutes": res["minutes"]}
             new_runs += 1
-            if ledger is not None:
-                atomic_write_json(ledger, {"identity": identity, "runs": results, "teacher_checkpoint": teacher_ckpt})
+            if ledger is None:
+                results[name].append(entry)
+            else:  # merged into the file as it is now: another call may have added runs since this one read it
+                results, teacher = record(ledger, identity, teacher, name, entry)
     missing = [(n, s) for s in range(args.seed, args.seed + args.seeds) for n in VARIANTS  # the order runs go in
                if not any(r["seed"] == s for r in results[n])]
     if missing:
@@ -241,7 +310,7 @@ def main() -> None:
     atomic_write_json(folder / f"{stem}.json", {
         "dataset": args.dataset, "budget": args.budget, "options": base, "seeds": args.seeds, "seconds": seconds,
         "runs": results, "summary": summary, "against_baseline": verdicts, "teacher_checkpoint": teacher_ckpt,
-        "table": lines})
+        "teacher_val": teacher.get("teacher_val"), "table": lines})
     _plot(summary, results, folder / f"{stem}.png", lines[0])
     ratio = summary["+RF +IED"][key][0] / summary["baseline"][key][0]
     print(f"ablation {args.dataset} ({key} top-1, mean of {args.seeds} seeds): "

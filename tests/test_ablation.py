@@ -3,8 +3,10 @@ table of many runs over several calls."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ablation import against_baseline, verdict_lines  # noqa: E402
+from ablation import against_baseline, in_use, record, verdict_lines  # noqa: E402
 from accuracy import budgeted  # noqa: E402
 
 
@@ -88,18 +90,37 @@ def test_ledger_builds_the_table_over_calls(tmp_path: Path):
     assert "3 of 8 runs still to do (next: +RF, seed 1)" in first.stdout
     saved = json.loads(ledger.read_text())
     assert sum(len(r) for r in saved["runs"].values()) == 5 and Path(tmp_path, saved["teacher_checkpoint"]).is_file()
+    assert 0 <= saved["teacher_val"] <= 100
     assert not (tmp_path / "ablation_digits_t4.json").exists()  # no table before every run is in
 
-    second = call()
+    # the run folders lost (a new checkout): the teacher is trained again with the first seed's config, and a
+    # teacher that does not reach the ledger's accuracy is said to differ; a run another call holds is left to it
+    shutil.rmtree(tmp_path / "runs" / "t4" / "teacher-pIED-s0")
+    ledger.write_text(json.dumps({**saved, "teacher_val": 1.0}))
+    busy = tmp_path / "runs" / "t4" / "pRF-s1"
+    busy.mkdir()
+    with open(busy / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = call()
     assert second.returncode == 0, second.stderr[-2000:]
-    assert second.stdout.count("training bestformer_tiny") == 3  # the ledger's five runs are not trained again
-    assert second.stdout.count("training teacher") == 0  # nor the shared teacher
+    assert "+RF, seed 1: trained by another call now (its folder is locked); skipped" in second.stdout
+    assert "teacher runs/t4/teacher-pIED-s0/best.safetensors is gone" in second.stdout
+    assert second.stdout.count("-> runs/t4/teacher-") == 1 and "-> runs/t4/teacher-pIED-s0" in second.stdout
+    assert "its distilled runs have a different teacher" in second.stdout
+    assert "1 of 8 runs still to do (next: +RF, seed 1)" in second.stdout
+    assert json.loads(ledger.read_text())["teacher_val"] != 1.0
+    shutil.rmtree(busy)  # the other call's folder (no state: this test's stand-in)
+
+    third = call()
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert third.stdout.count("training bestformer_tiny") == 1  # the ledger's seven runs are not trained again
+    assert "-> runs/t4/teacher-" not in third.stdout  # nor the shared teacher
     table = json.loads((tmp_path / "ablation_digits_t4.json").read_text())
     assert (tmp_path / "ablation_digits_t4.png").read_bytes()[:4] == b"\x89PNG"
     assert {n: sorted(r["seed"] for r in runs) for n, runs in table["runs"].items()} == \
         {n: [0, 1] for n in ("baseline", "+RF", "+IED", "+RF +IED")}
     assert table["against_baseline"] == json.loads(json.dumps(against_baseline(table["runs"], "test")))
-    assert second.stdout.strip().splitlines()[-1].startswith("ablation digits (test top-1, mean of 2 seeds)")
+    assert third.stdout.strip().splitlines()[-1].startswith("ablation digits (test top-1, mean of 2 seeds)")
 
     other = call("--set", "lr=0.5")  # other options: refused, never mixed into the same table
     assert other.returncode != 0 and "holds runs of other options" in other.stderr
@@ -126,3 +147,31 @@ def test_ledger_builds_the_table_over_calls(tmp_path: Path):
     ledger.write_text(json.dumps(dup))
     twice = call()
     assert twice.returncode != 0 and "baseline holds a seed twice" in twice.stderr and "training" not in twice.stdout
+
+
+def test_two_calls_at_once_keep_both_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each finished run is merged into the ledger as the file is then (another call may have added runs since this
+    one read it), and the teacher another call recorded is kept; a held run lock is seen from another descriptor."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "t4").mkdir(parents=True)
+    ledger, identity = tmp_path / "t4.json", {"dataset": "digits"}
+    a = {"seed": 0, "val": 70.0, "test": None, "minutes": 1.0}
+    runs, teacher = record(ledger, identity, {"teacher_checkpoint": "t.safetensors", "teacher_val": 80.0}, "+RF", a)
+    assert runs["+RF"] == [a] and teacher == {"teacher_checkpoint": "t.safetensors", "teacher_val": 80.0}
+    b = {"seed": 0, "val": 71.0, "test": None, "minutes": 1.0}
+    runs, teacher = record(ledger, identity, {}, "+IED", b)  # a call that read the ledger before a's run
+    assert runs["+RF"] == [a] and runs["+IED"] == [b] and teacher["teacher_val"] == 80.0
+    assert record(ledger, identity, {}, "+RF", {**a, "val": 1.0})[0]["+RF"] == [a]  # a seed is never added twice
+    assert json.loads(ledger.read_text())["runs"]["+IED"] == [b]
+    with pytest.raises(SystemExit, match="holds runs of other options"):
+        record(ledger, {"dataset": "mnist"}, {}, "+RF", a)
+
+    folder = tmp_path / "runs" / "t4" / "pRF-s1"
+    assert not in_use(folder)  # no folder
+    folder.mkdir()
+    (folder / ".lock").write_text("")
+    assert not in_use(folder)  # a lock file nobody holds (a run that ended)
+    with open(folder / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert in_use(folder)
+    assert not in_use(folder)
