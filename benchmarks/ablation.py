@@ -58,6 +58,7 @@ from pathlib import Path
 
 from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text, checked
 from bestformer.analysis.report import save_png
+from bestformer.errors import ConfigError
 from bestformer.fileio import atomic_write_json
 from bestformer.pipeline import resolve_config, resume, train
 from bestformer.training import TrainConfig, load_recipe
@@ -97,7 +98,7 @@ def train_teacher(cfg: TrainConfig) -> tuple[str, float | None]:
 
 def in_use(folder: Path) -> bool:
     """Whether another process holds the run lock of ``folder`` (``RunFolder.lock``): a run another call of this
-    script is training now, left to it."""
+    script is training now, left to it. (Held here for a moment: a run taking the lock meanwhile waits for it.)"""
     lock = folder / ".lock"
     if not lock.is_file():
         return False
@@ -265,7 +266,13 @@ def main() -> None:
                 teacher = {"teacher_checkpoint": teacher_ckpt, "teacher_val": val}
                 if ledger is not None:  # kept at once: a later call reuses it
                     results, teacher = record(ledger, identity, teacher)
-            res = run_once(cfg)
+            try:
+                res = run_once(cfg)
+            except ConfigError:
+                if not in_use(Path(cfg.out) / cfg.name):
+                    raise
+                print(f"{name}, seed {seed}: another call took it first; skipped")  # between in_use and its lock
+                continue
             entry = {"seed": seed, "val": res["val"], "test": res["test"], "minutes": res["minutes"]}
             new_runs += 1
             if ledger is None:

@@ -3,6 +3,7 @@
     bash benchmarks/zoo_train.sh                      # the training runs, into runs/zoo/ (about 1.5 h on 2 cores)
     python benchmarks/zoo.py build                    # pack them into src/bestformer/zoo/ and write the manifest
     python benchmarks/zoo.py table                    # the README's zoo table, from the manifest
+    python benchmarks/zoo.py sizes                    # recount the size fields from the shipped weights
 
 ``build`` takes each entry's best checkpoint, writes it in the Hub layout with 1-bit weights as bits
 (``bestformer.save_pretrained``), loads it back through the zoo and checks that it reproduces the run's own
@@ -21,7 +22,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from bestformer.analysis.size import model_size
+from bestformer.fileio import atomic_write_text
 from bestformer.hardware import cpu_info
+from bestformer.zoo import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "zoo"
@@ -47,8 +51,9 @@ ENTRIES: dict[str, tuple[Path, str, str | None, str, bool]] = {
                         "test", False),
     "a2os2a_tiny.mnist": (RUNS / "a2os2a_tiny-mnist", "best.safetensors", "mnist", "test", True),
     "qsd_tiny.mnist": (RUNS / "qsd_tiny-mnist", "best.safetensors", "mnist", "test", True),
-    "csd_tiny.mnist": (RUNS / "csd_tiny-mnist", "converted.safetensors", "mnist", "test", True),
-    "csd_tiny.mnist_ann": (RUNS / "csd_tiny-mnist", "best.safetensors", "mnist", "test", False),
+    # pretrained=True gives the class create_model builds (timm's rule): the trainable ANN, not the converted SNN
+    "csd_tiny.mnist": (RUNS / "csd_tiny-mnist", "converted.safetensors", "mnist", "test", False),
+    "csd_tiny.mnist_ann": (RUNS / "csd_tiny-mnist", "best.safetensors", "mnist", "test", True),
     "bestformer_cifar_fast.cifar10": (CIFAR_RUN, "best.safetensors", "cifar10/cifar10-train-jpeg.tar.gz", "val",
                                       True),
 }
@@ -91,9 +96,8 @@ def _log(run: Path, teacher: bool) -> str:
 
 def build(args: argparse.Namespace) -> None:
     import bestformer
-    from bestformer.analysis.size import model_size
     from bestformer.pipeline import evaluate_saved, load_weights_spec
-    from bestformer.zoo import MANIFEST, ZOO_DIR, hub
+    from bestformer.zoo import ZOO_DIR, hub
 
     full_cpu, short_cpu = cpu()
     entries = []
@@ -144,9 +148,7 @@ def build(args: argparse.Namespace) -> None:
             "slice": {"split": split, "limit": SLICE, "precision": "float64", "count": count, "top1": top1},
             "file": f"{name}/{hub.WEIGHTS}", "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
             "file_bytes": weights.stat().st_size, "folder_bytes": sum(f.stat().st_size for f in folder.iterdir()),
-            "paper_bytes": model_size(zoo_model, deploy=False).paper_bytes,
-            "params": sum(p.numel() for p in zoo_model.parameters()),
-            "binary_params": model_size(zoo_model, deploy=False).binary_params,
+            **size_fields(zoo_model),
             "train_minutes": round(minutes, 2), "cpu": full_cpu if run != CIFAR_RUN else CIFAR_CPU,
             "cpu_short": short_cpu if run != CIFAR_RUN else "2-core AVX-512",
             "command": command, "data": f"../shared/data/{data}" if data else "scikit-learn digits",
@@ -157,14 +159,39 @@ def build(args: argparse.Namespace) -> None:
     if args.only and MANIFEST.is_file():
         old = [e for e in json.loads(MANIFEST.read_text())["entries"] if e["name"] not in args.only]
         entries = sorted(old + entries, key=lambda e: list(ENTRIES).index(e["name"]))
-    MANIFEST.write_text(json.dumps({"format": "bestformer-zoo", "format_version": 1, "entries": entries}, indent=2)
-                        + "\n")
+    write_manifest(entries)
     total = sum(f.stat().st_size for f in ZOO_DIR.rglob("*") if f.is_file())
     print(f"zoo: {len(entries)} entries, {total / 1e6:.2f} MB on disk -> {MANIFEST}")
 
 
 #: the CIFAR-10 run was made in the previous session, on the machine its docs name
 CIFAR_CPU = "AMD EPYC (family 25 model 17, Zen 4), 2 cores, avx2 fma avx512f avx512_bf16 avx512_vnni avx512_vpopcntdq"
+
+
+def size_fields(model: object) -> dict:
+    """The manifest's size fields of a zoo model: the paper's convention (``model_size``'s default full-precision
+    bits), every parameter, the 1-bit ones."""
+    size = model_size(model, deploy=False)
+    return {"paper_bytes": size.paper_bytes, "params": size.params, "binary_params": size.binary_params}
+
+
+def write_manifest(entries: list[dict]) -> None:
+    atomic_write_text(MANIFEST, json.dumps({"format": "bestformer-zoo", "format_version": 1, "entries": entries},
+                                           indent=2) + "\n")
+
+
+def sizes(_args: argparse.Namespace) -> None:
+    """Recount the size fields of every entry from its shipped weights (after a change of the size convention,
+    e.g. 0.2.0's 16-bit full precision), without the training runs."""
+    import bestformer.zoo
+
+    entries = json.loads(MANIFEST.read_text())["entries"]
+    for e in entries:
+        new = size_fields(bestformer.zoo.load_pretrained(e["name"])[0])
+        changed = {k: (e[k], v) for k, v in new.items() if e[k] != v}
+        e.update(new)
+        print(f"{e['name']}: " + (", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "unchanged"))
+    write_manifest(entries)
 
 
 def table(_args: argparse.Namespace) -> None:
@@ -179,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("build", help="pack the runs into the zoo and write the manifest")
     b.add_argument("--only", nargs="+", help="rebuild only these entries")
     b.set_defaults(func=build)
+    sub.add_parser("sizes", help="recount the size fields from the shipped weights").set_defaults(func=sizes)
     sub.add_parser("table", help="print the README table").set_defaults(func=table)
     args = parser.parse_args(argv)
     args.func(args)

@@ -215,6 +215,34 @@ def test_a_library_rebuilt_in_the_same_folder_runs_the_new_model(tiny, tmp_path)
         assert_bit_equal(compile_library(info, flags=("-O1",), output=current / "model.so").predict(x), pm.predict(x))
 
 
+def test_a_failed_export_or_build_leaves_no_mixed_or_partial_files(tiny, tmp_path, monkeypatch):
+    """A re-export that dies half-way leaves files missing, never a new model.h beside an old model.c (whose
+    arena would not fit the header's size); a build goes to a temporary name first, so a failed one leaves no
+    library (another process could load a half-written one) and no temporary file."""
+    import bestformer.deploy.c_export as c_export
+
+    pm = tiny[1]
+    export_c(pm, tmp_path)
+    write = c_export.atomic_write_bytes
+
+    def full_disk_at_model_c(path, data):
+        if Path(path).name == "model.c":
+            raise OSError(28, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(c_export, "atomic_write_bytes", full_disk_at_model_c)
+    with pytest.raises(OSError, match="No space left"):
+        export_c(pm, tmp_path, threads=2)
+    assert (tmp_path / "model.h").is_file() and not (tmp_path / "model.c").exists()
+    monkeypatch.setattr(c_export, "atomic_write_bytes", write)
+    info = export_c(pm, tmp_path)
+    with pytest.raises(bestformer.errors.ConfigError, match=r"failed: .*no-such-flag"):
+        build_shared(info, flags=("-fno-such-flag",))
+    assert not [f.name for f in tmp_path.iterdir() if f.suffix in (".so", ".tmp")]
+    lib = build_shared(info, flags=("-O1",))
+    assert lib.is_file() and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_example_driver(tiny, tmp_path):
     model, pm, info, _ = tiny
     exe = tmp_path / "predict"

@@ -87,3 +87,50 @@ def test_input_config_matches_the_default_build(name: str) -> None:
         model = bestformer.create_model(name)
     assert (model.img_size, model.in_channels, model.num_classes, model.time_steps) == (
         cfg.img_size, cfg.in_channels, cfg.num_classes, cfg.time_steps)
+
+
+@pytest.mark.parametrize("name", ["bestformer_tiny", "qsd_tiny", "csd_tiny"])
+def test_a_new_head_is_saved_with_the_model_and_no_head_gives_features(name: str, tmp_path) -> None:
+    """timm's fine-tuning flow: ``reset_classifier`` then save; the checkpoint rebuilds the new head. ``num_classes=0``
+    builds a model without a head, whose forward returns ``[B, D]`` features in both modes (the distillation head
+    included: two identities are not two logits)."""
+    model = _build(name)
+    if isinstance(model, SpikingTransformer):
+        torch.manual_seed(0)
+        model = bestformer.create_model(name, **SMALL[SpikingTransformer], **DATA, distill_head=True)
+    model.reset_classifier(5)
+    assert model.model_args["num_classes"] == 5
+    path = bestformer.save_checkpoint(model.eval(), tmp_path / "m.safetensors")
+    loaded, _ = bestformer.load_checkpoint(path)
+    x = torch.randn(3, 2, 16, 16)
+    with torch.no_grad():
+        assert loaded.num_classes == 5 and torch.equal(loaded(x), model(x))
+    loaded.reset_classifier(0)
+    for train in (True, False):
+        out = loaded.train(train)(x)
+        assert isinstance(out, torch.Tensor) and out.shape == (3, loaded.num_features)
+    headless = bestformer.create_model(name, **{**DATA, "num_classes": 0}, **SMALL[type(model)])
+    assert headless.num_classes == 0 and headless.eval()(x).shape == (3, headless.num_features)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ConfigError, match=f"num_classes must be an integer >= 0.*got {bad!r}"):
+            loaded.reset_classifier(bad)
+        with pytest.raises(ConfigError, match="num_classes must be an integer >= 0"):
+            bestformer.create_model(name, num_classes=bad)
+    assert loaded.num_classes == 0  # the refusals changed nothing
+
+
+@pytest.mark.parametrize("name", ["bestformer_tiny", "qsd_tiny", "csd_tiny"])
+def test_mlp_ratio_is_checked(name: str) -> None:
+    for bad in (-1, 0, 0.001, float("nan"), float("inf"), True, "4"):
+        with pytest.raises(ConfigError, match="mlp_ratio must be a finite number"):
+            bestformer.create_model(name, mlp_ratio=bad)
+
+
+def test_a_converted_model_refuses_a_new_head_and_keeps_its_own() -> None:
+    from bestformer.models.csd import convert
+
+    snn = convert(_build("csd_tiny").eval())
+    head = snn.head
+    with pytest.raises(ConfigError, match="a converted model's head is its ANN's"):
+        snn.reset_classifier(5)
+    assert snn.num_classes == 10 and snn.head is head

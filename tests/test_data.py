@@ -530,6 +530,28 @@ def test_cifar10_image_folder_from_tar_gz_and_decoded_cache(tmp_path: Path) -> N
         assert "decoded cache" not in rebuilt.source and (len(rebuilt.train), len(rebuilt.val)) == (20, 10)
 
 
+def test_a_source_changing_while_it_is_decoded_is_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """The cache key is taken before the files are listed: an image added during the decode (a copy finishing)
+    must not have the old listing saved under the new data's key, to be served from then on."""
+    import bestformer.data.cifar as cifar
+
+    root = write_files(tmp_path / "folder", _cifar_folder_files(2))
+    decode = cifar._decode_folder_images
+
+    def decode_while_a_file_arrives(*args, **kwargs):
+        out = decode(*args, **kwargs)
+        (root / "train" / "cat" / "0009.png").write_bytes(png_bytes(np.zeros((32, 32, 3), np.uint8)))
+        return out
+
+    monkeypatch.setattr(cifar, "_decode_folder_images", decode_while_a_file_arrives)
+    assert len(build_datasets("cifar10", root, val_fraction=0.5).train) == 10  # the listing it started with
+    monkeypatch.setattr(cifar, "_decode_folder_images", decode)
+    assert not list(Path(os.environ["BESTFORMER_CACHE"]).glob("*.npz"))
+    now = build_datasets("cifar10", root, val_fraction=0.5)
+    assert "decoded cache" not in now.source and len(now.train) + len(now.val) == 21
+
+
 def test_cifar10_image_folder_max_per_class_and_test_folder(tmp_path: Path) -> None:
     files = {**_cifar_folder_files(4), **_cifar_folder_files(2, split="test")}
     root = write_files(tmp_path / "folder", files)

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -732,3 +733,27 @@ def test_split_run_covers_every_row_once_and_keeps_small_layers_on_the_caller():
                 assert callers <= {threading.get_ident()}
             else:
                 assert threading.get_ident() not in callers
+
+
+def test_the_kernels_cache_is_keyed_on_every_kernel_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba keys a cached function on its own file: a kernel of ``layers.py`` inlining a helper of ``core.py``
+    would run an older ``core.py`` after an update. Every kernel caches in one folder named after all the sources
+    (numba's own setting is left as it was)."""
+    import numba
+    from numba.core.registry import CPUDispatcher
+
+    from bestformer.deploy import kernels
+    from bestformer.deploy.kernels import attention, core, layers
+
+    dispatchers = [getattr(m, n) for m in (core, layers, attention) for n in vars(m)
+                   if isinstance(getattr(m, n), CPUDispatcher)]
+    folders = {Path(d._cache._cache_path).parent for d in dispatchers}
+    assert len(dispatchers) >= 20 and len(folders) == 1 and next(iter(folders)).parent.name == "numba"
+    assert os.environ.get("NUMBA_CACHE_DIR", "") == numba.config.CACHE_DIR
+    copy = tmp_path / "kernels"
+    shutil.copytree(Path(kernels.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(kernels, "__file__", str(copy / "__init__.py"))
+    before = kernels._kernel_cache()
+    assert Path(before).name == next(iter(folders)).name  # the copy has the same sources: the same key
+    (copy / "core.py").write_text((copy / "core.py").read_text() + "\n# changed\n")
+    assert kernels._kernel_cache() != before

@@ -163,6 +163,21 @@ def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path: Path) -> None:
     assert train(_cfg(tmp_path)).status == "finished"  # free again once the first has ended
 
 
+def test_a_lock_held_for_a_moment_is_waited_for(tmp_path: Path) -> None:
+    """A process that only checks whether a folder is in use holds its lock for a moment (benchmarks/ablation.py
+    does): a run starting then waits for it instead of being refused."""
+    import fcntl
+    import threading
+
+    folder = RunFolder(tmp_path / "runs" / "busy")
+    folder.path.mkdir(parents=True)
+    probe = open(folder.path / ".lock", "w")  # noqa: SIM115 (closed by the timer)
+    fcntl.flock(probe, fcntl.LOCK_EX)
+    threading.Timer(0.3, probe.close).start()
+    with folder.lock():
+        assert "pid" in (folder.path / ".lock").read_text()
+
+
 def test_two_processes_with_the_same_name(tmp_path: Path) -> None:
     """Two real processes started together: one trains, the other exits 2 at once with one line."""
     args = [sys.executable, "-m", "bestformer", "train", "--recipe", "none", "--dataset", "digits", "--limit", "64",
@@ -248,6 +263,19 @@ def test_written_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_p
         (tmp_path / "new.txt").chmod(0o604)
         atomic_write_text(tmp_path / "new.txt", "y")
         assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o604
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the umask from /proc")
+def test_the_umask_is_read_without_setting_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the umask to read it would change it for a moment for every thread of the process."""
+    old = os.umask(0o027)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(os, "umask", lambda *_: pytest.fail("the umask was set"))
+            atomic_write_text(tmp_path / "new.txt", "x")
+        assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o640
     finally:
         os.umask(old)
 

@@ -200,7 +200,7 @@ def test_profile_a_zoo_entry_as_eval_and_export_take_it(capsys: pytest.CaptureFi
     assert profile["model"] == entry["model"] and profile["params"] == entry["params"]
 
 
-def test_train_init_from_a_zoo_entry(tmp_path: Path) -> None:
+def test_train_init_from_a_zoo_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from bestformer.pipeline import train
     from bestformer.training import TrainConfig
 
@@ -217,6 +217,19 @@ def test_train_init_from_a_zoo_entry(tmp_path: Path) -> None:
         train(cfg.replace(model_args={"embed_dim": 16}, name="bad"))
     with_teacher = cfg.replace(teacher="ann_tiny", teacher_epochs=1, name="teacher")  # the teacher is not --init'ed
     assert train(with_teacher).teacher.status == "finished"
+    # a checkpoint of another label set: its body, a new head of the dataset's 10 classes (timm's fine-tuning)
+    other = bestformer.create_model(start.model_name, **{**start.model_args, "num_classes": 5})
+    other.load_state_dict({**start.state_dict(), **{k: v for k, v in other.state_dict().items()
+                                                     if k.startswith("head")}})
+    path = bestformer.save_checkpoint(other, tmp_path / "five.safetensors")
+    capsys.readouterr()
+    relabelled = train(cfg.replace(init=str(path), name="five"))
+    assert "its 5-class head replaced by a new 10-class one" in capsys.readouterr().out
+    tuned, _ = bestformer.load_checkpoint(relabelled.run_dir / "last.safetensors")
+    assert tuned.num_classes == 10
+    tuned_params = dict(tuned.named_parameters())  # (BatchNorm statistics move whatever the learning rate)
+    assert max((tuned_params[k] - p).abs().max().item() for k, p in start.named_parameters()
+               if not k.startswith("head")) < 1e-3
 
 
 def test_the_readme_table_is_the_manifests() -> None:
@@ -224,7 +237,7 @@ def test_the_readme_table_is_the_manifests() -> None:
 
 
 # ---------------------------------------------------------------------------------- the Hub's layout
-def test_save_and_from_pretrained_round_trip(tmp_path: Path) -> None:
+def test_save_and_from_pretrained_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, _ = bestformer.load_pretrained("bestformer_tiny.digits")
     folder = bestformer.save_pretrained(model, tmp_path / "m", metrics={"top1": 94.7}, command="bestformer train")
     assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
@@ -242,6 +255,13 @@ def test_save_and_from_pretrained_round_trip(tmp_path: Path) -> None:
         bestformer.from_pretrained(folder)
     with pytest.raises(FileFormatError, match="is not a pretrained model folder"):
         bestformer.from_pretrained(tmp_path)
+    # a re-save that dies between the weights and the config leaves a folder that loads (the new weights, with their
+    # embedded header), never new weights beside the old config
+    hub.save_pretrained(model, folder, metrics={"top1": 1.0})
+    monkeypatch.setattr(hub, "atomic_write_json", lambda *_: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError, match="No space left"):
+        hub.save_pretrained(model, folder, metrics={"top1": 2.0})
+    assert hub.from_pretrained(folder)[1]["meta"]["metrics"] == {"top1": 2.0}
 
 
 @pytest.fixture
@@ -294,3 +314,37 @@ def test_without_huggingface_hub_the_error_is_one_line(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     with pytest.raises(ConfigError, match=r"pip install 'bestformer\[hub\]'"):
         bestformer.from_pretrained("hf-hub:org/name")
+
+
+def test_pretrained_with_another_num_classes_keeps_the_body_and_gives_a_new_head() -> None:
+    ref, _ = bestformer.load_pretrained("bestformer_tiny.digits")
+    torch.manual_seed(0)
+    five = bestformer.create_model("bestformer_tiny", pretrained="digits", num_classes=5)
+    assert five.num_classes == 5 and five.head.weight.shape[0] == 5 and not five.training
+    body = {k: v for k, v in ref.state_dict().items() if not k.startswith("head")}
+    assert all(torch.equal(five.state_dict()[k], v) for k, v in body.items())
+    assert five.model_args["num_classes"] == 5  # saved afterwards, it rebuilds the new head
+    # a mistyped option is the caller's, named as the registry names it, not blamed on the file
+    with pytest.raises(ConfigError, match="model 'bestformer_tiny' has no option 'num_clases'"):
+        bestformer.create_model("bestformer_tiny", pretrained="digits", num_clases=5)
+    with pytest.raises(ConfigError, match="num_classes must be an integer >= 0"):
+        bestformer.create_model("bestformer_tiny", pretrained="digits", num_classes=-2)
+    # pretrained=True gives the class create_model builds (the converted CSD model is a tag of its own)
+    assert type(bestformer.create_model("csd_tiny", pretrained=True)) is type(bestformer.create_model("csd_tiny"))
+    assert all(sum(e["default"] for e in ENTRIES if e["model"] == m) == 1 for m in {e["model"] for e in ENTRIES})
+
+
+def test_the_manifest_sizes_are_the_shipped_weights() -> None:
+    """``paper_bytes`` (16-bit full precision, the papers' convention), ``params`` and ``binary_params`` of every
+    entry, recounted from its weights; ``python benchmarks/zoo.py sizes`` rewrites them after a convention change."""
+    from bestformer.analysis.size import model_size
+
+    for entry in ENTRIES:
+        model, _ = bestformer.load_pretrained(entry["name"])
+        size = model_size(model, deploy=False)
+        assert (entry["paper_bytes"], entry["params"], entry["binary_params"]) == \
+            (size.paper_bytes, sum(p.numel() for p in model.parameters()), size.binary_params), entry["name"]
+    # full precision, as Table 2 counts its Spikformer (29.68 M parameters, 59.36 MB): 2 bytes per parameter
+    ann = bestformer.load_pretrained("ann_tiny.mnist")[0]
+    assert next(e for e in ENTRIES if e["name"] == "ann_tiny.mnist")["paper_bytes"] == \
+        2 * sum(p.numel() for p in ann.parameters()) == 224900

@@ -18,6 +18,12 @@ from typing import Any
 from .errors import FileFormatError
 
 
+def cache_dir() -> Path:
+    """The library's cache (decoded data, compiled kernels): ``$BESTFORMER_CACHE`` (default
+    ``~/.cache/bestformer``)."""
+    return Path(os.environ.get("BESTFORMER_CACHE", "~/.cache/bestformer")).expanduser()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``."""
@@ -40,7 +46,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; it is restored at once
+    """The process's umask: read from ``/proc`` where there is one, since setting it to read it (the portable way)
+    changes it for a moment for every thread of the process."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # it is restored at once
     os.umask(mask)
     return mask
 

@@ -167,9 +167,9 @@ def _cache_name(v: _Variant, root: Path) -> str:
     return f"{v.name}-images-{fingerprint(root)}.npz"
 
 
-def _from_cache(v: _Variant, root: Path) -> dict[str, Any] | None:
-    """Decoded folder data saved by an earlier complete decode of the same source, if intact."""
-    arrays = load_cached(_cache_name(v, root))
+def _from_cache(v: _Variant, name: str) -> dict[str, Any] | None:
+    """Decoded folder data saved (as ``name``) by an earlier complete decode of the same source, if intact."""
+    arrays = load_cached(name)
     if arrays is None or not {"images", "labels", "n_train", "class_names"} <= set(arrays):
         return None
     images, labels = arrays["images"], arrays["labels"]
@@ -187,10 +187,12 @@ def _build(v: _Variant, root: Path | None, opts: BuildOptions) -> DatasetBundle:
     """Pickle batches (train / test as published) or image folders (test split only if ``test/`` exists).
 
     Decoded folder images are cached under ``$BESTFORMER_CACHE`` keyed by the source's path, size and mtime,
-    written only after a complete decode (no ``limit`` / ``max_per_class``); the cache is read for any options.
+    written only after a complete decode (no ``limit`` / ``max_per_class``) of a source that did not change while
+    it was read (the key is taken before and after); the cache is read for any options.
     """
     assert root is not None
-    cached = _from_cache(v, root)
+    cache_name = _cache_name(v, root)  # before the files are listed: a source changing while it is read is not saved
+    cached = _from_cache(v, cache_name)
     if cached is not None:
         images, labels, n_train = cached["images"], cached["labels"], cached["n_train"]
         class_names, source, folder = cached["class_names"], f"{root} (decoded cache)", None
@@ -217,8 +219,8 @@ def _build(v: _Variant, root: Path | None, opts: BuildOptions) -> DatasetBundle:
     if folder is not None:
         needed = plan.needed()
         images = _decode_folder_images(folder.tree, folder.names, needed, v.name)
-        if needed.size == len(labels):
-            save_cached(_cache_name(v, root), images=images, labels=labels, n_train=np.int64(n_train),
+        if needed.size == len(labels) and _cache_name(v, root) == cache_name:
+            save_cached(cache_name, images=images, labels=labels, n_train=np.int64(n_train),
                         class_names=np.array(class_names))
     train, val, test = array_splits(images, labels, plan, v.mean, v.std)
     return DatasetBundle(v.name, train, val, test, v.num_classes, 3, 32, False, class_names, v.mean, v.std,

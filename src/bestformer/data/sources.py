@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FileFormatError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, cache_dir
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -186,11 +186,6 @@ def fingerprint(path: Path) -> str:
         st = f.stat()
         digest.update(f"{f.relative_to(path) if f != path else ''}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
-
-
-def cache_dir() -> Path:
-    """Decoded-data cache: ``$BESTFORMER_CACHE`` (default ``~/.cache/bestformer``)."""
-    return Path(os.environ.get("BESTFORMER_CACHE", "~/.cache/bestformer")).expanduser()
 
 
 def load_cached(name: str) -> dict[str, np.ndarray] | None:

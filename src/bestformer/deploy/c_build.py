@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..fileio import atomic_path
 from .c_export import CFLAGS, CExportInfo
 
 #: -O3 vectorizes the LIF / BatchNorm loops (about 3x at -O2 on x86, measured); -march=native picks the popcount path
@@ -94,12 +95,14 @@ def build_shared(info: CExportInfo, threads: int = 1, flags: Sequence[str] = SPE
     if output and so.resolve() in _LOADED:
         raise ConfigError(f"{so} is already loaded in this process, and a library rebuilt there would not be "
                           "loaded again (dlopen keeps the first); build to another output path")
-    cmd += ["-o", str(so)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:  # the first diagnostic says why (the last is often "warnings treated as errors")
-        lines = done.stderr.strip().splitlines() or [""]
-        why = next((line for line in lines if ": error" in line or ": warning" in line), lines[-1])
-        raise ConfigError(f"{' '.join(cmd)} failed: {why}")
+    # built beside it under a name of its own, then renamed: another process loading the same library never
+    # maps a half-written file
+    with atomic_path(so) as tmp:
+        done = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode != 0:  # the first diagnostic says why (the last is often "warnings treated as errors")
+            lines = done.stderr.strip().splitlines() or [""]
+            why = next((line for line in lines if ": error" in line or ": warning" in line), lines[-1])
+            raise ConfigError(f"{' '.join([*cmd, '-o', str(so)])} failed: {why}")
     return so
 
 

@@ -219,6 +219,8 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False, th
         "#endif", "",
     ]
     files = {"model.h": out / "model.h", "model.c": out / "model.c", "example.c": out / "example.c"}
+    for path in files.values():  # an export that fails half-way leaves files missing, never a mixed pair
+        path.unlink(missing_ok=True)
     atomic_write_bytes(files["model.h"], header.encode())
     atomic_write_bytes(files["model.c"], "\n".join(source).encode())
     atomic_write_bytes(files["example.c"], _template("example.c").encode())

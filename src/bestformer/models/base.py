@@ -17,6 +17,7 @@ sizes with :func:`bestformer.models.register_family` (see ``docs/architecture.md
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor, nn
@@ -29,6 +30,22 @@ def check_positive_ints(**values: Any) -> None:
     for key, val in values.items():
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {val!r}")
+
+
+def check_num_classes(num_classes: Any) -> None:
+    """``num_classes`` is an integer >= 0 (0: no head, the model returns features)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ConfigError(f"num_classes must be an integer >= 0 (0: no head, features), got {num_classes!r}")
+
+
+def mlp_width(embed_dim: int, mlp_ratio: Any) -> int:
+    """The hidden width ``int(embed_dim * mlp_ratio)`` of an MLP block, checked to be at least 1."""
+    ok = isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool) and math.isfinite(mlp_ratio) \
+        and int(embed_dim * mlp_ratio) >= 1
+    if not ok:
+        raise ConfigError(f"mlp_ratio must be a finite number with int(width x mlp_ratio) >= 1 (width {embed_dim}), "
+                          f"got {mlp_ratio!r}")
+    return int(embed_dim * mlp_ratio)
 
 
 class BaseModel(nn.Module):
@@ -44,8 +61,8 @@ class BaseModel(nn.Module):
     def _set_data_options(self, num_classes: int, in_channels: int, img_size: int, time_steps: int,
                           **architecture: Any) -> None:
         """Check the data options (and any integer ``architecture`` options given) and keep the data options."""
-        check_positive_ints(num_classes=num_classes, in_channels=in_channels, img_size=img_size,
-                            time_steps=time_steps, **architecture)
+        check_num_classes(num_classes)
+        check_positive_ints(in_channels=in_channels, img_size=img_size, time_steps=time_steps, **architecture)
         self.num_classes, self.in_channels, self.img_size, self.time_steps = (num_classes, in_channels, img_size,
                                                                               time_steps)
 
@@ -53,9 +70,13 @@ class BaseModel(nn.Module):
         raise NotImplementedError
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head for ``num_classes`` outputs (0: no head, ``forward`` returns features)."""
+        """Replace the head for ``num_classes`` outputs (0: no head, ``forward`` returns features). The model's
+        recorded options follow, so that a checkpoint saved afterwards rebuilds the new head."""
+        check_num_classes(num_classes)
+        self.head = self._make_head(num_classes)  # first: a model that cannot change its head is left as it was
         self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        if isinstance(getattr(self, "model_args", None), dict):
+            self.model_args["num_classes"] = num_classes
 
     def check_input(self, x: Tensor) -> None:
         """Clear errors for inputs that do not fit the model (rank, channels, size, time steps)."""

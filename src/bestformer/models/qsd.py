@@ -31,7 +31,7 @@ from ..layers.stem import auto_pool_stages
 from ..neurons import get_neuron
 from ..quant import QuantLinear, bits_to_quantizer
 from ._registry import InputConfig, register_default_change, register_family
-from .base import BaseModel
+from .base import BaseModel, mlp_width
 
 
 class QSDTransformer(BaseModel):
@@ -84,6 +84,7 @@ class QSDTransformer(BaseModel):
         neuron_layer = get_neuron(check_choice("QSD-Transformer neuron", neuron, ("ielif", "relu")),
                                   **(neuron_kwargs or {}))
         e0, e1, e2, e3 = embed_dims
+        mlp_width(min(e0 // 2, *embed_dims), mlp_ratio)  # every block's MLP at least 1 wide
 
         def conv_stage(cin: int, cout: int, kernel: int, stride: int, n: int) -> nn.Sequential:
             return nn.Sequential(Downsample(cin, cout, kernel, stride, neuron_layer, weight_bits),

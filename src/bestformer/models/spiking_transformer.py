@@ -23,7 +23,7 @@ from ..layers.memory import checkpoint_module, spike_packing
 from ..neurons import get_neuron
 from ..quant import QuantLinear, bits_to_quantizer
 from ._registry import InputConfig, register_family
-from .base import BaseModel
+from .base import BaseModel, mlp_width
 
 
 class SpikingTransformer(BaseModel):
@@ -70,7 +70,7 @@ class SpikingTransformer(BaseModel):
             block_cls(
                 attn_factory(dim=embed_dim, heads=num_heads, mode=attention, time_steps=time_steps,
                              neuron_layer=neuron_layer, weight_bits=weight_bits, attn_scale=attn_scale),
-                SpikingMLP(embed_dim, int(embed_dim * mlp_ratio), neuron_layer, weight_bits),
+                SpikingMLP(embed_dim, mlp_width(embed_dim, mlp_ratio), neuron_layer, weight_bits),
             )
             for _ in range(depth)
         )
@@ -105,7 +105,8 @@ class SpikingTransformer(BaseModel):
         self.spike_packing = bool(enable)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head(s) for ``num_classes`` outputs (0: no head, ``forward`` returns features)."""
+        """Replace the head(s) for ``num_classes`` outputs (0: no head, ``forward`` returns the features, one tensor
+        in training mode too)."""
         super().reset_classifier(num_classes)
         if self.head_dist is not None:
             self.head_dist = self._make_head(num_classes)
@@ -136,7 +137,7 @@ class SpikingTransformer(BaseModel):
     def forward_head(self, feats: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """One head: :meth:`BaseModel.forward_head`. Two heads (Eq. 15): classification on ``X^{S,0}``,
         distillation on ``X^{S,1}``; both logits in training mode, their mean in eval mode."""
-        if pre_logits or self.head_dist is None:
+        if pre_logits or self.head_dist is None or self.num_classes == 0:  # no heads: the features, as documented
             return super().forward_head(feats, pre_logits)
         logits, logits_dist = self.head(feats[:, 0]), self.head_dist(feats[:, -1])
         if self.training:

@@ -158,10 +158,13 @@ class Run:
         seed_everything(cfg.seed, cfg.deterministic)
         student = create_model(cfg.model, **options)
         if cfg.init is not None and state is None:  # fine-tuning starts from these weights (a resume has its own)
-            source = shared_checkpoint(cfg.init, ctx)
+            source, note = shared_checkpoint(cfg.init, ctx), ""
+            if getattr(source, "num_classes", student.num_classes) != student.num_classes:  # another label set
+                note = f" (its {source.num_classes}-class head replaced by a new {student.num_classes}-class one)"
+                source.reset_classifier(student.num_classes)
             check_fits(student, source.state_dict(), f"--init {cfg.init} ({source.model_name})")
             student.load_state_dict(source.state_dict())
-            log_main(ctx, f"initialised from {cfg.init}")
+            log_main(ctx, f"initialised from {cfg.init}{note}")
         distiller = None if teacher is None else make_distiller(distill, teacher, student, cfg.label_smoothing)
         extra = {"recipe": self.recipe, "dataset": cfg.dataset, "distill": distill, "role": self.role}
         trainer = Trainer(student, cfg, bundle.train, bundle.val, num_classes=bundle.num_classes, run=folder,

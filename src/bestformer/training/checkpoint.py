@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,24 +241,31 @@ def build_for_state(header: dict[str, Any], overrides: dict[str, Any], state: di
     ``overrides``) for the weights ``state`` only once it is known to fit them: first on the ``meta`` device
     (nothing allocated) under a budget of a few times the file's own size, then for real."""
     name = header["model_name"]
-    args = {**saved_model_args(name, header["model_args"], header.get("library_version")), **overrides}
+    saved = saved_model_args(name, header["model_args"], header.get("library_version"))
+    args = {**saved, **overrides}
     held = sum(t.numel() for t in state.values())
     budget = (4 * held + 2**20, 16 * len(state) + 4096)
-    try:
+
+    def build_shape(options: dict[str, Any]) -> nn.Module:
         try:
             with _construction_budget(*budget), torch.device("meta"):
-                shape_model = create_model(name, **args)
+                return create_model(name, **options)
         except (NotImplementedError, RuntimeError) as err:
             if "meta" not in str(err):
                 raise
             # a model that reads values while it is built (e.g. a converted CSDformer's thresholds) cannot be built
             # on "meta": build it for real, still under the budget (tensors are counted as they are registered)
             with _construction_budget(*budget):
-                shape_model = create_model(name, **args)
+                return create_model(name, **options)
+
+    try:
+        shape_model = build_shape(args)
     except _TooLarge as err:
         raise FileFormatError(f"{what} describes a model far larger than the {held:,} values the file holds "
                               f"({err}); its options {args} are damaged") from None
     except BestformerError as err:
+        if overrides and _builds(build_shape, saved):  # the caller's options are wrong, not the file
+            raise
         raise FileFormatError(f"{what} names a model this library cannot build: {err}") from None
     except (TypeError, ValueError, ArithmeticError, RecursionError, RuntimeError) as err:  # a damaged header's
         raise FileFormatError(f"{what} has invalid model options {args}: {err}") from None
@@ -266,6 +273,29 @@ def build_for_state(header: dict[str, Any], overrides: dict[str, Any], state: di
     if next(iter(shape_model.state_dict().values()), torch.empty(0)).is_meta:
         return create_model(name, **args)
     return shape_model
+
+
+def load_into_model(header: dict[str, Any], overrides: dict[str, Any], state: dict[str, torch.Tensor], what: str
+                    ) -> nn.Module:
+    """The model of ``header`` (plus ``overrides``) with the weights ``state`` loaded, in eval mode. A
+    ``num_classes`` override other than the saved one keeps the trained body and gives a new head (timm's
+    ``pretrained=True, num_classes=N``: fine-tuning to another label set)."""
+    num_classes = overrides.get("num_classes")
+    keep = {k: v for k, v in overrides.items() if k != "num_classes"}
+    model = build_for_state(header, keep, state, what)
+    model.load_state_dict(state)
+    if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
+        model.reset_classifier(num_classes)
+    return model.eval()
+
+
+def _builds(build: Callable[[dict[str, Any]], nn.Module], options: dict[str, Any]) -> bool:
+    """Whether ``build(options)`` succeeds (the saved options alone, to tell whose options failed)."""
+    try:
+        build(options)
+    except (BestformerError, _TooLarge, TypeError, ValueError, ArithmeticError, RecursionError, RuntimeError):
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -276,9 +306,7 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> tuple[nn.Module, dict
     """
     path = Path(path)
     state, header = read_checkpoint(path)
-    model = build_for_state(header, overrides, state, f"checkpoint {path}")
-    model.load_state_dict(state)
-    model.eval()
+    model = load_into_model(header, overrides, state, f"checkpoint {path}")
     meta = dict(header.get("meta", {}))
     meta.update(model_name=header["model_name"], model_args=header["model_args"],
                 library_version=header.get("library_version"))

@@ -38,6 +38,23 @@ from .checkpoint import save_checkpoint
 from .config import dump_yaml
 from .state import RESUME_FILE, save_resume_state
 
+#: seconds a run waits for its folder's lock before refusing: a lock held for a moment (another process checking
+#: whether the folder is in use, as ``benchmarks/ablation.py`` does) is not a run
+LOCK_WAIT = 1.0
+
+
+def _flock_within(fcntl: Any, fh: Any, seconds: float) -> None:
+    """``flock(fh, LOCK_EX)``, retried for ``seconds``; raises :class:`BlockingIOError` if still held then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
 
 def default_run_name(model: str, dataset: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{dataset}"
@@ -87,7 +104,7 @@ class RunFolder:
                 yield
                 return
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_within(fcntl, fh, LOCK_WAIT)
             except BlockingIOError:
                 owner = fh.read().strip() or "another process"
                 raise ConfigError(f"run folder {self.path} is in use by another run ({owner}); wait for it to end, "

@@ -24,10 +24,10 @@ from ..errors import ConfigError, FileFormatError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..training.checkpoint import (
     agreed_header,
-    build_for_state,
     check_finite,
     check_model_header,
     checkpoint_header,
+    load_into_model,
     read_sidecar,
 )
 from ..training.container import read_container, write_container
@@ -48,6 +48,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, card: str | None
     tensors, packed = pack_state(model)
     header = {**checkpoint_header(model, **meta), "format": PRETRAINED_FORMAT,
               "format_version": PRETRAINED_VERSION, "packed": packed}
+    # the old config goes first (as in save_checkpoint): a crash between the writes leaves weights that load with
+    # their embedded header, never new weights beside an old config (refused as disagreeing)
+    (directory / CONFIG).unlink(missing_ok=True)
     header = write_container(directory / WEIGHTS, tensors, _META_KEY, header)
     atomic_write_json(directory / CONFIG, header)
     atomic_write_text(directory / CARD, card if card is not None else model_card(header))
@@ -73,12 +76,11 @@ def read_pretrained(directory: str | Path) -> tuple[dict[str, Any], dict[str, An
 
 def from_pretrained(spec: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Load a pretrained folder (or ``hf-hub:org/name``, downloaded with ``huggingface_hub``): ``(model in eval
-    mode, header)``. ``overrides`` change model options that keep the weights' shapes (e.g. the neuron backend)."""
+    mode, header)``. ``overrides`` change model options that keep the weights' shapes (e.g. the neuron backend),
+    and ``num_classes`` gives a new head on the trained body."""
     directory = _download(str(spec)[len(HUB_PREFIX):]) if str(spec).startswith(HUB_PREFIX) else Path(spec)
     state, header = read_pretrained(directory)
-    model = build_for_state(header, overrides, state, f"pretrained model {directory}")
-    model.load_state_dict(state)
-    return model.eval(), header
+    return load_into_model(header, overrides, state, f"pretrained model {directory}"), header
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, card: str | None = None, private: bool = False,

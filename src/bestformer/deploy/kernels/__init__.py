@@ -27,20 +27,44 @@ matters on a first run and in CI, and the thread count stays a plain argument.)
 
 from __future__ import annotations
 
-from .attention import attention_channel, attention_token
-from .core import LANES, and_popcount8, block_weights, fma32, lif_vector, popcount, unpack_lif
-from .layers import (
-    OUT_BITS,
-    OUT_BYTES,
-    OUT_FLOAT,
-    ROW_TILE,
-    affine,
-    affine_lif_pack,
-    binary_linear,
-    im2col3x3,
-    maxpool3s2,
-    pack_bytes,
-)
+import hashlib
+from pathlib import Path
+
+import numba
+
+from ...fileio import cache_dir
+
+
+def _kernel_cache() -> str:
+    """Where the kernels' compiled code is cached: numba keys a cached function on its own file only, so a kernel
+    that inlines a helper of ``core.py`` would keep running an older ``core.py``. The folder is named after a hash
+    of every kernel source and numba's version instead (numba falls back to ``__pycache__`` when it is not
+    writable)."""
+    digest = hashlib.sha256(numba.__version__.encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return str(cache_dir() / "numba" / digest.hexdigest()[:16])
+
+
+# numba reads CACHE_DIR when a function is decorated: set for these modules' imports only, the user's kept
+_USER_CACHE, numba.config.CACHE_DIR = numba.config.CACHE_DIR, _kernel_cache()
+try:
+    from .attention import attention_channel, attention_token
+    from .core import LANES, and_popcount8, block_weights, fma32, lif_vector, popcount, unpack_lif
+    from .layers import (
+        OUT_BITS,
+        OUT_BYTES,
+        OUT_FLOAT,
+        ROW_TILE,
+        affine,
+        affine_lif_pack,
+        binary_linear,
+        im2col3x3,
+        maxpool3s2,
+        pack_bytes,
+    )
+finally:
+    numba.config.CACHE_DIR = _USER_CACHE
 
 __all__ = [
     "LANES",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from ...layers import ConvBN, LinearBN, ResidualBlock, TimeMaxPool2d, auto_pool_stages, merge_heads, split_heads
 from ...quant import QuantNReLU, QuantReLU
-from ..base import BaseModel
+from ..base import BaseModel, mlp_width
 
 
 class CSDStemStage(nn.Module):
@@ -150,7 +150,7 @@ class CSDTransformer(BaseModel):
         self.stem = nn.ModuleList(CSDStemStage(widths[i], widths[i + 1], levels, pools[i]) for i in range(4))
         self.blocks = nn.ModuleList(
             ResidualBlock(NReLUAttention(embed_dim, num_heads, levels, self.attn_scale),
-                          CSDMLP(embed_dim, int(embed_dim * mlp_ratio), levels))
+                          CSDMLP(embed_dim, mlp_width(embed_dim, mlp_ratio), levels))
             for _ in range(depth)
         )
         self.final_act = QuantReLU(levels)
