@@ -258,7 +258,13 @@ def main() -> None:
                 if in_use(Path(first.out) / f"teacher-{first.name}"):
                     print(f"{name}, seed {seed}: the shared teacher is trained by another call now; skipped")
                     continue
-                teacher_ckpt, val = train_teacher(first)
+                try:
+                    teacher_ckpt, val = train_teacher(first)
+                except ConfigError:
+                    if not in_use(Path(first.out) / f"teacher-{first.name}"):
+                        raise
+                    print(f"{name}, seed {seed}: another call took the shared teacher first; skipped")
+                    continue
                 cfg = cfg.replace(teacher=teacher_ckpt)
                 if teacher.get("teacher_val") not in (None, val):  # the runs before it had another teacher
                     print(f"the teacher trained again reached {val:.2f} % validation, the ledger's "

@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import ablation  # noqa: E402
 from ablation import against_baseline, in_use, record, verdict_lines  # noqa: E402
 from accuracy import budgeted  # noqa: E402
 
@@ -175,3 +176,33 @@ def test_two_calls_at_once_keep_both_runs(tmp_path: Path, monkeypatch: pytest.Mo
         fcntl.flock(held, fcntl.LOCK_EX)
         assert in_use(folder)
     assert not in_use(folder)
+
+
+def test_a_teacher_another_call_took_first_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Two calls that both find the shared teacher missing: the one whose teacher run is refused (the other took
+    its folder between the check and the lock) skips the distilled runs instead of crashing."""
+    from bestformer.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["ablation.py", "digits", "--seeds", "1", "--limit", "32", "--set", "epochs=1", "--results",
+            str(tmp_path / "t4.json")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--runs", "0"])
+    ablation.main()  # records the options beside the run folders, trains nothing
+    identity = json.loads((tmp_path / "runs" / "t4" / "ledger_identity.json").read_text())
+    done = [{"seed": 0, "val": 50.0, "test": 50.0, "minutes": 0.1}]
+    (tmp_path / "t4.json").write_text(json.dumps({"identity": identity, "runs": {"baseline": done, "+RF": done}}))
+    taken: set[str] = set()
+
+    def teacher_taken(cfg: object) -> tuple[str, float]:
+        taken.add("teacher-pIED-s0")
+        raise ConfigError("run folder runs/t4/teacher-pIED-s0 is in use by another run (pid 1 on host)")
+
+    monkeypatch.setattr(ablation, "train_teacher", teacher_taken)
+    monkeypatch.setattr(ablation, "in_use", lambda folder: folder.name in taken)
+    monkeypatch.setattr(sys, "argv", argv)
+    ablation.main()
+    out = capsys.readouterr().out
+    assert "+IED, seed 0: another call took the shared teacher first; skipped" in out
+    assert "+RF +IED, seed 0: the shared teacher is trained by another call now; skipped" in out
+    assert "2 of 4 runs still to do (next: +IED, seed 0)" in out

@@ -236,8 +236,13 @@ def test_a_failed_export_or_build_leaves_no_mixed_or_partial_files(tiny, tmp_pat
     assert (tmp_path / "model.h").is_file() and not (tmp_path / "model.c").exists()
     monkeypatch.setattr(c_export, "atomic_write_bytes", write)
     info = export_c(pm, tmp_path)
-    with pytest.raises(bestformer.errors.ConfigError, match=r"failed: .*no-such-flag"):
-        build_shared(info, flags=("-fno-such-flag",))
+    # a compiler that dies half-way through writing its output (killed, or a full disk)
+    cc = tmp_path / "dying-cc"
+    cc.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\nprintf partial > "$2"\n'
+                  'echo "dying-cc: error: killed" >&2\nexit 1\n')
+    cc.chmod(0o755)
+    with pytest.raises(bestformer.errors.ConfigError, match=r"failed: dying-cc: error: killed"):
+        build_shared(info, flags=("-O1",), compiler=str(cc))
     assert not [f.name for f in tmp_path.iterdir() if f.suffix in (".so", ".tmp")]
     lib = build_shared(info, flags=("-O1",))
     assert lib.is_file() and not list(tmp_path.glob(".*.tmp"))

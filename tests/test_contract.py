@@ -134,3 +134,23 @@ def test_a_converted_model_refuses_a_new_head_and_keeps_its_own() -> None:
     with pytest.raises(ConfigError, match="a converted model's head is its ANN's"):
         snn.reset_classifier(5)
     assert snn.num_classes == 10 and snn.head is head
+
+
+def test_a_checkpoint_saved_after_a_new_head_by_an_older_version_loads_with_num_classes(tmp_path) -> None:
+    """``reset_classifier`` used to leave ``model_args`` at the old count: such a file (weights of 5 classes, a
+    header of 10) loads with ``num_classes=5``, as it did then, instead of getting yet another head."""
+    model = _build("bestformer_tiny")
+    model.reset_classifier(5)
+    model.model_args["num_classes"] = 10  # what the older version recorded
+    path = bestformer.save_checkpoint(model.eval(), tmp_path / "old.safetensors")
+    loaded, _ = bestformer.load_checkpoint(path, num_classes=5)
+    x = torch.randn(2, 2, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_the_mlp_check_is_of_the_blocks_that_exist() -> None:
+    small = dict(embed_dims=(4, 16, 16, 16), conv_depths=(0, 1, 1), depths=(1, 1), num_heads=2, mlp_ratio=0.3)
+    assert bestformer.create_model("qsd_tiny", **small).num_features == 16  # no block at width 2
+    with pytest.raises(ConfigError, match="mlp_ratio"):
+        bestformer.create_model("qsd_tiny", **{**small, "conv_depths": (1, 1, 1)})

@@ -84,7 +84,9 @@ class QSDTransformer(BaseModel):
         neuron_layer = get_neuron(check_choice("QSD-Transformer neuron", neuron, ("ielif", "relu")),
                                   **(neuron_kwargs or {}))
         e0, e1, e2, e3 = embed_dims
-        mlp_width(min(e0 // 2, *embed_dims), mlp_ratio)  # every block's MLP at least 1 wide
+        for width, blocks in zip((e0 // 2, e0, e1, e2, e3), (*conv_depths, *depths)):
+            if blocks:  # every block's MLP at least 1 wide
+                mlp_width(width, mlp_ratio)
 
         def conv_stage(cin: int, cout: int, kernel: int, stride: int, n: int) -> nn.Sequential:
             return nn.Sequential(Downsample(cin, cout, kernel, stride, neuron_layer, weight_bits),

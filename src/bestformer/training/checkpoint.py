@@ -279,10 +279,15 @@ def load_into_model(header: dict[str, Any], overrides: dict[str, Any], state: di
                     ) -> nn.Module:
     """The model of ``header`` (plus ``overrides``) with the weights ``state`` loaded, in eval mode. A
     ``num_classes`` override other than the saved one keeps the trained body and gives a new head (timm's
-    ``pretrained=True, num_classes=N``: fine-tuning to another label set)."""
-    num_classes = overrides.get("num_classes")
-    keep = {k: v for k, v in overrides.items() if k != "num_classes"}
-    model = build_for_state(header, keep, state, what)
+    ``pretrained=True, num_classes=N``: fine-tuning to another label set). A file whose weights already have
+    ``num_classes`` outputs (saved after ``reset_classifier`` by versions that did not record it) loads as it is."""
+    try:
+        model, num_classes = build_for_state(header, overrides, state, what), None
+    except FileFormatError:  # a file of the saved head (a new label set asked for), or a damaged file
+        num_classes = overrides.get("num_classes")
+        if num_classes is None:
+            raise
+        model = build_for_state(header, {k: v for k, v in overrides.items() if k != "num_classes"}, state, what)
     model.load_state_dict(state)
     if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
         model.reset_classifier(num_classes)

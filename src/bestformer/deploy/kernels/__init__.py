@@ -38,11 +38,13 @@ from ...fileio import cache_dir
 def _kernel_cache() -> str:
     """Where the kernels' compiled code is cached: numba keys a cached function on its own file only, so a kernel
     that inlines a helper of ``core.py`` would keep running an older ``core.py``. The folder is named after a hash
-    of every kernel source and numba's version instead (numba falls back to ``__pycache__`` when it is not
-    writable)."""
+    of every kernel source and numba's version instead, under ``NUMBA_CACHE_DIR`` when set, else under
+    ``$BESTFORMER_CACHE/numba`` (numba falls back to ``__pycache__`` when it is not writable)."""
     digest = hashlib.sha256(numba.__version__.encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    if numba.config.CACHE_DIR:  # the user's folder for numba's caches (NUMBA_CACHE_DIR): a subfolder of it
+        return str(Path(numba.config.CACHE_DIR) / f"bestformer-{digest.hexdigest()[:16]}")
     return str(cache_dir() / "numba" / digest.hexdigest()[:16])
 
 
