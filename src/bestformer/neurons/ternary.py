@@ -29,7 +29,8 @@ from .functional import LIFParameters, lif_charge, run_multistep
 from .surrogate import Surrogate, get_surrogate
 
 VARIANTS = ("ternary_spike", "lif")
-#: variant -> (membrane time constant of Eq. 1's form, decay_input, firing threshold as a fraction of V_th)
+#: variant -> (membrane time constant tau, decay_input, firing threshold as a fraction of V_th); ternary_spike
+#: charges in BESTformer Eq. 1's form without input decay, lif in the decay-input form of the reference code
 _VARIANT_DEFAULTS: dict[str, tuple[float, bool, float]] = {
     "ternary_spike": (4.0 / 3.0, False, 0.5),  # beta = 1 - 1/tau = 0.25: u <- 0.25 u + x
     "lif": (2.0, True, 1.0),
