@@ -54,7 +54,10 @@ import json
 import statistics
 import textwrap
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from accuracy import RESULTS, add_budget_arguments, budget_options, budget_text, checked
 from bestformer.analysis.report import save_png
@@ -62,6 +65,8 @@ from bestformer.errors import ConfigError
 from bestformer.fileio import atomic_write_json
 from bestformer.pipeline import resolve_config, resume, train
 from bestformer.training import TrainConfig, load_recipe
+
+T = TypeVar("T")
 
 #: variant -> (model options, distilled)
 VARIANTS: dict[str, tuple[dict, bool]] = {
@@ -115,6 +120,29 @@ def in_use(folder: Path) -> bool:
     return False
 
 
+def read_ledger(ledger: Path, identity: dict) -> dict:
+    """The ledger's contents (``{}`` before its first run), refused if it holds runs of other options."""
+    saved = json.loads(ledger.read_text()) if ledger.is_file() else {}
+    if saved and saved["identity"] != identity:
+        raise SystemExit(f"{ledger} holds runs of other options ({saved['identity']}); give another --results")
+    return saved
+
+
+def unless_elsewhere(folder: Path, busy: str, taken: str, work: Callable[[], T]) -> T | None:
+    """``work()`` (which takes ``folder``'s run lock), or ``None`` when another call holds that folder: seen before
+    (``busy`` is printed) or when its lock refused this call in between (``taken``)."""
+    if in_use(folder):
+        print(busy)
+        return None
+    try:
+        return work()
+    except ConfigError:
+        if not in_use(folder):
+            raise
+        print(taken)
+        return None
+
+
 def record(ledger: Path, identity: dict, teacher: dict, name: str | None = None,
            entry: dict | None = None) -> tuple[dict[str, list[dict]], dict]:
     """Add one finished run (``entry`` of variant ``name``) and the shared teacher (``teacher_checkpoint``,
@@ -124,9 +152,7 @@ def record(ledger: Path, identity: dict, teacher: dict, name: str | None = None,
 
     with open(Path("runs") / ledger.stem / "ledger.lock", "a") as lock:  # the run root (main)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        saved = json.loads(ledger.read_text()) if ledger.is_file() else {}
-        if saved and saved["identity"] != identity:
-            raise SystemExit(f"{ledger} holds runs of other options ({saved['identity']}); give another --results")
+        saved = read_ledger(ledger, identity)
         runs = {n: list(saved.get("runs", {}).get(n, [])) for n in VARIANTS}
         if name is not None and not any(r["seed"] == entry["seed"] for r in runs[name]):
             runs[name].append(entry)
@@ -222,9 +248,7 @@ def main() -> None:
         base["out"] = str(Path("runs") / ledger.stem)
         claim_run_root(Path(base["out"]), identity)
     if ledger is not None and ledger.is_file():
-        saved = json.loads(ledger.read_text())
-        if saved["identity"] != identity:
-            raise SystemExit(f"{ledger} holds runs of other options ({saved['identity']}); give another --results")
+        saved = read_ledger(ledger, identity)
         results = {name: saved["runs"].get(name, []) for name in VARIANTS}  # the table's order, not the file's
         teacher_ckpt = saved.get("teacher_checkpoint")
         teacher["teacher_val"] = saved.get("teacher_val")
@@ -249,22 +273,22 @@ def main() -> None:
                 break
             arch_or_ckpt = (teacher_ckpt or model.replace("bestformer", "ann")) if distilled else None
             cfg = config_for(name, seed, arch_or_ckpt)
-            if in_use(Path(cfg.out) / cfg.name):
-                print(f"{name}, seed {seed}: trained by another call now (its folder is locked); skipped")
+            folder, busy = Path(cfg.out) / cfg.name, f"{name}, seed {seed}: trained by another call now (its folder " \
+                "is locked); skipped"
+            if in_use(folder):  # before the teacher: nothing to train for a run another call holds
+                print(busy)
                 continue
             if distilled and teacher_ckpt is None:
                 # the ANN counterpart of the student's size, trained once with the first seed's config, then shared
                 first = config_for(first_distilled, args.seed, arch_or_ckpt)
-                if in_use(Path(first.out) / f"teacher-{first.name}"):
-                    print(f"{name}, seed {seed}: the shared teacher is trained by another call now; skipped")
+                trained = unless_elsewhere(
+                    Path(first.out) / f"teacher-{first.name}",
+                    f"{name}, seed {seed}: the shared teacher is trained by another call now; skipped",
+                    f"{name}, seed {seed}: another call took the shared teacher first; skipped",
+                    partial(train_teacher, first))
+                if trained is None:
                     continue
-                try:
-                    teacher_ckpt, val = train_teacher(first)
-                except ConfigError:
-                    if not in_use(Path(first.out) / f"teacher-{first.name}"):
-                        raise
-                    print(f"{name}, seed {seed}: another call took the shared teacher first; skipped")
-                    continue
+                teacher_ckpt, val = trained
                 cfg = cfg.replace(teacher=teacher_ckpt)
                 if teacher.get("teacher_val") not in (None, val):  # the runs before it had another teacher
                     print(f"the teacher trained again reached {val:.2f} % validation, the ledger's "
@@ -272,12 +296,9 @@ def main() -> None:
                 teacher = {"teacher_checkpoint": teacher_ckpt, "teacher_val": val}
                 if ledger is not None:  # kept at once: a later call reuses it
                     results, teacher = record(ledger, identity, teacher)
-            try:
-                res = run_once(cfg)
-            except ConfigError:
-                if not in_use(Path(cfg.out) / cfg.name):
-                    raise
-                print(f"{name}, seed {seed}: another call took it first; skipped")  # between in_use and its lock
+            res = unless_elsewhere(folder, busy, f"{name}, seed {seed}: another call took it first; skipped",
+                                   partial(run_once, cfg))
+            if res is None:
                 continue
             entry = {"seed": seed, "val": res["val"], "test": res["test"], "minutes": res["minutes"]}
             new_runs += 1

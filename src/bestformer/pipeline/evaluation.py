@@ -55,6 +55,11 @@ def evaluate_best(result: TrainResult, model: nn.Module, bundle: Any, cfg: Train
         result.test = evaluate(model, bundle.test, desc="test", where="test split", **kw)
 
 
+def _sample_limit(limit: Any) -> bool:
+    """Whether ``limit`` is a sample limit per split: an integer >= 1, or ``None`` (whole splits)."""
+    return limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)
+
+
 def evaluate_saved(model: nn.Module, meta: dict[str, Any], *, source: str = "the model",
                    dataset: str | None = None, data_dir: str | None = None, split: str = "test",
                    limit: int | Literal["run"] | None = "run", batch_size: int = 256, device: str = "auto",
@@ -66,14 +71,13 @@ def evaluate_saved(model: nn.Module, meta: dict[str, Any], *, source: str = "the
     config, amps = saved_config(meta), field_choices("amp")
     if amp is not None and amp not in amps:
         raise ConfigError(f"amp must be one of {', '.join(amps)}, got {amp!r}")
-    if not (limit in ("run", None) or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)):
+    if not (limit == "run" or _sample_limit(limit)):
         raise ConfigError(f"limit must be an integer >= 1, 'run' or None, got {limit!r}")
     # the training run's own settings, where the caller leaves them: read from the file, so checked
     amp = amp or config.get("amp", "auto")
     flip = config.get("eval_flip", False) if flip is None else flip
     limit = config.get("limit") if limit == "run" else limit
-    if amp not in amps or not isinstance(flip, bool) or not (
-            limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)):
+    if amp not in amps or not isinstance(flip, bool) or not _sample_limit(limit):
         raise FileFormatError(f"{source} records amp={amp!r}, eval_flip={flip!r}, limit={limit!r}; expected amp one "
                               f"of {', '.join(amps)}, a boolean eval_flip and a limit >= 1 or none")
     bundle = saved_model_data(model, meta, source=source, dataset=dataset, data_dir=data_dir, limit=limit)
