@@ -65,7 +65,8 @@ def run_stage(name: str, cmd: list[str], timeout: float, out: Path, env: dict[st
         text = proc.stdout + proc.stderr
         status = "passed" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
     except subprocess.TimeoutExpired as err:
-        text = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        text = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+                       for part in (err.stdout, err.stderr))  # the stage's warnings and traceback are on stderr
         status = f"timed out after {timeout:.0f} s"
     except OSError as err:
         text, status = str(err), f"failed to start ({err.strerror})"

@@ -488,8 +488,9 @@ def _fork_ranks(world: int, cfgs: list[dict[str, Any]], out: Path, grace_s: floa
 ENGINE = dict(model="bestformer_tiny", model_args={**TINY, "pool_stages": [False, False, True, True], "time_steps": 2},
               dataset="digits", limit=40, epochs=2, warmup_epochs=0, lr=2e-3, min_lr=1e-4, seed=3, amp="off",
               neuron_backend="plain", threads=1, monitor_every=0)
-#: state of the instrumented Trainer in this process: per micro-batch records, a forced stop, a forced crash
-_HOOKS: dict[str, Any] = {"records": [], "stop_at": None, "crash": None}
+#: state of the instrumented Trainer in this process: per micro-batch records, a forced stop, a forced crash, a
+#: rank whose clock runs ahead ("skew": [rank, "deadline" | "plan_end"]), the BatchNorm statistics each validation saw
+_HOOKS: dict[str, Any] = {"records": [], "stop_at": None, "crash": None, "skew": None, "evals": []}
 
 
 def _instrument() -> None:
@@ -507,7 +508,8 @@ def _instrument() -> None:
         if crash and self.ctx.rank == crash[0] and self.progress.global_step == crash[1]:
             os._exit(3)  # a hard crash in the middle of a step: no exception, no cleanup
         value = loss(self, x, target, out)
-        _HOOKS["records"][-1]["loss"] = float(value.detach())
+        if _HOOKS["records"]:  # a budget's measurement steps (before training) are not recorded
+            _HOOKS["records"][-1]["loss"] = float(value.detach())
         return value
 
     def record_batches(self: Any) -> Any:
@@ -521,8 +523,24 @@ def _instrument() -> None:
     def forced_stop(self: Any, signals: Any) -> bool:
         return self.progress.global_step == _HOOKS["stop_at"] or stop(self, signals)
 
+    fit, evaluate = engine.Trainer.fit, engine.evaluate
+
+    def skewed_fit(self: Any) -> str:  # a budgeted run whose rank skew[0] is late (its deadline or plan's end past)
+        skew = _HOOKS["skew"]
+        if skew and self.ctx.rank == skew[0]:
+            setattr(self, skew[1], 0.0)
+        elif skew and skew[1] == "plan_end":
+            self.plan_end = time.perf_counter() + 4.0  # rank 0 plans on: about 4 s of steps
+        return fit(self)
+
+    def record_eval(model: Any, *args: Any, **kwargs: Any) -> Any:
+        bn = [b for name, b in engine.unwrap_model(model).named_buffers() if "running" in name]
+        _HOOKS["evals"].append(float(sum(b.double().sum() for b in bn)))
+        return evaluate(model, *args, **kwargs)
+
     engine.Trainer.loss, engine.Trainer._micro_batches = record_loss, record_batches
     engine.Trainer._stop_requested, engine.Trainer._instrumented = forced_stop, True
+    engine.Trainer.fit, engine.evaluate = skewed_fit, record_eval
 
 
 def _engine_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -532,13 +550,13 @@ def _engine_job(job: dict[str, Any]) -> dict[str, Any]:
     from bestformer.training import TrainConfig
 
     _instrument()
-    _HOOKS.update(records=[], stop_at=job.get("stop_at"), crash=job.get("crash"))
+    _HOOKS.update(records=[], stop_at=job.get("stop_at"), crash=job.get("crash"), skew=job.get("skew"), evals=[])
     root = Path(job["root"])
     if job.get("resume"):
         result = resume(root / job["resume"])
     else:
         result = train(TrainConfig(**{**ENGINE, **job.get("cfg", {}), "out": str(root), "name": job["name"]}))
-    return {"status": result.status, "records": _HOOKS["records"]}
+    return {"status": result.status, "records": _HOOKS["records"], "evals": _HOOKS["evals"]}
 
 
 #: augmentation of the 1-process-accumulating and 2-process runs that must be the same run: each micro-batch draws
@@ -554,6 +572,8 @@ ENGINE_JOBS: list[tuple[int, dict[str, Any]]] = [
     (2, {"name": "two8_stop", "cfg": {"batch_size": 8, **AUGMENT}, "stop_at": 1}),
     (1, {"name": "one_resume", "resume": "two8_stop"}),
     (2, {"name": "crash", "cfg": {"batch_size": 8}, "crash": [1, 1]}),
+    (2, {"name": "two_late", "cfg": {"batch_size": 8, "time_budget": "1h"}, "skew": [1, "deadline"]}),
+    (2, {"name": "two_replan", "cfg": {"batch_size": 8, "time_budget": "1h"}, "skew": [1, "plan_end"]}),
 ]
 #: the multi-process scenarios of the library layer (no engine): a rank that stalls
 JOBS = {"hang": [{"n": 24, "global_batch": 8, "batch_size": 4, "seed": 0, "fault_step": 1, "timeout_s": 3,
@@ -681,6 +701,24 @@ def test_resume_on_another_number_of_processes(launched: Any) -> None:
     for run, reference in (("one16_stop", "one16"), ("two8_stop", "one8x2")):
         got, want = (_train_losses(root / name / "metrics.csv") for name in (run, reference))
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6), run
+
+
+def test_ranks_agree_on_the_deadline_the_replan_and_the_statistics_they_validate_with(launched: Any) -> None:
+    """Budgeted 2-rank runs where rank 1's clock says stop: its deadline passed (both ranks stop after step 1)
+    or no time is left at its first re-plan (both follow rank 0's plan). A rank deciding alone paired its
+    validation's all-reduce with the other's gradient all-reduce. Each validation sees rank 0's BatchNorm
+    statistics on both ranks (without synced BatchNorm each rank's last micro-batch moved its own)."""
+    codes, root = launched
+    for name in ("two_late", "two_replan"):
+        assert codes[name] == [0, 0], name
+        ranks = [torch.load(f) for f in sorted((root / "ranks" / name).glob("rank*.pt"))]
+        steps = [{(r["epoch"], r["step"]) for r in rank["records"]} for rank in ranks]
+        assert steps[0] == steps[1] and all(rank["status"] == "finished" for rank in ranks)
+        assert ranks[0]["evals"] == ranks[1]["evals"]
+        if name == "two_late":
+            assert steps[0] == {(0, 0)}
+        else:  # rank 0's ~4 s of steps: past the epoch at whose end rank 1 had no time left
+            assert max(steps[0])[0] >= 1 and len(ranks[0]["evals"]) >= 2
 
 
 def _train_losses(path: Path) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -30,3 +31,16 @@ def test_gpu_check_dry_run_passes_every_stage_at_tiny_sizes(tmp_path: Path) -> N
     # about a minute on an idle 2-core CI machine; the bound only catches a stage left at full size (a shared,
     # loaded CI machine must not fail it)
     assert seconds < 200, seconds
+
+
+def test_a_timed_out_stage_keeps_its_stderr(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    gpu_check._DEADLINE[0] = time.perf_counter() + 60
+    code = "import sys, time; print('out', flush=True); print('budget warning', file=sys.stderr, flush=True); " \
+           "time.sleep(30)"
+    result = gpu_check.run_stage("slow", [sys.executable, "-c", code], 5, tmp_path)
+    assert result["status"].startswith("timed out")
+    assert "out" in result["tail"] and "budget warning" in result["tail"]
+    assert "budget warning" in (tmp_path / "slow.log").read_text()

@@ -1,15 +1,18 @@
 """Fused LIF kernels, spike packing and checkpointing against the plain path (issue 7).
 
 The Triton kernels run here in Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors); on a machine with a GPU
-they are exercised on CUDA instead. No GPU took part in writing these tests: the compiled CUDA path is validated only
-through the interpreter in CI.
+they are exercised on CUDA instead. No GPU took part in writing these tests: in CI the compiled CUDA path is
+validated through the interpreter and by compiling the kernels for sm_90 (Triton runs ``ptxas`` without a GPU).
 """
 
 from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -122,12 +125,59 @@ def test_generic_engine_matches_plain_path(p: LIFParameters) -> None:
 
 
 @pytest.mark.skipif(triton_lif is None, reason="triton is not installed")
-@pytest.mark.parametrize("p", OPTIONS[::2], ids=str)
+@pytest.mark.parametrize("p", OPTIONS[::3], ids=str)
 def test_triton_kernel_matches_plain_path(p: LIFParameters) -> None:
-    # interpreted on CPU (one program per BLOCK neurons; 1100 neurons span two programs and a masked tail)
+    # interpreted on CPU (one program per BLOCK neurons; 1100 neurons span two programs and a masked tail); both
+    # taus: on CUDA torch divides by tau = 3 through its float32 reciprocal, which the kernel must follow
+    assert {q.tau for q in OPTIONS[::3]} == {2.0, 3.0}
     for k, surrogate in enumerate((Sigmoid(4.0), ATan(1.7), Cubic(0.5))):
         shape = [(3, 1100), (4, 2, 3), (2, 5, 1)][k]
         _assert_parity(triton_lif, p, surrogate, shape, with_state=k != 1, device=DEVICE)
+
+
+@pytest.mark.skipif(triton_lif is None or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_kernel_runs_on_the_tensors_gpu_not_the_current_one() -> None:
+    # Triton launches on the current device: a model on cuda:1 while cuda:0 is current
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    assert torch.cuda.current_device() != torch.device(device).index
+    _assert_parity(triton_lif, LIFParameters(tau=3.0, reset="soft"), Sigmoid(4.0), (3, 1100), with_state=True,
+                   device=device)
+
+
+_COMPILE_SM90 = """
+import json, warnings
+warnings.filterwarnings("ignore")  # TRITON_DEFAULT_FP_FUSION unset
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bestformer.neurons.kernels import triton_lif as tk
+ptrs = dict.fromkeys(("x_ptr", "v0_ptr", "s_ptr", "h_ptr", "v_ptr"), "*fp32")
+scalars = dict.fromkeys(("tau", "inv_tau", "beta", "vth", "vr"), "fp32")
+signature = {**ptrs, "T": "i32", "M": "i32", "stride_xt": "i32", **scalars}
+out = {}
+for recip in (True, False):
+    flags = dict(DECAY_INPUT=True, RECIP=recip, HARD=False, VR_ZERO=False, HAS_V0=True, STORE_H=True, BLOCK=1024)
+    src = ASTSource(fn=tk._lif_forward, signature={**signature, **dict.fromkeys(flags, "constexpr")}, constexprs=flags)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    out[str(recip)] = kernel.asm["ptx"]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(triton_lif is None, reason="triton is not installed")
+def test_triton_forward_compiles_for_sm90_with_torchs_rounding() -> None:
+    # the compiled charge: correctly rounded division (CPU torch's) or a multiplication by the float32 reciprocal
+    # (CUDA torch's), each rounded on its own (no FMA), in the PTX the GPU would run
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env,
+                          timeout=300)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:  # pragma: no cover
+        pytest.skip("this triton build has no ptxas")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ptx = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "mul.rn.f32" in ptx["True"] and "div" not in ptx["True"]
+    assert "div.rn.f32" in ptx["False"]
+    assert not any("fma" in code for code in ptx.values())
 
 
 @pytest.mark.parametrize("engine", ["cpu", "generic", "triton"])

@@ -209,13 +209,14 @@ class Run:
         ``config.yaml`` / ``run.json`` and arms the trainer's deadline."""
         cfg = self.cfg
         budget = parse_duration(str(cfg.time_budget))
-        # every rank must plan the same step count: rank 0's measurement counts
+        # every rank must plan the same step count: rank 0's measurement and clock count
         probe = bundle.val if bundle.val is not None and len(bundle.val) else bundle.test  # the test pass counts too
-        step_s, per_sample = broadcast_object(trainer.measure_costs(eval_set=probe))
+        step_s, per_sample, elapsed = broadcast_object((*trainer.measure_costs(eval_set=probe),
+                                                        time.perf_counter() - self.started))
         eval_s = per_sample * (len(bundle.val) if bundle.val is not None else 0)
         test_s = per_sample * (len(bundle.test) if bundle.test is not None else 0)
         final_s = test_s + PROFILE_SECONDS  # the best epoch's validation is reused, not repeated
-        plan = plan_budget(budget, time.perf_counter() - self.started, step_s,
+        plan = plan_budget(budget, elapsed, step_s,
                            trainer.planned_schedule,
                            trainer.sampler.steps_per_epoch, eval_s, final_s)
         trainer.set_max_steps(plan.total_steps)

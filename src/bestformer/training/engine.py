@@ -2,21 +2,20 @@
 
 Design (ours; the papers train with timm's script):
 
-- Distributed-ready: the trainer takes a :class:`~bestformer.training.distributed.DistContext` (rank, world
-  size, device); data come from a :class:`~bestformer.training.distributed.ShardedBatchSampler` whose
-  micro-batches carry their loss weights (gradient accumulation: ``accum_steps`` micro-batches per optimizer
-  step, global batch ``batch_size x accum_steps x world_size``), metrics are reduced as sums over ranks, and
-  only rank 0 writes files, prints and shows progress; ``sync_bn`` makes BatchNorm statistics span the
-  micro-batches of all ranks. In a single process all of this reduces to a plain loop.
+- Distributed-ready: the trainer takes a :class:`~bestformer.training.dist.DistContext` (rank, world size,
+  device); data come from a :class:`~bestformer.training.dist.ShardedBatchSampler` whose micro-batches carry their
+  loss weights (``accum_steps`` micro-batches per optimizer step, global batch ``batch_size x accum_steps x
+  world_size``); metrics are reduced as sums over ranks; every branch the ranks must take alike (a stop signal,
+  the deadline, a skipped step, a re-planned budget) is agreed; only rank 0 writes, prints and shows progress.
+  In a single process all of this reduces to a plain loop.
 - Exact resume: the position is the number of samples seen (valid on another world size with the same global
-  batch); the learning rate, data order and augmentation are functions of the step / epoch and seed; the
-  resume file (:mod:`.state`) holds weights, optimizer, scaler, RNG states, history and the partial sums of
-  an interrupted epoch. Checkpoints are written at the end of every epoch and, with ``ckpt_every_steps``,
-  every N optimizer steps.
-- Reliability: SIGINT / SIGTERM finish the current step, write a checkpoint and return ``"interrupted"``; a
-  NaN / inf loss or gradient stops the run with :class:`NonFiniteLossError` (or skips up to
-  ``skip_nonfinite`` steps); gradient norms and sampled per-layer firing rates are logged, and layers that
-  never fire (dead) or always fire (saturated) are reported as warnings.
+  batch); the learning rate, data order and augmentation are functions of the step / epoch and seed; the resume
+  file (:mod:`.state`) holds weights, optimizer, scaler, RNG states, history and the partial sums of an
+  interrupted epoch. Checkpoints are written at every epoch's end and, with ``ckpt_every_steps``, every N steps.
+- Reliability: SIGINT / SIGTERM finish the current step, write a checkpoint and return ``"interrupted"``; a NaN /
+  inf loss or gradient stops the run with :class:`NonFiniteLossError` (or skips up to ``skip_nonfinite`` steps);
+  gradient norms and sampled per-layer firing rates are logged, and layers that never fire (dead) or always fire
+  (saturated) are reported as warnings.
 """
 
 from __future__ import annotations
@@ -33,9 +32,10 @@ from torch.utils.data import Dataset
 
 from ..data import time_first
 from ..errors import BestformerError, FileFormatError
-from .budget import BudgetPlan, TimeStepSchedule, parse_time_step_schedule, planned_seconds, refit_steps
+from .budget import BudgetPlan, TimeStepSchedule, parse_time_step_schedule
 from .config import TrainConfig
 from .dist import DistContext, ShardedBatchSampler, all_reduce_sums, gradient_sync, progress, unwrap_model
+from .dist.collectives import broadcast_tensors
 from .distill import Distiller, soft_cross_entropy, split_outputs
 from .evaluation import amp_dtype, autocast, check_labels, evaluate, log_main, merged_logits
 from .factories import (
@@ -47,7 +47,7 @@ from .factories import (
     build_time_step_schedule,
     prepare_model,
 )
-from .measure import measure_costs
+from .measure import measure_costs, refit_plan
 from .monitor import FiringRateMonitor, layer_health
 from .runs import RunFolder
 from .signals import StopSignals
@@ -255,6 +255,8 @@ class Trainer:
                     step.count += mb.count
                 if not mb.last:
                     continue
+                if self.scaler.is_enabled():  # else a rank's NaN reaches every rank through the gradient all-reduce
+                    step_bad = self._any_rank(step_bad)
                 lr = self.schedule.apply(self.optimizer, p.global_step)
                 self.scaler.unscale_(self.optimizer)
                 norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad or math.inf))
@@ -284,7 +286,7 @@ class Trainer:
                     return "interrupted"
                 if p.global_step >= self.total_steps:
                     break
-                if self.deadline is not None and time.perf_counter() > self.deadline:
+                if self.deadline is not None and self._any_rank(time.perf_counter() > self.deadline):
                     log_main(self.ctx, f"warning: the time budget ran out at step {p.global_step} of the planned "
                                       f"{self.total_steps} (the machine was slower than measured); training stops "
                                       "here, before the schedule's end", err=True)
@@ -299,9 +301,12 @@ class Trainer:
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         """Whether any rank received a stop signal (all ranks must stop at the same step)."""
-        flag = stop.received is not None
+        return self._any_rank(stop.received is not None)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` or'ed over the ranks, for a branch all must take alike (or collectives would mismatch)."""
         if self.ctx.is_distributed:
-            flag = all_reduce_sums({"stop": float(flag)})["stop"] > 0
+            return all_reduce_sums({"flag": float(flag)})["flag"] > 0
         return flag
 
     def end_epoch(self) -> bool:
@@ -313,6 +318,8 @@ class Trainer:
         trained_t = self.module.time_steps if hasattr(self.module, "time_steps") else None
         self._set_time_steps(None)  # evaluation at the model's own T
         if self.val_set is not None:
+            # rank 0's BatchNorm statistics (those it saves) on every rank: each rank's last micro-batch moved its own
+            broadcast_tensors(self.module.buffers())
             val = evaluate(self.model, self.val_set, num_classes=self.num_classes, batch_size=cfg.batch_size,
                            ctx=self.ctx, amp=cfg.amp, workers=cfg.workers, desc="validate",
                            where="validation split", flip=cfg.eval_flip)
@@ -353,29 +360,13 @@ class Trainer:
                           f"{row['time_s']:.1f} s")
         p.epoch += 1
         p.sums = asdict(EpochSums())
-        self._refit(sums["seconds"], time.perf_counter() - t_end + self._ckpt_s)
+        refit_plan(self, sums["seconds"], time.perf_counter() - t_end + self._ckpt_s)
         early = bool(cfg.patience) and p.bad_epochs >= cfg.patience
         p.finished = early or p.epoch >= self.schedule.total_epochs or p.global_step >= self.total_steps
         p.stopped_early = early and p.epoch < self.schedule.total_epochs
         self.run.write_history(p.history, p.firing)
         self.checkpoint(best=improved)
         return early
-
-    def _refit(self, train_s: float, overhead_s: float) -> None:
-        """A budgeted run: fit the remaining steps to the time left, from what this epoch really cost."""
-        p, plan = self.progress, self.plan
-        if plan is None or p.global_step >= self.total_steps:
-            return
-        sched = self.planned_schedule
-        first = p.history[-2]["step"] if len(p.history) > 1 else 0  # this epoch's first step
-        planned = planned_seconds(plan.step_s, sched, first, p.global_step, self.total_steps)
-        slowdown = train_s / planned if planned > 0 and train_s > 0 else 1.0
-        total = refit_steps(plan.step_s, sched, p.global_step, self.total_steps, slowdown, overhead_s,
-                            self.plan_end - time.perf_counter(), self.sampler.steps_per_epoch, p.epoch)
-        if total != self.total_steps:
-            log_main(self.ctx, f"budget: re-planned to {total} steps (was {self.total_steps}; steps took "
-                               f"x{slowdown:.2f} the measured time, an epoch's end {overhead_s:.1f} s)")
-            self.set_max_steps(total)
 
     def fit(self) -> str:
         """Train until the last epoch, early stopping or a stop signal. Returns ``"finished"``,

@@ -1,5 +1,5 @@
 """What a training step and a validation pass cost on this machine: the measurement a time budget is planned
-from (:func:`~.budget.plan_budget`)."""
+from (:func:`~.budget.plan_budget`), and the re-plan from what each epoch really cost."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from ..data import time_first
-from .evaluation import autocast, evaluate
+from .budget import planned_seconds, refit_steps
+from .dist.collectives import broadcast_object
+from .evaluation import autocast, evaluate, log_main
 
 
 def measure_costs(tr: Any, steps: int = 2, eval_batches: int = 2, eval_set: Any = None
@@ -65,3 +67,22 @@ def measure_costs(tr: Any, steps: int = 2, eval_batches: int = 2, eval_set: Any 
                  workers=cfg.workers, flip=cfg.eval_flip, desc="timing")
         per_sample = (time.perf_counter() - t0) / n
     return step_s, per_sample
+
+
+def refit_plan(tr: Any, train_s: float, overhead_s: float) -> None:
+    """A budgeted run of ``tr`` (a :class:`~.engine.Trainer`) after an epoch whose steps took ``train_s`` and whose
+    end (validation, checkpoint, logs) took ``overhead_s``: fit the remaining steps to the time left
+    (:func:`~.budget.refit_steps`). Rank 0's clock and costs decide for every rank: all must plan one schedule."""
+    p, plan = tr.progress, tr.plan
+    if plan is None or p.global_step >= tr.total_steps:
+        return
+    sched = tr.planned_schedule
+    first = p.history[-2]["step"] if len(p.history) > 1 else 0  # this epoch's first step
+    planned = planned_seconds(plan.step_s, sched, first, p.global_step, tr.total_steps)
+    slowdown = train_s / planned if planned > 0 and train_s > 0 else 1.0
+    total = broadcast_object(refit_steps(plan.step_s, sched, p.global_step, tr.total_steps, slowdown, overhead_s,
+                                         tr.plan_end - time.perf_counter(), tr.sampler.steps_per_epoch, p.epoch))
+    if total != tr.total_steps:
+        log_main(tr.ctx, f"budget: re-planned to {total} steps (was {tr.total_steps}; steps took x{slowdown:.2f} "
+                         f"the measured time, an epoch's end {overhead_s:.1f} s)")
+        tr.set_max_steps(total)

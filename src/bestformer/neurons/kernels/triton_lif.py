@@ -4,17 +4,22 @@ One program per block of ``BLOCK`` neurons loops over the time steps inside, kee
 the forward reads ``X`` once and writes the spikes and ``H`` once; the backward reads ``dL/dS`` and ``H`` once and
 writes ``dL/dX`` once. The recursion is the one derived in :mod:`bestformer.neurons.kernels.cpu`.
 
-Bit-exactness with the plain torch path: the charge is written with the same operations in the same order, the
-division by ``tau`` is the correctly rounded ``div_rn`` (a plain ``/`` may compile to an approximate division),
-and the kernels are launched with ``enable_fp_fusion=False`` so that no ``a * b + c`` is contracted into an FMA
-(torch rounds after each operation). Scalars reach the kernels as float32, as torch casts a Python scalar for a
-float32 tensor. Tests run these kernels on CPU tensors with ``TRITON_INTERPRET=1``; on a GPU they compile to PTX.
+Bit-exactness with the plain torch path: the charge is written with the same operations in the same order, and
+the forward is launched with ``enable_fp_fusion=False`` so that no ``a * b + c`` is contracted into an FMA (torch
+rounds after each operation). The division by the Python scalar ``tau`` is done as torch does it on the tensor's
+device: on CUDA torch multiplies by ``1 / float32(tau)`` (``BinaryDivTrueKernel.cu``: one bit may be lost), on the
+CPU it divides, correctly rounded (``div_rn``; a plain ``/`` may compile to an approximate division). Scalars reach
+the kernels as float32, as torch casts a Python scalar for a float32 tensor. The launches run on the tensors' own
+GPU (Triton launches on the current device). Tests run these kernels on CPU tensors with ``TRITON_INTERPRET=1``;
+on a GPU they compile to PTX.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -33,15 +38,17 @@ def supports(x: Tensor) -> bool:
 
 
 @triton.jit
-def _lif_forward(x_ptr, v0_ptr, s_ptr, h_ptr, v_ptr, T, M, stride_xt, tau, beta, vth, vr,
-                 DECAY_INPUT: tl.constexpr, HARD: tl.constexpr, VR_ZERO: tl.constexpr, HAS_V0: tl.constexpr,
-                 STORE_H: tl.constexpr, BLOCK: tl.constexpr):  # pragma: no cover - compiled / interpreted
+def _lif_forward(x_ptr, v0_ptr, s_ptr, h_ptr, v_ptr, T, M, stride_xt, tau, inv_tau, beta, vth, vr,
+                 DECAY_INPUT: tl.constexpr, RECIP: tl.constexpr, HARD: tl.constexpr, VR_ZERO: tl.constexpr,
+                 HAS_V0: tl.constexpr, STORE_H: tl.constexpr, BLOCK: tl.constexpr):  # pragma: no cover
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     v = tl.load(v0_ptr + offs, mask=mask, other=0.0) if HAS_V0 else tl.zeros([BLOCK], dtype=tl.float32) + vr
     for t in range(T):
         x = tl.load(x_ptr + t * stride_xt + offs, mask=mask, other=0.0)
-        if DECAY_INPUT:
+        if DECAY_INPUT and RECIP:
+            h = v + (x - (v - vr)) * inv_tau
+        elif DECAY_INPUT:
             h = v + tl.math.div_rn(x - (v - vr), tl.zeros([BLOCK], dtype=tl.float32) + tau)
         elif VR_ZERO:
             h = beta * v + x
@@ -56,9 +63,9 @@ def _lif_forward(x_ptr, v0_ptr, s_ptr, h_ptr, v_ptr, T, M, stride_xt, tau, beta,
 
 
 @triton.jit
-def _lif_backward(gs_ptr, h_ptr, sg_ptr, gv_ptr, gx_ptr, T, M, tau, beta, vth, vr, alpha, k, half_alpha,
-                  DECAY_INPUT: tl.constexpr, HARD: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr,
-                  BLOCK: tl.constexpr):  # pragma: no cover - compiled / interpreted
+def _lif_backward(gs_ptr, h_ptr, sg_ptr, gv_ptr, gx_ptr, T, M, tau, inv_tau, beta, vth, vr, alpha, k, half_alpha,
+                  DECAY_INPUT: tl.constexpr, RECIP: tl.constexpr, HARD: tl.constexpr, DETACH: tl.constexpr,
+                  KIND: tl.constexpr, BLOCK: tl.constexpr):  # pragma: no cover
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     gv = tl.load(gv_ptr + offs, mask=mask, other=0.0)  # dL/dV[T-1] in, dL/dV[-1] out
@@ -80,14 +87,25 @@ def _lif_backward(gs_ptr, h_ptr, sg_ptr, gv_ptr, gx_ptr, T, M, tau, beta, vth, v
             gh = gs * sg + keep if DETACH else (gs + gv * (vr - hh)) * sg + keep
         else:
             gh = gs * sg + gv if DETACH else (gs - vth * gv) * sg + gv
-        if DECAY_INPUT:
-            gx = gh / tau
+        if DECAY_INPUT:  # torch's backward of ``/ tau`` is ``grad / tau``, rounded as in the forward
+            gx = gh * inv_tau if RECIP else tl.math.div_rn(gh, tl.zeros([BLOCK], dtype=tl.float32) + tau)
             gv = gh - gx
         else:
             gx = gh
             gv = beta * gh
         tl.store(gx_ptr + t * M + offs, gx, mask=mask)
     tl.store(gv_ptr + offs, gv, mask=mask)
+
+
+def _on_device(x: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Launch on ``x``'s GPU: Triton picks the current device, not the tensors' (``cuda:1`` with current 0)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _inverse_tau(tau: float) -> float:
+    """``1 / tau`` as torch's CUDA division by a scalar computes it: in float32, from ``tau`` cast to float32."""
+    with np.errstate(over="ignore"):  # a tau beyond float32's range is inf there too
+        return float(np.float32(1.0) / np.float32(tau))
 
 
 def forward(x: Tensor, v0: Tensor | None, spec: KernelSpec, store_h: bool) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -100,10 +118,11 @@ def forward(x: Tensor, v0: Tensor | None, spec: KernelSpec, store_h: bool) -> tu
     if m == 0:  # no program to launch
         return spikes, (h if store_h else None), v
     v0_ = v0.contiguous() if v0 is not None else v
-    _lif_forward[(triton.cdiv(m, BLOCK),)](
-        x, v0_, spikes, h, v, t_steps, m, x.stride(0), p.tau, p.beta, p.v_threshold, p.v_reset,
-        DECAY_INPUT=p.decay_input, HARD=p.reset == "hard", VR_ZERO=p.v_reset == 0.0, HAS_V0=v0 is not None,
-        STORE_H=store_h, BLOCK=BLOCK, enable_fp_fusion=False)
+    with _on_device(x):
+        _lif_forward[(triton.cdiv(m, BLOCK),)](
+            x, v0_, spikes, h, v, t_steps, m, x.stride(0), p.tau, _inverse_tau(p.tau), p.beta, p.v_threshold,
+            p.v_reset, DECAY_INPUT=p.decay_input, RECIP=x.is_cuda, HARD=p.reset == "hard", VR_ZERO=p.v_reset == 0.0,
+            HAS_V0=v0 is not None, STORE_H=store_h, BLOCK=BLOCK, enable_fp_fusion=False)
     return spikes, (h if store_h else None), v
 
 
@@ -121,8 +140,9 @@ def backward(grad_s: Tensor, h: Tensor, grad_v: Tensor | None, surrogate: Surrog
         return grad_x, gv
     native = spec.surrogate in (SIGMOID, ATAN)
     sg = h if native else surrogate.derivative(h - p.v_threshold).contiguous()
-    _lif_backward[(triton.cdiv(m, BLOCK),)](
-        grad_s.to(h.dtype).contiguous(), h, sg, gv, grad_x, t_steps, m, p.tau, p.beta, p.v_threshold, p.v_reset,
-        a, math.pi / 2 * a, a / 2, DECAY_INPUT=p.decay_input, HARD=p.reset == "hard",
-        DETACH=p.detach_reset, KIND=spec.surrogate, BLOCK=BLOCK)
+    with _on_device(h):
+        _lif_backward[(triton.cdiv(m, BLOCK),)](
+            grad_s.to(h.dtype).contiguous(), h, sg, gv, grad_x, t_steps, m, p.tau, _inverse_tau(p.tau), p.beta,
+            p.v_threshold, p.v_reset, a, math.pi / 2 * a, a / 2, DECAY_INPUT=p.decay_input, RECIP=h.is_cuda,
+            HARD=p.reset == "hard", DETACH=p.detach_reset, KIND=spec.surrogate, BLOCK=BLOCK)
     return grad_x, gv

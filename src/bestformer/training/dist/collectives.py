@@ -6,13 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ...progress import progress_bar
@@ -100,11 +100,23 @@ def all_reduce_sums(values: Mapping[str, float]) -> dict[str, float]:
     return dict(zip(keys, buf.tolist()))
 
 
+def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0) -> None:
+    """Overwrite each tensor with rank ``src``'s, in place (same shapes on every rank; no-op in a single process).
+    A tensor off the collective's device is sent through a copy on it: NCCL carries CUDA tensors only, and a model
+    read from disk is still on the CPU."""
+    if get_world_size() == 1:
+        return
+    device = _collective_device()
+    with torch.no_grad():
+        for tensor in tensors:
+            staged = tensor.data if tensor.device == device else tensor.data.to(device)
+            dist.broadcast(staged, src=src)
+            if staged is not tensor.data:
+                tensor.data.copy_(staged)
+
+
 def broadcast_module(module: nn.Module, src: int = 0) -> nn.Module:
     """Overwrite every parameter and buffer of ``module`` with rank ``src``'s (same architecture on every rank;
     no-op in a single process). Used for weights that only rank 0 read from disk."""
-    if get_world_size() > 1:
-        with torch.no_grad():
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(tensor.data, src=src)
+    broadcast_tensors(list(module.parameters()) + list(module.buffers()), src)
     return module
