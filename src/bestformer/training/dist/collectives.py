@@ -109,9 +109,11 @@ def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0) -> None:
     device = _collective_device()
     with torch.no_grad():
         for tensor in tensors:
-            staged = tensor.data if tensor.device == device else tensor.data.to(device)
-            dist.broadcast(staged, src=src)
-            if staged is not tensor.data:
+            if tensor.device == device:
+                dist.broadcast(tensor.data, src=src)
+            else:
+                staged = tensor.data.to(device)
+                dist.broadcast(staged, src=src)
                 tensor.data.copy_(staged)
 
 
