@@ -523,15 +523,19 @@ def _instrument() -> None:
     def forced_stop(self: Any, signals: Any) -> bool:
         return self.progress.global_step == _HOOKS["stop_at"] or stop(self, signals)
 
-    fit, evaluate = engine.Trainer.fit, engine.evaluate
+    fit, end_epoch, evaluate = engine.Trainer.fit, engine.Trainer.end_epoch, engine.evaluate
 
-    def skewed_fit(self: Any) -> str:  # a budgeted run whose rank skew[0] is late (its deadline or plan's end past)
-        skew = _HOOKS["skew"]
-        if skew and self.ctx.rank == skew[0]:
-            setattr(self, skew[1], 0.0)
-        elif skew and skew[1] == "plan_end":
-            self.plan_end = time.perf_counter() + 4.0  # rank 0 plans on: about 4 s of steps
+    def skewed_fit(self: Any) -> str:  # a budgeted run whose rank skew[0] is late: its deadline has passed
+        if _HOOKS["skew"] == [self.ctx.rank, "deadline"]:
+            self.deadline = 0.0
         return fit(self)
+
+    def skewed_end_epoch(self: Any) -> bool:  # ... or its plan has no time left at the first re-plan
+        skew = _HOOKS["skew"]
+        if skew and skew[1] == "plan_end" and self.progress.epoch == 0:
+            # rank 0 plans on: about 4 s of steps from here (a slow machine still fits a few)
+            self.plan_end = 0.0 if self.ctx.rank == skew[0] else time.perf_counter() + 4.0
+        return end_epoch(self)
 
     def record_eval(model: Any, *args: Any, **kwargs: Any) -> Any:
         bn = [b for name, b in engine.unwrap_model(model).named_buffers() if "running" in name]
@@ -540,7 +544,7 @@ def _instrument() -> None:
 
     engine.Trainer.loss, engine.Trainer._micro_batches = record_loss, record_batches
     engine.Trainer._stop_requested, engine.Trainer._instrumented = forced_stop, True
-    engine.Trainer.fit, engine.evaluate = skewed_fit, record_eval
+    engine.Trainer.fit, engine.Trainer.end_epoch, engine.evaluate = skewed_fit, skewed_end_epoch, record_eval
 
 
 def _engine_job(job: dict[str, Any]) -> dict[str, Any]:

@@ -5,10 +5,11 @@ the forward reads ``X`` once and writes the spikes and ``H`` once; the backward 
 writes ``dL/dX`` once. The recursion is the one derived in :mod:`bestformer.neurons.kernels.cpu`.
 
 Bit-exactness with the plain torch path: the charge is written with the same operations in the same order, and
-the forward is launched with ``enable_fp_fusion=False`` so that no ``a * b + c`` is contracted into an FMA (torch
+the kernels are launched with ``enable_fp_fusion=False`` so that no ``a * b + c`` is contracted into an FMA (torch
 rounds after each operation). The division by the Python scalar ``tau`` is done as torch does it on the tensor's
-device: on CUDA torch multiplies by ``1 / float32(tau)`` (``BinaryDivTrueKernel.cu``: one bit may be lost), on the
-CPU it divides, correctly rounded (``div_rn``; a plain ``/`` may compile to an approximate division). Scalars reach
+device: on CUDA torch multiplies by a reciprocal (``BinaryDivTrueKernel.cu``: one bit may be lost; computed in float32
+or, since late 2025, in double), which the kernel takes from torch itself; on the CPU it divides, correctly rounded
+(``div_rn``; a plain ``/`` may compile to an approximate division). Scalars reach
 the kernels as float32, as torch casts a Python scalar for a float32 tensor. The launches run on the tensors' own
 GPU (Triton launches on the current device). Tests run these kernels on CPU tensors with ``TRITON_INTERPRET=1``;
 on a GPU they compile to PTX.
@@ -17,9 +18,9 @@ on a GPU they compile to PTX.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -102,10 +103,11 @@ def _on_device(x: Tensor) -> contextlib.AbstractContextManager[object]:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _inverse_tau(tau: float) -> float:
-    """``1 / tau`` as torch's CUDA division by a scalar computes it: in float32, from ``tau`` cast to float32."""
-    with np.errstate(over="ignore"):  # a tau beyond float32's range is inf there too
-        return float(np.float32(1.0) / np.float32(tau))
+@functools.cache
+def _inverse_tau(tau: float, device: torch.device) -> float:
+    """The reciprocal torch multiplies by for ``x / tau`` on a CUDA ``device`` (its rounding depends on the torch
+    version): ``1 / tau`` computed by torch there (unused on the CPU). Cached: one synchronisation per tau and GPU."""
+    return float(torch.ones((), device=device).div(tau))
 
 
 def forward(x: Tensor, v0: Tensor | None, spec: KernelSpec, store_h: bool) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -120,9 +122,9 @@ def forward(x: Tensor, v0: Tensor | None, spec: KernelSpec, store_h: bool) -> tu
     v0_ = v0.contiguous() if v0 is not None else v
     with _on_device(x):
         _lif_forward[(triton.cdiv(m, BLOCK),)](
-            x, v0_, spikes, h, v, t_steps, m, x.stride(0), p.tau, _inverse_tau(p.tau), p.beta, p.v_threshold,
-            p.v_reset, DECAY_INPUT=p.decay_input, RECIP=x.is_cuda, HARD=p.reset == "hard", VR_ZERO=p.v_reset == 0.0,
-            HAS_V0=v0 is not None, STORE_H=store_h, BLOCK=BLOCK, enable_fp_fusion=False)
+            x, v0_, spikes, h, v, t_steps, m, x.stride(0), p.tau, _inverse_tau(p.tau, x.device), p.beta,
+            p.v_threshold, p.v_reset, DECAY_INPUT=p.decay_input, RECIP=x.is_cuda, HARD=p.reset == "hard",
+            VR_ZERO=p.v_reset == 0.0, HAS_V0=v0 is not None, STORE_H=store_h, BLOCK=BLOCK, enable_fp_fusion=False)
     return spikes, (h if store_h else None), v
 
 
@@ -142,7 +144,7 @@ def backward(grad_s: Tensor, h: Tensor, grad_v: Tensor | None, surrogate: Surrog
     sg = h if native else surrogate.derivative(h - p.v_threshold).contiguous()
     with _on_device(h):
         _lif_backward[(triton.cdiv(m, BLOCK),)](
-            grad_s.to(h.dtype).contiguous(), h, sg, gv, grad_x, t_steps, m, p.tau, _inverse_tau(p.tau), p.beta,
-            p.v_threshold, p.v_reset, a, math.pi / 2 * a, a / 2, DECAY_INPUT=p.decay_input, RECIP=h.is_cuda,
-            HARD=p.reset == "hard", DETACH=p.detach_reset, KIND=spec.surrogate, BLOCK=BLOCK)
+            grad_s.to(h.dtype).contiguous(), h, sg, gv, grad_x, t_steps, m, p.tau, _inverse_tau(p.tau, h.device),
+            p.beta, p.v_threshold, p.v_reset, a, math.pi / 2 * a, a / 2, DECAY_INPUT=p.decay_input, RECIP=h.is_cuda,
+            HARD=p.reset == "hard", DETACH=p.detach_reset, KIND=spec.surrogate, BLOCK=BLOCK, enable_fp_fusion=False)
     return grad_x, gv
