@@ -61,9 +61,14 @@ def test_model_contract(name: str) -> None:
         assert model(torch.rand(2, 3, 2, 16, 16)).shape == (3, 10)  # event frames [T, B, C, H, W]
         for bad, what in ((torch.randn(3, 1, 16, 16), "channels"), (torch.randn(3, 2, 12, 12), "img_size"),
                           (torch.randn(3, 3, 2, 16, 16), "time_steps"), (torch.randn(2, 16, 16), "shape"),
-                          (torch.ones(3, 2, 16, 16, dtype=torch.long), "floating")):
+                          (torch.ones(3, 2, 16, 16, dtype=torch.long), "floating"),
+                          (x.double(), "input is torch.float64 but the model's weights are torch.float32")):
             with pytest.raises(InputError, match=what):
                 model(bad)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast reconciles the two dtypes, except float64
+            assert model(x.bfloat16()).shape == (3, 10)
+            with pytest.raises(InputError, match="input is torch.float64"):
+                model(x.double())
         model.reset_classifier(4)
         assert model(x).shape == (3, 4)
         model.reset_classifier(0)
@@ -124,6 +129,18 @@ def test_mlp_ratio_is_checked(name: str) -> None:
     for bad in (-1, 0, 0.001, float("nan"), float("inf"), True, "4"):
         with pytest.raises(ConfigError, match="mlp_ratio must be a finite number"):
             bestformer.create_model(name, mlp_ratio=bad)
+
+
+@pytest.mark.parametrize("name", ["bestformer_tiny", "a2os2a_tiny", "qsd_tiny", "csd_tiny"])
+def test_scales_are_checked(name: str) -> None:
+    # a NaN attention scale built a model whose attention never fired (a neuron reads NaN as "no spike")
+    for bad in (float("nan"), float("inf"), 0.0, -0.5, True, "0.1"):
+        with pytest.raises(ConfigError, match="attn_scale must be a finite number > 0"):
+            bestformer.create_model(name, attn_scale=bad)
+    for bad in (float("nan"), float("-inf"), None):
+        with pytest.raises(ConfigError, match="layer_scale_init must be a finite number"):
+            bestformer.create_model("qsd_tiny", layer_scale_init=bad)
+    assert bestformer.create_model("qsd_tiny", layer_scale_init=0.0).model_args["layer_scale_init"] == 0.0
 
 
 def test_a_converted_model_refuses_a_new_head_and_keeps_its_own() -> None:

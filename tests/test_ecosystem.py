@@ -330,3 +330,28 @@ def test_tensorboard_keeps_the_epochs_when_a_finished_run_resumes_for_its_summar
     events.Reload()
     assert [e.step for e in events.Scalars("loss/train")] == [1, 2]
     assert [e.step for e in events.Scalars("profile/sops")] == [2]
+
+
+def test_torch_func_grad_equals_autograd_on_the_plain_path() -> None:
+    # torch.func refuses autograd Functions without setup_context (the spike's was one) and saved-tensor hooks
+    # (spike packing); the numba kernels cannot read its wrapped tensors: the documented recipe is the plain
+    # backend with packing off (and BatchNorm in eval mode, as for any torch.func use)
+    from bestformer.neurons import use_backend
+
+    torch.manual_seed(0)
+    model = bestformer.create_model("bestformer_tiny", img_size=8, embed_dim=16, num_heads=2, depth=1,
+                                    in_channels=1, num_classes=3).eval()
+    model.set_spike_packing(False)
+    x = torch.rand(4, 1, 8, 8) * 4  # strong enough input that spikes fire and every branch carries gradient
+    buffers = dict(model.named_buffers())
+
+    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(model, {**params, **buffers}, (x,)).square().sum()
+
+    with use_backend("plain"):
+        grads = torch.func.grad(loss)({k: v.detach() for k, v in model.named_parameters()})
+        loss(dict(model.named_parameters())).backward()
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    for name, param in model.named_parameters():
+        want = param.grad if param.grad is not None else torch.zeros_like(param)
+        assert torch.equal(grads[name], want), name

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
@@ -36,6 +37,23 @@ def check_num_classes(num_classes: Any) -> None:
     """``num_classes`` is an integer >= 0 (0: no head, the model returns features)."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ConfigError(f"num_classes must be an integer >= 0 (0: no head, features), got {num_classes!r}")
+
+
+def check_finite(positive: bool = False, **values: Any) -> None:
+    """Raise one :class:`ConfigError` line for the first option that is not a finite real number (``> 0`` with
+    ``positive``): a NaN scale would pass through the layers silently (a neuron reads NaN as "no spike")."""
+    for key, val in values.items():
+        if not (isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+                and (val > 0 or not positive)):
+            raise ConfigError(f"{key} must be a finite number{' > 0' if positive else ''}, got {val!r}")
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (it reconciles the input's and the weights' dtypes)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def mlp_width(embed_dim: int, mlp_ratio: Any) -> int:
@@ -96,6 +114,12 @@ class BaseModel(nn.Module):
                              f"({self.img_size}x{self.img_size})")
         if not x.is_floating_point():
             raise InputError(f"input must be a floating-point tensor, got {x.dtype}")
+        weight = next(self.parameters(), None)
+        # autocast reconciles float32 / bfloat16 / float16, never float64
+        mixed_ok = _autocast_on(x.device.type) and torch.float64 not in (x.dtype, getattr(weight, "dtype", None))
+        if weight is not None and x.dtype != weight.dtype and not mixed_ok:
+            raise InputError(f"input is {x.dtype} but the model's weights are {weight.dtype}; convert one "
+                             f"(x.to({weight.dtype}) or model.to({x.dtype})) or run under torch.autocast")
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features ``[B, S, D]``."""

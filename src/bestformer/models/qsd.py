@@ -31,7 +31,7 @@ from ..layers.stem import auto_pool_stages
 from ..neurons import get_neuron
 from ..quant import QuantLinear, bits_to_quantizer
 from ._registry import InputConfig, register_default_change, register_family
-from .base import BaseModel, mlp_width
+from .base import BaseModel, check_finite, mlp_width
 
 
 class QSDTransformer(BaseModel):
@@ -66,6 +66,8 @@ class QSDTransformer(BaseModel):
                  attn_token_mean: bool = False, strides: Sequence[int] | None = None) -> None:
         super().__init__()
         self._set_data_options(num_classes, in_channels, img_size, time_steps, num_heads=num_heads)
+        check_finite(layer_scale_init=layer_scale_init)
+        check_finite(positive=True, attn_scale=attn_scale)
         embed_dims, conv_depths, depths = tuple(embed_dims), tuple(conv_depths), tuple(depths)
         if len(embed_dims) != 4 or any(not isinstance(e, int) or e < 2 or e % 2 for e in embed_dims):
             raise ConfigError(f"embed_dims needs 4 even integers [e0, e1, e2, e3], got {embed_dims!r}")

@@ -23,7 +23,7 @@ from ..layers.memory import checkpoint_module, spike_packing
 from ..neurons import get_neuron
 from ..quant import QuantLinear, bits_to_quantizer
 from ._registry import InputConfig, register_family
-from .base import BaseModel, mlp_width
+from .base import BaseModel, check_finite, mlp_width
 
 
 class SpikingTransformer(BaseModel):
@@ -56,6 +56,7 @@ class SpikingTransformer(BaseModel):
         super().__init__()
         self._set_data_options(num_classes, in_channels, img_size, time_steps, embed_dim=embed_dim, depth=depth,
                                num_heads=num_heads)
+        check_finite(positive=True, attn_scale=attn_scale)
         self.num_features = self.embed_dim = embed_dim
         self.built_time_steps = time_steps
         self.weight_bits, self.reversible, self.distill_head = weight_bits, reversible, distill_head

@@ -17,13 +17,19 @@ from ..errors import ConfigError, check_choice
 
 
 class _SpikeFunction(torch.autograd.Function):
-    """``S = H(x) = 1[x >= 0]`` with the pseudo-gradient ``dS/dx = surrogate.derivative(x)``."""
+    """``S = H(x) = 1[x >= 0]`` with the pseudo-gradient ``dS/dx = surrogate.derivative(x)``. Written with a
+    separate ``setup_context`` so that ``torch.func`` transforms (grad, vjp, vmap) accept it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, surrogate: Surrogate) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.surrogate = surrogate
+    def forward(x: Tensor, surrogate: Surrogate) -> Tensor:
         return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Surrogate], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.surrogate = inputs[1]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:

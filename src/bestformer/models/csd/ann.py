@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from ...layers import ConvBN, LinearBN, ResidualBlock, TimeMaxPool2d, auto_pool_stages, merge_heads, split_heads
 from ...quant import QuantNReLU, QuantReLU
-from ..base import BaseModel, mlp_width
+from ..base import BaseModel, check_finite, mlp_width
 
 
 class CSDStemStage(nn.Module):
@@ -145,6 +145,8 @@ class CSDTransformer(BaseModel):
         self.num_features = self.embed_dim = embed_dim
         self.levels, self.pool_stages = levels, pools
         self.num_tokens = token_grid(img_size, pools) ** 2
+        if attn_scale is not None:
+            check_finite(positive=True, attn_scale=attn_scale)
         self.attn_scale = 1.0 / self.num_tokens if attn_scale is None else float(attn_scale)
         widths = [in_channels, embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim]
         self.stem = nn.ModuleList(CSDStemStage(widths[i], widths[i + 1], levels, pools[i]) for i in range(4))
