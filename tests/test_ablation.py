@@ -206,3 +206,18 @@ def test_a_teacher_another_call_took_first_is_skipped(tmp_path: Path, monkeypatc
     assert "+IED, seed 0: another call took the shared teacher first; skipped" in out
     assert "+RF +IED, seed 0: the shared teacher is trained by another call now; skipped" in out
     assert "2 of 4 runs still to do (next: +IED, seed 0)" in out
+
+
+def test_the_docs_state_table4_as_measured() -> None:
+    # the README and docs/training.md quote the committed result; a rerun that changes it must change them too
+    result = json.loads((ROOT / "benchmarks/results/ablation_cifar10_table4_runs.json").read_text())
+    readme, training = ((ROOT / name).read_text() for name in ("README.md", "docs/training.md"))
+    assert len(result["runs"]) == 4 and all(len(runs) == 3 for runs in result["runs"].values())
+    for variant, stats in result["summary"].items():
+        mean, std = stats["val"]
+        assert f"{mean:.2f} ± {std:.2f}" in readme and f"**{mean:.2f} ± {std:.2f}**" in training, variant
+        for run in result["runs"][variant]:
+            assert f"{run['val']:.2f} %" in training, (variant, run)
+    assert {a["verdict"] for a in result["against_baseline"].values()} == {"within"}  # what the docs conclude
+    assert "none of RF, IED or both beats the baseline by more than the seed spread" in readme
+    assert "None of RF, IED or both improves on the baseline by more than the seed spread" in training
