@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -353,3 +355,13 @@ def test_authors_attention_is_the_default_and_old_checkpoints_keep_theirs() -> N
     assert saved_model_args("qsd_tiny", {"attn_token_mean": False}, "0.1.0") == {"attn_token_mean": False}
     assert saved_model_args("qsd_tiny", {}, "0.2.0") == {} and saved_model_args("bestformer_tiny", {}, "0.1.0") == {}
     assert saved_model_args("qsd_tiny", {}, None) == {"attn_token_mean": True}  # unknown: the oldest
+
+
+def test_fgd_is_found_by_name_without_importing_its_module() -> None:
+    # fgd registers itself when its module is imported; get_distiller("fgd"), as docs/a2os2a_qsd.md builds it, was
+    # refused until the pipeline happened to import that module (a fresh interpreter shows it)
+    code = ("from bestformer.training import get_distiller, list_distillers; "
+            "print(list_distillers(), get_distiller('fgd').__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert proc.stdout.split() == ["['hard',", "'fgd']", "FineGrainedDistillation"]

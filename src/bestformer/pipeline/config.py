@@ -3,7 +3,6 @@ distillation it asks for, the model options filled from the data, and what may c
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
@@ -24,12 +23,11 @@ from ..training.distill import Distiller, get_distiller, list_distillers
 from ..training.evaluation import log_main
 from .teacher import is_saved_teacher
 
-__all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "LAZY_DISTILLERS", "RESUMABLE", "check_resume_length", "check_same_run",
+__all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "RESUMABLE", "check_resume_length", "check_same_run",
            "distill_choices", "execution_config", "keep_global_batch", "make_distiller", "model_options",
            "resolve_config", "resolve_distill", "resolve_time_steps", "resumed_config", "run_is_done"]
 
 #: distillers that live in modules imported only when chosen
-LAZY_DISTILLERS = {"fgd": "bestformer.training.fgd"}
 #: options that may change on resume: the run's length, its checkpointing and where / how fast it executes (another
 #: device or thread count can change float rounding); the others define the experiment and must stay
 RESUMABLE = ("epochs", "cooldown_epochs", "patience", "ckpt_every_steps", "monitor_every", "skip_nonfinite",
@@ -41,12 +39,12 @@ BATCH_LAYOUT = ("batch_size", "accum_steps")
 
 
 def distill_choices() -> list[str]:
-    return ["none", *dict.fromkeys([*list_distillers(), *LAZY_DISTILLERS])]
+    return ["none", *list_distillers()]
 
 
 def resolve_distill(cfg: TrainConfig) -> str:
     """The distillation of a run (default ``hard`` with a teacher, ``none`` without), checked before any
-    training; a distiller living in its own module (``fgd``) is imported only now that it is chosen."""
+    training."""
     name = cfg.distill or ("hard" if cfg.teacher is not None else "none")
     if name == "none":
         if cfg.teacher is not None:
@@ -54,12 +52,7 @@ def resolve_distill(cfg: TrainConfig) -> str:
         return name
     if cfg.teacher is None:
         raise ConfigError(f"--distill {name} needs a teacher (--teacher PATH or NAME)")
-    if name in LAZY_DISTILLERS and name not in list_distillers():
-        try:
-            importlib.import_module(LAZY_DISTILLERS[name])
-        except ImportError as err:
-            raise ConfigError(f"distillation {name!r} is not available in this installation ({err})") from None
-    get_distiller(name)  # an unknown name: one line with the registered choices
+    get_distiller(name)  # an unknown name: one line with the registered choices (fgd's module imported now)
     return name
 
 

@@ -4,7 +4,7 @@
 from ..data.transforms import RandAugment
 from .checkpoint import load_checkpoint, load_weights, read_checkpoint, save_checkpoint
 from .config import TrainConfig, list_recipes, load_recipe, resolve_config
-from .distill import list_distillers, register_distiller
+from .distill import get_distiller, list_distillers, register_distiller
 from .engine import NonFiniteLossError, Trainer, evaluate
 from .result import TrainResult, parameter_counts, results_table
 
@@ -26,6 +26,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "evaluate",
+    "get_distiller",
     "list_distillers",
     "list_recipes",
     "load_checkpoint",

@@ -7,6 +7,7 @@ loss. ``"hard"`` is BESTformer's information-enhanced distillation, Eq. 15; othe
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,8 @@ class HardDistillation(Distiller):
 
 
 _DISTILLERS: dict[str, Callable[..., Distiller]] = {"hard": HardDistillation}
+#: distillers living in their own module, which registers them when imported: imported when first asked for
+_LAZY: dict[str, str] = {"fgd": "bestformer.training.fgd"}
 
 
 def register_distiller(name: str, factory: Callable[..., Distiller]) -> None:
@@ -77,11 +80,18 @@ def register_distiller(name: str, factory: Callable[..., Distiller]) -> None:
 
 
 def list_distillers() -> list[str]:
-    """Names of the registered distillation objectives, in registration order (``"hard"``, Eq. 15, first)."""
-    return list(_DISTILLERS)
+    """Names of the distillation objectives, in registration order (``"hard"``, Eq. 15, first), then those whose
+    module is imported when first chosen (``"fgd"``)."""
+    return list(dict.fromkeys([*_DISTILLERS, *_LAZY]))
 
 
 def get_distiller(name: str) -> Callable[..., Distiller]:
+    """The factory registered as ``name`` (importing its module first if it lives in one of its own)."""
+    if name in _LAZY and name not in _DISTILLERS:
+        try:
+            importlib.import_module(_LAZY[name])
+        except ImportError as err:
+            raise ConfigError(f"distillation {name!r} is not available in this installation ({err})") from None
     return _DISTILLERS[check_choice("distillation", name, _DISTILLERS)]
 
 
