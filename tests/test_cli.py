@@ -114,6 +114,21 @@ def test_eval_rebuilds_from_the_sidecar_and_reports_top1_top5(trained: Path,
     assert f"top-1 {summary['val']['acc1']:.2f}%" in capsys.readouterr().out  # the same carved validation split
 
 
+@pytest.mark.data
+def test_eval_reads_the_data_where_the_run_did(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # a run on mnist from --data-dir: `eval CKPT` without --data-dir looked in the cache folder and failed
+    monkeypatch.setenv("BESTFORMER_CACHE", str(tmp_path / "cache"))  # nothing cached there
+    model = bestformer.create_model("bestformer_tiny", img_size=28, in_channels=1, num_classes=10, embed_dim=16)
+    ckpt = bestformer.save_checkpoint(model, tmp_path / "m.safetensors",
+                                      config={"dataset": "mnist", "data_dir": str(shared_data / "mnist")})
+    assert main(["eval", str(ckpt), "--limit", "16"]) == 0
+    assert "bestformer_tiny on mnist test (16 samples)" in capsys.readouterr().out
+    gone = bestformer.save_checkpoint(model, tmp_path / "g.safetensors",
+                                      config={"dataset": "mnist", "data_dir": str(tmp_path / "gone")})
+    assert "pass download=True (--download)" in _error_line(capsys, ["eval", str(gone), "--limit", "16"])
+
+
 def test_resume_of_a_finished_run_prints_the_table(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--resume", str(trained)]) == 0
     assert "bestformer_tiny  student" in capsys.readouterr().out

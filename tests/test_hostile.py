@@ -432,6 +432,13 @@ def test_a_bug_is_one_line_and_debug_shows_the_traceback(monkeypatch: pytest.Mon
         main(["eval", "x", "--debug"])
 
 
+def test_debug_keeps_a_fixable_errors_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 2 is a fixable error, 1 a bug (README): --debug adds the traceback, it does not turn one into the other
+    rc, err = main(["eval", str(tmp_path / "nosuch.safetensors"), "--debug"]), capsys.readouterr().err
+    assert rc == 2 and "Traceback" in err and err.strip().endswith(f"checkpoint not found: {tmp_path / 'nosuch'}"
+                                                                   ".safetensors")
+
+
 # -------------------------------------------------------------------------- 8. numeric options are checked
 @pytest.mark.parametrize("argv, words", [
     (["bench", "--budget", "nan"], "argument --budget: expected a finite number > 0, got 'nan'"),

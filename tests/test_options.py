@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+import bestformer
 from bestformer.cli import main
 from bestformer.data.registry import DatasetBundle
 from bestformer.errors import ConfigError, FileFormatError
@@ -167,3 +168,20 @@ def test_a_model_option_that_cannot_build_fails_before_the_teacher(tmp_path: Pat
         with pytest.raises(ConfigError, match=message):
             train(cfg)
     assert not any(tmp_path.glob("*/config.yaml"))  # no half-made run left behind
+
+
+def test_a_recipe_gives_another_model_only_the_options_it_takes() -> None:
+    # `--model csd_tiny --dataset digits` failed on the digits recipe's LIF options (neuron_kwargs) for a model
+    # that has no neuron option; the width and the pooling still apply, as does what the command line gives
+    from bestformer.training.config import resolve_config
+
+    pools = [False, False, False, True]
+    cfg, recipe = resolve_config(None, {"model": "csd_tiny", "dataset": "digits"})
+    assert recipe == "digits" and cfg.model_args == {"embed_dim": 32, "pool_stages": pools}
+    assert bestformer.create_model(cfg.model, **cfg.model_args).embed_dim == 32
+    own, _ = resolve_config(None, {"dataset": "digits"})  # the recipe's own model keeps everything
+    assert own.model_args == {"embed_dim": 32, "pool_stages": pools, "neuron_kwargs": {"decay_input": False}}
+    given, _ = resolve_config(None, {"model": "csd_tiny", "dataset": "digits", "model_args": {"embed_dim": 48}})
+    assert given.model_args == {"embed_dim": 48, "pool_stages": pools}
+    assert bestformer.models.model_options("csd_tiny") is not None and "neuron" not in \
+        bestformer.models.model_options("csd_tiny")

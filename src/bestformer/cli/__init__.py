@@ -15,6 +15,7 @@ import importlib
 import os
 import signal
 import sys
+import traceback
 import zipfile
 from collections.abc import Sequence
 
@@ -124,8 +125,8 @@ def _dispatch(argv: list[str], debug: bool) -> int:
     try:
         return int(module.run(args) or 0)
     except (BestformerError, *USER_ERRORS) as err:
-        if debug:
-            raise
+        if debug:  # the traceback too, with the exit status of a fixable error
+            traceback.print_exc()
         print(f"bestformer {command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug: still one line, the traceback on request

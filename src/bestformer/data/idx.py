@@ -93,7 +93,8 @@ def find_mnist_file(root: Path, stem: str) -> Path:
             if (folder / name).is_file():
                 return folder / name
     raise FileFormatError(f"MNIST file {stem}(.gz) not found in {root}: expected the four IDX files "
-                          f"{', '.join(MNIST_FILES.values())} (gzipped or not); pass download=True to fetch them")
+                          f"{', '.join(MNIST_FILES.values())} (gzipped or not); pass download=True (--download) to "
+                          "fetch them")
 
 
 def load_mnist_arrays(root: Path) -> dict[str, np.ndarray]:

@@ -79,12 +79,22 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return _MODELS[name](**overrides)
 
 
+def _options(cls: type[nn.Module]) -> list[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return [p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def model_options(name: str) -> list[str] | None:
+    """The option names ``create_model(name, ...)`` accepts (``None``: not known, an entry registered by hand)."""
+    cls = getattr(_MODELS.get(_DEPRECATED.get(name, name)), "model_class", None)
+    return _options(cls) if cls is not None else None
+
+
 def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overrides: dict[str, Any]
                 ) -> nn.Module:
     """Instantiate ``cls(**defaults | overrides)`` after checking every override name; the model records
     ``model_name`` and ``model_args`` (the overrides) so that a checkpoint can rebuild it."""
-    params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    accepted = _options(cls)
     for key in overrides:
         if key not in accepted:
             raise ConfigError(
@@ -108,6 +118,7 @@ def _entry(cls: type[nn.Module], name: str, defaults: dict[str, Any], build: Bui
         return build(cls, name, defaults, overrides)
 
     entry.__name__ = entry.__qualname__ = name
+    entry.model_class = cls  # type: ignore[attr-defined]
     return entry
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..data import BuildOptions
 from ..data.transforms import parse_spec
 from ..errors import ConfigError, close_matches
-from ..models import get_input_config
+from ..models import get_input_config, model_options
 from .budget import parse_duration, parse_time_step_schedule
 from .config_groups import (
     GROUPS,
@@ -340,9 +340,17 @@ def implied_recipe(overrides: dict[str, Any]) -> str | None:
 def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """The values of ``recipe`` (none for ``None``), then ``overrides``, both spelt flat (a recipe's grouped
     sections must not outrank the command line); the option mappings (``model_args``, ``teacher_args``) merge key
-    by key."""
+    by key. When ``overrides`` name another model (or teacher) than the recipe's, the recipe's options for its own
+    model are kept only where the other one takes them (``--model csd_tiny --dataset digits``: the width and the
+    pooling, not the LIF options a CSD model has no place for)."""
     values = flat_options(load_recipe(recipe), f"recipe {recipe}") if recipe else {}
     overrides = flat_options(overrides, "options")
+    for name, args in (("model", "model_args"), ("teacher", "teacher_args")):
+        # a recipe's options for its own model reach another model only where that one takes them
+        accepted = model_options(overrides[name]) if overrides.get(name, values.get(name)) != values.get(name) \
+            and isinstance(values.get(args), dict) else None
+        if accepted is not None:
+            values = {**values, args: {k: v for k, v in values[args].items() if k in accepted}}
     merged = {**values, **overrides}
     for key in ("model_args", "teacher_args"):
         if key in values and key in overrides:

@@ -4,6 +4,7 @@ them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -33,6 +34,9 @@ def saved_model_data(model: nn.Module, meta: dict[str, Any], *, source: str = "t
     dataset = dataset or saved_dataset(meta)
     if not dataset:
         raise ConfigError(f"{source} does not record its dataset; pass --dataset NAME")
+    saved_dir = config.get("data_dir")
+    if data_dir is None and dataset == saved_dataset(meta) and isinstance(saved_dir, str) and Path(saved_dir).exists():
+        data_dir = saved_dir  # where the run read it (when it is still there from here)
     bundle = build_datasets(dataset, data_dir, time_steps=model_time_steps(model),
                             split_by=config.get("split_by", defaults.split_by),
                             val_fraction=config.get("val_fraction", defaults.val_fraction),
