@@ -118,7 +118,7 @@ def test_eval_rebuilds_from_the_sidecar_and_reports_top1_top5(trained: Path,
 def test_eval_reads_the_data_where_the_run_did(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     # a run on mnist from --data-dir: `eval CKPT` without --data-dir looked in the cache folder and failed
-    monkeypatch.setenv("BESTFORMER_CACHE", str(tmp_path / "cache"))  # nothing cached there
+    monkeypatch.setenv("BESTFORMER_DATA", str(tmp_path / "data"))  # nothing in the default place
     model = bestformer.create_model("bestformer_tiny", img_size=28, in_channels=1, num_classes=10, embed_dim=16)
     ckpt = bestformer.save_checkpoint(model, tmp_path / "m.safetensors",
                                       config={"dataset": "mnist", "data_dir": str(shared_data / "mnist")})
@@ -127,6 +127,12 @@ def test_eval_reads_the_data_where_the_run_did(tmp_path: Path, shared_data: Path
     gone = bestformer.save_checkpoint(model, tmp_path / "g.safetensors",
                                       config={"dataset": "mnist", "data_dir": str(tmp_path / "gone")})
     assert "pass download=True (--download)" in _error_line(capsys, ["eval", str(gone), "--limit", "16"])
+    # the default place first: a recorded folder that exists here but holds something else does not hide it
+    (tmp_path / "other").mkdir()
+    other = bestformer.save_checkpoint(model, tmp_path / "o.safetensors",
+                                       config={"dataset": "mnist", "data_dir": str(tmp_path / "other")})
+    monkeypatch.setenv("BESTFORMER_DATA", str(shared_data))
+    assert main(["eval", str(other), "--limit", "16"]) == 0
 
 
 def test_resume_of_a_finished_run_prints_the_table(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -365,3 +365,8 @@ def test_fgd_is_found_by_name_without_importing_its_module() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert proc.stdout.split() == ["['hard',", "'fgd']", "FineGrainedDistillation"]
+    from bestformer.training import get_distiller
+
+    with pytest.raises(ConfigError, match=r"unknown distillation 'fgdx' \(did you mean 'fgd'\?\); expected one of "
+                                          "'hard', 'fgd'"):
+        get_distiller("fgdx")

@@ -86,8 +86,8 @@ def _options(cls: type[nn.Module]) -> list[str]:
 
 def model_options(name: str) -> list[str] | None:
     """The option names ``create_model(name, ...)`` accepts (``None``: not known, an entry registered by hand)."""
-    cls = getattr(_MODELS.get(_DEPRECATED.get(name, name)), "model_class", None)
-    return _options(cls) if cls is not None else None
+    options = getattr(_MODELS.get(_DEPRECATED.get(name, name)), "model_options", None)
+    return list(options) if options is not None else None
 
 
 def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overrides: dict[str, Any]
@@ -113,21 +113,23 @@ def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overr
 Builder = Callable[[type[nn.Module], str, dict[str, Any], dict[str, Any]], nn.Module]
 
 
-def _entry(cls: type[nn.Module], name: str, defaults: dict[str, Any], build: Builder) -> Callable[..., nn.Module]:
+def _entry(cls: type[nn.Module], name: str, defaults: dict[str, Any], build: Builder,
+           extra_options: tuple[str, ...]) -> Callable[..., nn.Module]:
     def entry(**overrides: Any) -> nn.Module:
         return build(cls, name, defaults, overrides)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.model_class = cls  # type: ignore[attr-defined]
+    entry.model_options = (*_options(cls), *extra_options)  # type: ignore[attr-defined]
     return entry
 
 
 def register_family(cls: type[nn.Module], family: str, sizes: Mapping[str, tuple[Mapping[str, Any], InputConfig]],
                     defaults: Mapping[str, Any] | None = None, *, title: str | None = None, note: str = "",
-                    build: Builder = build_model) -> list[str]:
+                    build: Builder = build_model, extra_options: tuple[str, ...] = ()) -> list[str]:
     """Register ``{family}_{size}`` for every size: the entry merges the family's ``defaults``, the size's
     architecture and its input options, then calls ``build(cls, name, defaults, overrides)`` (default
-    :func:`build_model`). Returns the registered names.
+    :func:`build_model`; ``extra_options``: the names a custom ``build`` takes beyond the class's own). Returns the
+    registered names.
 
     Example: ``register_family(MyNet, "mynet", {"tiny": (dict(depth=1), InputConfig(28, 1, 10, 4, "mnist"))},
     dict(weight_bits=1))`` registers ``mynet_tiny``.
@@ -138,7 +140,7 @@ def register_family(cls: type[nn.Module], family: str, sizes: Mapping[str, tuple
         merged = {**(defaults or {}), **arch, "img_size": inp.img_size, "in_channels": inp.in_channels,
                   "num_classes": inp.num_classes, "time_steps": inp.time_steps}
 
-        entry = _entry(cls, name, merged, build)
+        entry = _entry(cls, name, merged, build, extra_options)
         entry.__doc__ = f"{title or family} {size.replace('_', '-')}: {merged}{note}"
         register_model(entry, inp)
         names.append(name)

@@ -141,7 +141,9 @@ def resumed_config(saved: dict[str, Any], recipe: str | None, overrides: dict[st
         mappings = [k for k in ("model_args", "teacher_args") if k in given]
         if implied is not None and mappings:
             try:
-                merged = with_recipe(implied, overrides)
+                # filtered for the run's own model and teacher, as when it started (with_recipe)
+                merged = with_recipe(implied, {**{k: saved[k] for k in ("model", "teacher") if k in saved},
+                                               **overrides})
             except ConfigError:  # the recipe file is gone or changed: the mappings compare as given
                 merged = given
             given.update({k: merged[k] for k in mappings})

@@ -87,6 +87,7 @@ def list_distillers() -> list[str]:
 
 def get_distiller(name: str) -> Callable[..., Distiller]:
     """The factory registered as ``name`` (importing its module first if it lives in one of its own)."""
+    check_choice("distillation", name, list_distillers())
     if name in _LAZY and name not in _DISTILLERS:
         try:
             importlib.import_module(_LAZY[name])

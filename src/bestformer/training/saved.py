@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..data import build_datasets
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, FileFormatError, InputError
 from .config import model_time_steps
 from .config_groups import DataConfig
 
@@ -34,13 +34,23 @@ def saved_model_data(model: nn.Module, meta: dict[str, Any], *, source: str = "t
     dataset = dataset or saved_dataset(meta)
     if not dataset:
         raise ConfigError(f"{source} does not record its dataset; pass --dataset NAME")
+
+    def build(folder: str | None) -> Any:
+        return build_datasets(dataset, folder, time_steps=model_time_steps(model),
+                              split_by=config.get("split_by", defaults.split_by),
+                              val_fraction=config.get("val_fraction", defaults.val_fraction),
+                              seed=config.get("seed", 0), limit=limit)
+
     saved_dir = config.get("data_dir")
-    if data_dir is None and dataset == saved_dataset(meta) and isinstance(saved_dir, str) and Path(saved_dir).exists():
-        data_dir = saved_dir  # where the run read it (when it is still there from here)
-    bundle = build_datasets(dataset, data_dir, time_steps=model_time_steps(model),
-                            split_by=config.get("split_by", defaults.split_by),
-                            val_fraction=config.get("val_fraction", defaults.val_fraction),
-                            seed=config.get("seed", 0), limit=limit)
+    try:
+        bundle = build(data_dir)
+    except FileFormatError:
+        # not in the default place: where the run read it, when that is still there (a relative path recorded
+        # elsewhere may name another folder, hence only after the default)
+        if data_dir is not None or dataset != saved_dataset(meta) or not isinstance(saved_dir, str) \
+                or not Path(saved_dir).exists():
+            raise
+        bundle = build(saved_dir)
     classes = getattr(model, "num_classes", bundle.num_classes)
     if bundle.num_classes != classes:
         raise InputError(f"{dataset} has {bundle.num_classes} classes but {source} predicts {classes}; evaluate it "

@@ -48,5 +48,5 @@ def _build(cls: type[nn.Module], name: str, defaults: dict[str, Any], overrides:
     return convert(ann.eval(), **spiking)
 
 
-register_family(CSDTransformer, "csd", _SIZES, title="CSDformer", build=_build,
+register_family(CSDTransformer, "csd", _SIZES, title="CSDformer", build=_build, extra_options=("spiking", "time_steps"),
                 note="; with spiking=dict(time_steps=T, delay=d), its converted spike-driven model")
