@@ -183,7 +183,7 @@ def test_a_recipe_gives_another_model_only_the_options_it_takes() -> None:
     assert own.model_args == {"embed_dim": 32, "pool_stages": pools, "neuron_kwargs": {"decay_input": False}}
     given, _ = resolve_config(None, {"model": "csd_tiny", "dataset": "digits", "model_args": {"embed_dim": 48}})
     assert given.model_args == {"embed_dim": 48, "pool_stages": pools}
-    options = bestformer.models.model_options("csd_tiny")
+    options = bestformer.models.model_option_names("csd_tiny")
     assert options is not None and "neuron" not in options and {"spiking", "time_steps"} <= set(options)
     # a resume repeating only --model-arg filters for the run's own model, as when it started
     from bestformer.pipeline.config import resumed_config

@@ -84,10 +84,11 @@ def _options(cls: type[nn.Module]) -> list[str]:
     return [p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
 
 
-def model_options(name: str) -> list[str] | None:
+def model_option_names(name: str) -> list[str] | None:
     """The option names ``create_model(name, ...)`` accepts (``None``: not known, an entry registered by hand)."""
-    options = getattr(_MODELS.get(_DEPRECATED.get(name, name)), "model_options", None)
-    return list(options) if options is not None else None
+    entry = _MODELS.get(_DEPRECATED.get(name, name))
+    cls = getattr(entry, "model_class", None)
+    return [*_options(cls), *entry.extra_options] if cls is not None else None  # type: ignore[union-attr]
 
 
 def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overrides: dict[str, Any]
@@ -119,7 +120,7 @@ def _entry(cls: type[nn.Module], name: str, defaults: dict[str, Any], build: Bui
         return build(cls, name, defaults, overrides)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.model_options = (*_options(cls), *extra_options)  # type: ignore[attr-defined]
+    entry.model_class, entry.extra_options = cls, extra_options  # type: ignore[attr-defined]
     return entry
 
 

@@ -27,7 +27,6 @@ __all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "RESUMABLE", "check_resume_length", "c
            "distill_choices", "execution_config", "keep_global_batch", "make_distiller", "model_options",
            "resolve_config", "resolve_distill", "resolve_time_steps", "resumed_config", "run_is_done"]
 
-#: distillers that live in modules imported only when chosen
 #: options that may change on resume: the run's length, its checkpointing and where / how fast it executes (another
 #: device or thread count can change float rounding); the others define the experiment and must stay
 RESUMABLE = ("epochs", "cooldown_epochs", "patience", "ckpt_every_steps", "monitor_every", "skip_nonfinite",

@@ -30,7 +30,7 @@ from torch import nn
 from ..data import BuildOptions
 from ..data.transforms import parse_spec
 from ..errors import ConfigError, close_matches
-from ..models import get_input_config, model_options
+from ..models import get_input_config, model_option_names
 from .budget import parse_duration, parse_time_step_schedule
 from .config_groups import (
     GROUPS,
@@ -347,8 +347,10 @@ def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]
     overrides = flat_options(overrides, "options")
     for name, args in (("model", "model_args"), ("teacher", "teacher_args")):
         # a recipe's options for its own model reach another model only where that one takes them
-        accepted = model_options(overrides[name]) if overrides.get(name, values.get(name)) != values.get(name) \
-            and isinstance(values.get(args), dict) else None
+        other = overrides.get(name, values.get(name))
+        accepted = None
+        if other != values.get(name) and isinstance(values.get(args), dict):
+            accepted = model_option_names(other)
         if accepted is not None:
             values = {**values, args: {k: v for k, v in values[args].items() if k in accepted}}
     merged = {**values, **overrides}

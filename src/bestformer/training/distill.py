@@ -93,7 +93,7 @@ def get_distiller(name: str) -> Callable[..., Distiller]:
             importlib.import_module(_LAZY[name])
         except ImportError as err:
             raise ConfigError(f"distillation {name!r} is not available in this installation ({err})") from None
-    return _DISTILLERS[check_choice("distillation", name, _DISTILLERS)]
+    return _DISTILLERS[name]
 
 
 def check_teacher_compatible(student: nn.Module, teacher: nn.Module) -> None:

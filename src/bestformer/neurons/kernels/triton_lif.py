@@ -9,10 +9,9 @@ the kernels are launched with ``enable_fp_fusion=False`` so that no ``a * b + c`
 rounds after each operation). The division by the Python scalar ``tau`` is done as torch does it on the tensor's
 device: on CUDA torch multiplies by a reciprocal (``BinaryDivTrueKernel.cu``: one bit may be lost; computed in float32
 or, since late 2025, in double), which the kernel takes from torch itself; on the CPU it divides, correctly rounded
-(``div_rn``; a plain ``/`` may compile to an approximate division). Scalars reach
-the kernels as float32, as torch casts a Python scalar for a float32 tensor. The launches run on the tensors' own
-GPU (Triton launches on the current device). Tests run these kernels on CPU tensors with ``TRITON_INTERPRET=1``;
-on a GPU they compile to PTX.
+(``div_rn``; a plain ``/`` may compile to an approximate division). Scalars reach the kernels as float32, as torch
+casts a Python scalar for a float32 tensor. The launches run on the tensors' own GPU (Triton launches on the current
+device). Tests run these kernels on CPU tensors with ``TRITON_INTERPRET=1``; on a GPU they compile to PTX.
 """
 
 from __future__ import annotations
