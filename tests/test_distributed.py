@@ -401,7 +401,7 @@ def _digits(n: int) -> TensorDataset:
     return TensorDataset(x, torch.tensor(d.target[:n]))
 
 
-def _run(cfg: dict[str, Any], ctx: DistContext) -> None:
+def _run(cfg: dict[str, Any], ctx: DistContext) -> nn.Module:
     """The library layer without the engine: a few steps of Eq. 15 distillation on digits with DDP, sharded
     batches and accumulation, where rank ``r`` stalls in step ``fault_step`` when ``faults[r] == "hang"``."""
     torch.manual_seed(cfg["seed"])
@@ -422,6 +422,7 @@ def _run(cfg: dict[str, Any], ctx: DistContext) -> None:
             opt.step()
             opt.zero_grad()
             all_reduce_sums({"loss": loss.item()})
+    return net
 
 
 def _rank_main(rank: int, world: int, port: int, cfgs: list[dict[str, Any]], out: Path) -> None:
@@ -435,8 +436,10 @@ def _rank_main(rank: int, world: int, port: int, cfgs: list[dict[str, Any]], out
             torch.save(_engine_job(cfgs[0]), out / f"rank{rank}.pt")
         else:
             with distributed("cpu", timeout_s=cfgs[0]["timeout_s"]) as ctx:
-                for cfg in cfgs:
-                    _run(cfg, ctx)
+                nets = [_run(cfg, ctx) for cfg in cfgs]
+            # what each DDP wrapper still holds of the group it has left
+            held = [sorted(k for k in ("logger", "reducer") if k in net.__dict__) for net in nets]
+            (out / f"rank{rank}.held").write_text(json.dumps(held))
     except DistributedError as err:
         (out / f"rank{rank}.err").write_text(json.dumps({"error": str(err), "after_s": time.monotonic() - t0}))
         raise SystemExit(1) from None
@@ -575,13 +578,16 @@ ENGINE_JOBS: list[tuple[int, dict[str, Any]]] = [
     (2, {"name": "two_resume", "resume": "one16_stop"}),
     (2, {"name": "two8_stop", "cfg": {"batch_size": 8, **AUGMENT}, "stop_at": 1}),
     (1, {"name": "one_resume", "resume": "two8_stop"}),
-    (2, {"name": "crash", "cfg": {"batch_size": 8}, "crash": [1, 1]}),
+    # a crash, three times: rank 0's exit hung at times (see test_a_crashed_rank_stops_the_other_with_one_line)
+    *[(2, {"name": f"crash{i}", "cfg": {"batch_size": 8}, "crash": [1, 1]}) for i in range(3)],
     (2, {"name": "two_late", "cfg": {"batch_size": 8, "time_budget": "1h"}, "skew": [1, "deadline"]}),
     (2, {"name": "two_replan", "cfg": {"batch_size": 8, "time_budget": "1h"}, "skew": [1, "plan_end"]}),
 ]
 #: the multi-process scenarios of the library layer (no engine): a rank that stalls
 JOBS = {"hang": [{"n": 24, "global_batch": 8, "batch_size": 4, "seed": 0, "fault_step": 1, "timeout_s": 3,
-                  "faults": {"1": "hang"}}]}
+                  "faults": {"1": "hang"}}],
+        "clean": [{"n": 16, "global_batch": 8, "batch_size": 4, "seed": 0, "fault_step": -1, "timeout_s": 30,
+                   "faults": {}}]}
 
 
 def _launch(root: Path) -> dict[str, list[int | None]]:
@@ -732,13 +738,25 @@ def _train_losses(path: Path) -> list[float]:
 
 def test_a_crashed_rank_stops_the_other_with_one_line(launched: Any) -> None:
     """Rank 1 dies (os._exit) in step 1 of a real run; rank 0's next collective fails at once with one
-    DistributedError line, and its process group is left (the process exits)."""
+    DistributedError line, and its process group is left (the process exits). Three times: rank 0's exit once hung
+    in about one run of ten (its DDP reducer, freed with the GIL held, took the gloo group down with it; gloo's
+    worker thread needed the GIL to free the failed all-reduce's saved context), and CI saw it."""
     codes, root = launched
-    report = root / "ranks" / "crash" / "rank0.err"
-    assert codes["crash"] == [1, 3], report.read_text() if report.exists() else "rank 0 wrote no error"
-    err = json.loads(report.read_text())
-    assert err["error"].startswith("rank 0 of 2 lost contact with the other processes (")
-    assert "\n" not in err["error"] and err["after_s"] < 30
+    for i in range(3):
+        report = root / "ranks" / f"crash{i}" / "rank0.err"
+        assert codes[f"crash{i}"] == [1, 3], report.read_text() if report.exists() else "rank 0 wrote no error"
+        err = json.loads(report.read_text())
+        assert err["error"].startswith("rank 0 of 2 lost contact with the other processes (")
+        assert "\n" not in err["error"] and err["after_s"] < 30
+
+
+def test_leaving_the_group_frees_the_ddp_reducers(launched: Any) -> None:
+    """After ``distributed()`` ends, the DDP wrappers made by wrap_ddp hold neither reducer nor logger: the
+    group's last reference goes with torch's Python handle, which lets go of the GIL (see the crash test)."""
+    codes, root = launched
+    assert codes["clean"] == [0, 0]
+    for rank in range(2):
+        assert json.loads((root / "ranks" / "clean" / f"rank{rank}.held").read_text()) == [[]]
 
 
 def test_a_stalled_rank_fails_the_others_after_the_timeout(launched: Any) -> None:

@@ -16,12 +16,14 @@ import contextlib
 import math
 import os
 import re
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ...errors import BestformerError, ConfigError
 
@@ -168,9 +170,23 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = DEF
     return DistContext(rank, world, local, dev, dist.get_backend(), float(timeout_s))
 
 
+#: the DDP wrappers of this process, weakly held (see :func:`destroy_distributed`)
+DDP_WRAPPERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def destroy_distributed() -> None:
-    """Leave the process group (no-op when none is up)."""
+    """Leave the process group (no-op when none is up).
+
+    Every DDP wrapper of this process first lets go of its C++ reducer and logger, which hold the group. Else the
+    reducer, freed later with the GIL held, can drop a gloo group's last reference: its destructor joins worker
+    threads that need the GIL to free a failed collective's saved Python context, and the process never exits
+    (seen after a peer crashed, torch 2.13). Freed here, the group's last reference goes with torch's Python handle,
+    which lets go of the GIL meanwhile.
+    """
     if dist.is_available() and dist.is_initialized():
+        for wrapper in list(DDP_WRAPPERS):
+            for name in ("logger", "reducer"):  # the logger holds the reducer
+                wrapper.__dict__.pop(name, None)
         dist.destroy_process_group()
 
 

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ...layers.norm import convert_distributed_batchnorm
 from .collectives import broadcast_module
-from .context import DistContext
+from .context import DDP_WRAPPERS, DistContext
 
 
 def wrap_ddp(model: nn.Module, ctx: DistContext, sync_bn: bool = False,
@@ -34,7 +34,9 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, sync_bn: bool = False,
         else:
             model = convert_distributed_batchnorm(model)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+    wrapper = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+    DDP_WRAPPERS.add(wrapper)  # released before the group is left (destroy_distributed)
+    return wrapper
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
