@@ -190,3 +190,26 @@ def test_a_recipe_gives_another_model_only_the_options_it_takes() -> None:
 
     again = resumed_config(given.to_dict(), None, {"model_args": {"embed_dim": 48}}, "run X", "digits")
     assert again.model_args == given.model_args
+
+
+def test_a_nested_model_option_merges_into_the_recipes() -> None:
+    # `--model-arg neuron_kwargs={tau: 3}` on a recipe with neuron_kwargs {decay_input: false} replaced the whole
+    # mapping: the neuron silently went back to Eq. 1's decayed input charge. Nested mappings merge key by key
+    from bestformer.pipeline.config import resumed_config
+    from bestformer.training.config import merge_mappings, resolve_config
+
+    cfg, _ = resolve_config("digits", {"model_args": {"neuron_kwargs": {"tau": 3.0}, "embed_dim": 16}})
+    assert cfg.model_args["neuron_kwargs"] == {"decay_input": False, "tau": 3.0} and cfg.model_args["embed_dim"] == 16
+    params = {m.params for m in bestformer.create_model(cfg.model, **cfg.model_args).modules() if hasattr(m, "params")}
+    assert {(p.decay_input, p.tau) for p in params} == {(False, 3.0)}
+    # the command line still wins key by key, a None included, and a non-mapping replaces a mapping
+    assert resolve_config("digits", {"model_args": {"neuron_kwargs": {"decay_input": True}}})[0].model_args[
+        "neuron_kwargs"] == {"decay_input": True}
+    assert merge_mappings({"a": {"b": 1, "c": {"d": 2}}}, {"a": {"c": {"e": 3}}, "f": None}) == \
+        {"a": {"b": 1, "c": {"d": 2, "e": 3}}, "f": None}
+    assert merge_mappings({"a": {"b": 1}}, {"a": None}) == {"a": None} and merge_mappings({"a": 1}, {"a": {}}) == \
+        {"a": {}}
+    # a resume that repeats the nested option is no change
+    again = resumed_config(cfg.to_dict(), None, {"model_args": {"neuron_kwargs": {"tau": 3.0}, "embed_dim": 16}},
+                           "run X", "digits")
+    assert again.model_args == cfg.model_args

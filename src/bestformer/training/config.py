@@ -340,9 +340,10 @@ def implied_recipe(overrides: dict[str, Any]) -> str | None:
 def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """The values of ``recipe`` (none for ``None``), then ``overrides``, both spelt flat (a recipe's grouped
     sections must not outrank the command line); the option mappings (``model_args``, ``teacher_args``) merge key
-    by key. When ``overrides`` name another model (or teacher) than the recipe's, the recipe's options for its own
-    model are kept only where the other one takes them (``--model csd_tiny --dataset digits``: the width and the
-    pooling, not the LIF options a CSD model has no place for)."""
+    by key, nested ones too (:func:`merge_mappings`). When ``overrides`` name another model (or teacher) than the
+    recipe's, the recipe's options for its own model are kept only where the other one takes them
+    (``--model csd_tiny --dataset digits``: the width and the pooling, not the LIF options a CSD model has no place
+    for)."""
     values = flat_options(load_recipe(recipe), f"recipe {recipe}") if recipe else {}
     overrides = flat_options(overrides, "options")
     for name, args in (("model", "model_args"), ("teacher", "teacher_args")):
@@ -356,8 +357,17 @@ def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]
     merged = {**values, **overrides}
     for key in ("model_args", "teacher_args"):
         if key in values and key in overrides:
-            merged[key] = {**values[key], **overrides[key]}
+            merged[key] = merge_mappings(values[key], overrides[key])
     return merged
+
+
+def merge_mappings(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base`` key by key, nested mappings too: ``--model-arg neuron_kwargs={tau: 3}`` keeps
+    a recipe's ``neuron_kwargs: {decay_input: false}`` (replacing the whole mapping changed the neuron's charge
+    equation unasked). Anything else in ``over``, a ``None`` included, replaces what ``base`` has."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    return {**base, **{k: merge_mappings(base[k], v) if k in base else v for k, v in over.items()}}
 
 
 def dump_yaml(values: dict[str, Any]) -> str:
