@@ -121,6 +121,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         _same_run(reference, out / "run")
     except AssertionError as err:
         raise AssertionError(f"kills (delay s, step of the last checkpoint): {kills}: {err}") from None
+    assert not list((out / "run").glob(".*.tmp"))  # a kill during a write left one: the resume removed it
 
 
 @pytest.mark.slow
@@ -411,6 +412,30 @@ def test_history_files_of_unfinished_epochs_go_with_them(tmp_path: Path) -> None
     folder.write_history([], [])
     assert not folder.firing_path.exists() and not folder.plot_path.exists()
     assert folder.metrics_path.read_text() == ""
+
+
+def test_a_run_removes_the_temporaries_a_killed_run_left(tmp_path: Path) -> None:
+    """A SIGKILL during an atomic write leaves its ``.NAME.XXXXXXXX.tmp`` (a resume state's: the model's size).
+    Whoever next holds the folder's lock removes those of the run's own files, and only those: another program's
+    temporary in the folder (an export being written) stays."""
+    import tempfile
+
+    from bestformer.fileio import atomic_path
+
+    folder = RunFolder(tmp_path)
+    dead = []
+    for name in ("resume.safetensors", "best.json", "config.yaml", "curves.png"):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=tmp_path)  # as atomic_path names them
+        os.close(fd)
+        dead.append(Path(tmp))
+    with atomic_path(tmp_path / "model.bfpk") as theirs:  # another program, writing while the run starts
+        theirs.write_bytes(b"x")
+        alive = [theirs, tmp_path / ".notes.tmp", tmp_path / ".resume.safetensors.tmp", tmp_path / "resume.tmp"]
+        for path in alive[1:]:
+            path.write_bytes(b"y")
+        with folder.lock():
+            assert not any(p.exists() for p in dead) and all(p.exists() for p in alive)
+    assert (tmp_path / "model.bfpk").read_bytes() == b"x"
 
 
 def test_the_curves_leave_the_callers_matplotlib_backend_alone(tmp_path: Path) -> None:

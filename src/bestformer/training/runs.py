@@ -56,6 +56,11 @@ def _flock_within(fcntl: Any, fh: Any, seconds: float) -> None:
             time.sleep(0.05)
 
 
+#: the files a run writes into its folder (all through atomic writes)
+OWN_FILES = frozenset({"config.yaml", "run.json", "metrics.csv", "firing_rates.csv", "curves.png", "summary.json",
+                       RESUME_FILE, "best.safetensors", "best.json", "last.safetensors", "last.json"})
+
+
 def default_run_name(model: str, dataset: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{dataset}"
 
@@ -116,10 +121,20 @@ class RunFolder:
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             fh.flush()
+            self._remove_partial_writes()
             try:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _remove_partial_writes(self) -> None:
+        """Delete the temporary files of this folder's own writes (:func:`~bestformer.fileio.atomic_path`) that a
+        killed run left behind (a SIGKILL skips the clean-up; a resume state's can be hundreds of MB). Only the
+        lock's holder writes these files, so any found now are dead; other programs' temporaries stay."""
+        for tmp in self.path.glob(".*.tmp"):
+            name, dot, _ = tmp.name[1:-len(".tmp")].rpartition(".")
+            if dot and name in OWN_FILES:
+                tmp.unlink(missing_ok=True)
 
     def prepare(self) -> None:
         """Create the folder and check that it is writable (before any training time is spent)."""
