@@ -71,7 +71,8 @@ class PackedModelData:
 
 def stem_widths(arch: dict[str, Any]) -> list[int]:
     """The stem's five channel counts: as the file records them, else the reference's ``D/8, D/4, D/2, D, D``
-    (files written before the field)."""
+    (files written before the field). The same formula as :class:`~bestformer.layers.stem.PatchSplitting`'s,
+    spelt again because the runtime imports without torch (``tests/test_deploy.py`` holds the two equal)."""
     d = arch["embed_dim"]
     return list(arch.get("stem_widths") or [d // 8, d // 4, d // 2, d, d])
 
