@@ -44,7 +44,8 @@ static float input[BESTFORMER_INPUT_SIZE];
 volatile int bf_result;
 int main(void) {
     float logits[BESTFORMER_NUM_CLASSES];
-    bf_result = bestformer_predict(input, logits, arena);
+    bf_result = bestformer_predict(input, BESTFORMER_INPUT_SIZE, logits, BESTFORMER_NUM_CLASSES, arena,
+                                   sizeof arena);
     return (int)logits[0];
 }
 """

@@ -167,7 +167,22 @@ def test_export_from_a_file_needs_no_torch(tiny, tmp_path):
 def test_error_codes(tiny):
     _, _, info, lib = tiny
     x = np.zeros(info.input_size, np.float32)
-    assert lib.lib.bestformer_predict(None, x.ctypes.data, lib.arena.ctypes.data) == -1
+    out = np.full(info.num_classes + 1, np.nan, np.float32)
+    args = [x.ctypes.data, x.size, out.ctypes.data, info.num_classes, lib.arena.ctypes.data, info.arena_bytes]
+
+    def predict(**change: int | None) -> int:
+        names = ["input", "input_len", "logits", "logits_len", "arena", "arena_bytes"]
+        return lib.lib.bestformer_predict(*[change.get(n, a) for n, a in zip(names, args, strict=True)])
+
+    lib.arena[:] = POISON
+    assert predict(input=None) == -1 and predict(logits=None) == -1 and predict(arena=None) == -1
+    # each length checked before anything is read or written: an arena one byte short, a sample of another model
+    for bad in ({"input_len": x.size - 1}, {"input_len": x.size + 1}, {"logits_len": info.num_classes - 1},
+                {"arena_bytes": info.arena_bytes - 1}, {"arena_bytes": 0}):
+        assert predict(**bad) == -5, bad
+    assert np.isnan(out).all() and (lib.arena == POISON).all()
+    assert predict(logits_len=info.num_classes + 1, arena_bytes=info.arena_bytes + 8) == 0  # the guard word
+    assert np.isfinite(out[:-1]).all() and np.isnan(out[-1])  # a longer logits buffer: only the classes written
     assert lib.call(x, arena=lib.arena.ctypes.data + 4)[0] == -2
     x[5] = np.nan
     assert lib.call(x)[0] == -3

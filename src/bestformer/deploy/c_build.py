@@ -47,20 +47,21 @@ class CLibrary:
         self.info = info
         self.lib = ctypes.CDLL(str(self.path.resolve()))  # dlopen matches by this string: the same key as _LOADED
         _LOADED.add(self.path.resolve())
-        self.lib.bestformer_predict.argtypes = [ctypes.c_void_p] * 3
+        self.lib.bestformer_predict.argtypes = [ctypes.c_void_p, ctypes.c_size_t] * 3
         self.lib.bestformer_predict.restype = ctypes.c_int
         self.lib.bestformer_popcount_path.restype = ctypes.c_char_p
         self.popcount_path: str = self.lib.bestformer_popcount_path().decode()
         self.arena = np.zeros(-(-info.arena_bytes // 8), np.uint64)  # 8-byte aligned, as the API asks
 
     def call(self, sample: np.ndarray, arena: int | None = None) -> tuple[int, np.ndarray]:
-        """``bestformer_predict`` on one sample: its return code and the logits."""
+        """``bestformer_predict`` on one sample (``arena``: another address, for tests): its return code and the
+        logits."""
         x = np.ascontiguousarray(sample, np.float32)
         if x.size != self.info.input_size:
             raise ConfigError(f"one sample has {self.info.input_size} values {self.info.input_shape}, got {x.shape}")
         out = np.full(self.info.num_classes, np.nan, np.float32)
-        rc = self.lib.bestformer_predict(x.ctypes.data, out.ctypes.data,
-                                         self.arena.ctypes.data if arena is None else arena)
+        rc = self.lib.bestformer_predict(x.ctypes.data, x.size, out.ctypes.data, out.size,
+                                         self.arena.ctypes.data if arena is None else arena, self.info.arena_bytes)
         return rc, out
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 ``export_c(model_or_packed, out_dir)`` writes
 
-- ``model.h``: the API, ``int bestformer_predict(const float *input, float *logits, void *arena)`` (0, or a
-  negative ``BESTFORMER_ERR_*`` code), ``bestformer_popcount_path()``, ``BESTFORMER_ARENA_BYTES`` / ``_ALIGN``,
-  the input and output sizes;
+- ``model.h``: the API, ``int bestformer_predict(const float *input, size_t input_len, float *logits,
+  size_t logits_len, void *arena, size_t arena_bytes)`` (0, or a negative ``BESTFORMER_ERR_*`` code; every length
+  checked first), ``bestformer_popcount_path()``, ``BESTFORMER_ARENA_BYTES`` / ``_ALIGN``, the input and output
+  sizes;
 - ``model.c``: the weights as ``static const`` arrays (1-bit signs packed 64 per ``uint64_t`` word in blocks of 8
   outputs, folded BatchNorm scale/bias, ``lambda * 0.125``, the first convolution, the heads, every LIF's
   constants, all floats as exact hexadecimal literals), the kernels (``c/*.c``: the popcount path is chosen at
@@ -190,12 +191,15 @@ def export_c(model_or_packed: Any, out_dir: str | Path, events: bool = False, th
         "/* ---- weights and constants ---- */",
         "static const bf_lif_t bf_lif[%d] = {\n%s\n};\n" % (len(rows), "\n".join(rows)),  # noqa: UP031
         *wr.parts,
-        "int bestformer_predict(const float *input, float *logits, void *arena) {",
+        "int bestformer_predict(const float *input, size_t input_len, float *logits, size_t logits_len, void *arena,",
+        "                       size_t arena_bytes) {",
         "    bf_scratch_t s[BF_THREADS];",
         "    unsigned char *base = (unsigned char *)arena;",
         "    int c;",
         *(f"    {ctype} *{var};" for ctype, _r, var in ptrs),
         "    if (input == NULL || logits == NULL || arena == NULL) return BESTFORMER_ERR_NULL;",
+        "    if (input_len != BESTFORMER_INPUT_SIZE || logits_len < BESTFORMER_NUM_CLASSES",
+        "        || arena_bytes < BESTFORMER_ARENA_BYTES) return BESTFORMER_ERR_SIZE;",
         "#ifdef UINTPTR_MAX",
         "    if ((uintptr_t)arena % BESTFORMER_ARENA_ALIGN != 0) return BESTFORMER_ERR_ALIGN;",
         "#endif",

@@ -23,7 +23,8 @@ int main(int argc, char **argv) {
     }
     while ((got = fread(input, sizeof(float), BESTFORMER_INPUT_SIZE, fp)) == BESTFORMER_INPUT_SIZE) {
         unsigned k, best = 0;
-        int rc = bestformer_predict(input, logits, arena);
+        int rc = bestformer_predict(input, BESTFORMER_INPUT_SIZE, logits, BESTFORMER_NUM_CLASSES, arena,
+                                    BESTFORMER_ARENA_BYTES);
         if (rc != BESTFORMER_OK) {
             fprintf(stderr, "bestformer_predict failed on input %lu: %d\n", samples, rc);
             status = 1;

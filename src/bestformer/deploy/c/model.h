@@ -2,6 +2,7 @@
  * C99, no malloc, libc only. Build: cc -std=c99 -O2 -ffp-contract=off -c model.c */
 #ifndef BESTFORMER_MODEL_H
 #define BESTFORMER_MODEL_H
+#include <stddef.h>
 #ifdef __cplusplus
 extern "C" {{
 #endif
@@ -23,10 +24,14 @@ extern "C" {{
 #define BESTFORMER_ERR_ALIGN (-2) /* arena not aligned to BESTFORMER_ARENA_ALIGN */
 #define BESTFORMER_ERR_INPUT (-3) /* NaN or infinity in the input */
 #define BESTFORMER_ERR_BUILD (-4) /* compiled with float contraction (-ffp-contract=fast): results would differ */
+#define BESTFORMER_ERR_SIZE (-5)  /* input_len is not BESTFORMER_INPUT_SIZE, or a buffer is too small */
 
-/* logits[BESTFORMER_NUM_CLASSES] of one input; arena: BESTFORMER_ARENA_BYTES writable bytes, nothing kept between
- * calls (one arena per concurrent caller). Returns BESTFORMER_OK or a BESTFORMER_ERR_* code. */
-int bestformer_predict(const float *input, float *logits, void *arena);
+/* The logits of one input: input[input_len] with input_len == BESTFORMER_INPUT_SIZE; logits[logits_len] with
+ * logits_len >= BESTFORMER_NUM_CLASSES (the first BESTFORMER_NUM_CLASSES are written); arena: arena_bytes >=
+ * BESTFORMER_ARENA_BYTES writable bytes, nothing kept between calls (one arena per concurrent caller). Every length
+ * is checked before anything is read or written. Returns BESTFORMER_OK or a BESTFORMER_ERR_* code. */
+int bestformer_predict(const float *input, size_t input_len, float *logits, size_t logits_len, void *arena,
+                       size_t arena_bytes);
 
 /* the AND+popcount path compiled in: "avx512-vpopcntdq", "avx2", "neon" or "portable" (see model.c) */
 const char *bestformer_popcount_path(void);
