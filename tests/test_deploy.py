@@ -548,9 +548,14 @@ def test_cli_export_predict(tiny, tmp_path, capsys):
     assert "cannot read inputs" in capsys.readouterr().err
 
 
-def test_cli_bench_prints_the_ratio_last(capsys, tmp_path):
+def test_cli_bench_prints_the_ratio_last(capsys, tmp_path, monkeypatch):
+    threads = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    for key in threads:
+        monkeypatch.delenv(key, raising=False)
     assert cli_main(["bench", "--model", "bestformer_tiny", "--batch-sizes", "2", "--repeats", "1", "--threads", "1",
                      "--plot", str(tmp_path / "b.png"), "--json", str(tmp_path / "b.json")]) == 0
+    # the thread settings it makes for itself are put back (they leaked into the caller's later subprocesses)
+    assert not any(key in os.environ for key in threads)
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["rows"][0]["argmax_agree"] == 1.0 and res["file_ratio"] > 5

@@ -9,14 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+from bestformer.hardware import cpu_info
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_dry_run_passes_every_stage_at_tiny_sizes(tmp_path: Path) -> None:
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    seconds = time.perf_counter() - t0
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=400)
     doc = json.loads((tmp_path / "results.json").read_text())
     stages = {s["stage"]: s for s in doc["stages"]}
     assert list(stages) == ["env", "cuda_tests", "smoke", "train_step", "time_to_accuracy", "torchrun",
@@ -24,13 +24,16 @@ def test_gpu_check_dry_run_passes_every_stage_at_tiny_sizes(tmp_path: Path) -> N
     failed = {k: s["tail"] for k, s in stages.items() if s["status"] != "passed"}
     assert not failed and proc.returncode == 0, (failed, proc.stdout[-2000:])
     smoke = stages["smoke"]["measured"]
-    assert len(smoke) == 12 and all(v["finite"] and v["falling"] for v in smoke.values())
+    bf16 = bool({"avx512_bf16", "amx_bf16"} & cpu_info().flags)  # else bf16 autocast is emulated: fp32 only
+    assert len(smoke) == (12 if bf16 else 6) and all(v["finite"] and v["falling"] for v in smoke.values())
     assert "tests collected" in " ".join(stages["cuda_tests"]["result_lines"])
     summary = (tmp_path / "summary.txt").read_text()
     assert "dry run" in summary and "7 passed, 0 failed" in proc.stdout
-    # about a minute on an idle 2-core CI machine; the bound only catches a stage left at full size (a shared,
-    # loaded CI machine must not fail it)
-    assert seconds < 200, seconds
+    # every stage ran at its tiny size (a wall-clock bound would also fail a loaded CI machine)
+    sizes = {"smoke": "--steps 6", "train_step": "--img-size 16", "time_to_accuracy": "--dataset digits",
+             "torchrun": "--limit 256"}
+    assert all(arg in stages[name]["command"] for name, arg in sizes.items()), {k: stages[k]["command"] for k in sizes}
+    assert stages["cuda_tests"]["command"].endswith("--co")
 
 
 def test_a_timed_out_stage_keeps_its_stderr(tmp_path: Path) -> None:

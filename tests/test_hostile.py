@@ -163,11 +163,15 @@ def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path: Path) -> None:
     assert train(_cfg(tmp_path)).status == "finished"  # free again once the first has ended
 
 
-def test_a_lock_held_for_a_moment_is_waited_for(tmp_path: Path) -> None:
+def test_a_lock_held_for_a_moment_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A process that only checks whether a folder is in use holds its lock for a moment (benchmarks/ablation.py
     does): a run starting then waits for it instead of being refused."""
     import fcntl
     import threading
+
+    from bestformer.training import runs
+
+    monkeypatch.setattr(runs, "LOCK_WAIT", 10.0)  # the timer's thread may wake late on a loaded machine
 
     folder = RunFolder(tmp_path / "runs" / "busy")
     folder.path.mkdir(parents=True)

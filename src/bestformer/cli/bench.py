@@ -35,11 +35,24 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     # PyTorch's OpenMP pool must be sized before torch starts it: without OMP_NUM_THREADS its threads spin and
-    # collapse (5x slower, measured) when other processes share the cores, which would flatter the packed runtime
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    # collapse (5x slower, measured) when other processes share the cores, which would flatter the packed runtime.
     # numpy's OpenBLAS (the packed runtime's float64 heads: tiny products) keeps its threads spinning after each
-    # call, which halved the C library's OpenMP speed at 2 threads (8.4 vs 4.1 ms, measured): one BLAS thread
+    # call, which halved the C library's OpenMP speed at 2 threads (8.4 vs 4.1 ms, measured): one BLAS thread.
+    # Put back afterwards: a caller that runs the command in its own process must not pass them to its children.
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        return _run(args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..deploy.bench import format_report, plot_report, run_benchmark
     from ..deploy.c_build import SPEED_FLAGS
     from ..fileio import atomic_write_json, check_output
