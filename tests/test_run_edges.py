@@ -187,3 +187,24 @@ def test_cuda_random_streams_return_to_their_own_devices(monkeypatch: pytest.Mon
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, int(s[0])))
     restore_rng(tensors, meta)
     assert restored == {i: i for i in range(12)}
+
+
+def test_a_run_puts_back_torchs_process_wide_switches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deterministic run on its own thread count switched the caller's whole session to deterministic
+    algorithms, cuDNN's deterministic kernels and that thread count, and left it so after train() returned."""
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic,
+              torch.get_num_threads())
+    threads = 2 if before[3] == 1 else 1
+    seen: list[tuple[bool, int]] = []
+    original = Trainer.fit
+
+    def fit(self: Trainer, *args: object, **kwargs: object) -> object:
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    train(tiny_config(tmp_path, epochs=1, deterministic=not before[0], threads=threads))
+    assert seen == [(not before[0], threads)]  # the run itself trained as configured
+    assert (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic,
+            torch.get_num_threads()) == before

@@ -10,10 +10,12 @@ process or loaded from disk (which exact resume needs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -64,6 +66,22 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
+
+
+@contextlib.contextmanager
+def torch_switches_kept() -> Iterator[None]:
+    """Put back torch's process-wide switches that a run sets (deterministic algorithms, cuDNN's, the thread count)
+    when it ends: ``train()`` called from a notebook or a test leaves the caller's session as it found it."""
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.benchmark, cudnn.deterministic, torch.get_num_threads())
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
+        if torch.get_num_threads() != saved[4]:
+            torch.set_num_threads(saved[4])
 
 
 def check_model_builds(name: str, options: dict[str, Any]) -> None:
@@ -118,7 +136,8 @@ class Run:
 
             folder.tensorboard = TensorBoardLog(folder.path / "tensorboard")
         try:
-            with use_backend(choose_backend(cfg.neuron_backend)):  # for this run only: no global is changed
+            # for this run only: no global is changed
+            with use_backend(choose_backend(cfg.neuron_backend)), torch_switches_kept():
                 return self._execute(cfg, folder, ctx, state, t0, bundle, time_steps)
         finally:
             if folder.tensorboard is not None:
