@@ -209,6 +209,20 @@ def test_a_nested_model_option_merges_into_the_recipes() -> None:
         {"a": {"b": 1, "c": {"d": 2, "e": 3}}, "f": None}
     assert merge_mappings({"a": {"b": 1}}, {"a": None}) == {"a": None} and merge_mappings({"a": 1}, {"a": {}}) == \
         {"a": {}}
+    # the recipe's neuron options reach only a neuron that takes them: --model qsd_tiny's IE-LIF, or neuron=ielif,
+    # failed on the digits recipe's LIF decay_input (before the nested merge too, without neuron_kwargs given)
+    for given, want in (({"model": "qsd_tiny"}, {}),
+                        ({"model": "qsd_tiny", "model_args": {"neuron_kwargs": {"levels": 4}}},
+                         {"neuron_kwargs": {"levels": 4}}),
+                        ({"model_args": {"neuron": "ielif"}}, {"neuron": "ielif"}),
+                        ({"model": "a2os2a_tiny"}, {"neuron_kwargs": {"decay_input": False}})):
+        run, _ = resolve_config("digits", given)
+        assert {k: v for k, v in run.model_args.items() if k in ("neuron", "neuron_kwargs")} == want, given
+        bestformer.create_model(run.model, **run.model_args)
+    assert bestformer.models.model_option_default("qsd_tiny", "neuron") == "ielif"
+    assert bestformer.models.model_option_default("bestformer_tiny", "neuron") == "lif"
+    assert "decay_input" in bestformer.neurons.neuron_option_names("lif")
+    assert "decay_input" not in bestformer.neurons.neuron_option_names("ielif")
     # a resume that repeats the nested option is no change
     again = resumed_config(cfg.to_dict(), None, {"model_args": {"neuron_kwargs": {"tau": 3.0}, "embed_dim": 16}},
                            "run X", "digits")

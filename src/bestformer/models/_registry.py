@@ -91,6 +91,17 @@ def model_option_names(name: str) -> list[str] | None:
     return [*_options(cls), *entry.extra_options] if cls is not None else None  # type: ignore[union-attr]
 
 
+def model_option_default(name: str, option: str) -> Any:
+    """The value ``create_model(name)`` gives ``option`` when it is not passed (the entry's registered defaults,
+    else the class's signature); ``None`` when not known."""
+    entry = _MODELS.get(_DEPRECATED.get(name, name))
+    if option in getattr(entry, "defaults", {}):
+        return entry.defaults[option]  # type: ignore[union-attr]
+    cls = getattr(entry, "model_class", None)
+    param = inspect.signature(cls.__init__).parameters.get(option) if cls is not None else None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overrides: dict[str, Any]
                 ) -> nn.Module:
     """Instantiate ``cls(**defaults | overrides)`` after checking every override name; the model records
@@ -120,7 +131,7 @@ def _entry(cls: type[nn.Module], name: str, defaults: dict[str, Any], build: Bui
         return build(cls, name, defaults, overrides)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.model_class, entry.extra_options = cls, extra_options  # type: ignore[attr-defined]
+    entry.model_class, entry.extra_options, entry.defaults = cls, extra_options, defaults  # type: ignore[attr-defined]
     return entry
 
 

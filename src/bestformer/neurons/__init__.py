@@ -5,7 +5,7 @@ from .functional import LIFParameters, LIFState, lif_multistep, lif_step, run_mu
 from .integrate_fire import IFNeuron, if_neuron
 from .lif import LIF
 from .multilevel import IELIF, IELIFParameters, Rectify, ielif_multistep, ielif_step, to_spike_train
-from .registry import ReLUNeuron, get_neuron, is_spiking_neuron, register_neuron
+from .registry import ReLUNeuron, get_neuron, is_spiking_neuron, neuron_option_names, register_neuron
 from .surrogate import ATan, Sigmoid, Surrogate, get_surrogate
 from .ternary import TernaryNeuron, TernaryParameters, ternary_multistep, ternary_step
 
@@ -35,6 +35,7 @@ __all__ = [
     "is_spiking_neuron",
     "lif_multistep",
     "lif_step",
+    "neuron_option_names",
     "register_backend",
     "register_neuron",
     "run_multistep",

@@ -52,6 +52,18 @@ def get_neuron(spec: str | Callable[..., nn.Module], **defaults: object) -> Call
     return partial(factory, **defaults) if defaults else factory
 
 
+def neuron_option_names(spec: str) -> set[str] | None:
+    """The keyword options the neuron registered as ``spec`` takes (``None``: not known, or it takes any)."""
+    factory = _NEURONS.get(spec)
+    try:
+        params = inspect.signature(factory).parameters.values() if factory is not None else None
+    except (TypeError, ValueError):
+        return None
+    if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def spiking_neuron_options() -> set[str]:
     """The keyword options of every registered neuron factory other than ReLU (read from their signatures)."""
     names: set[str] = set()

@@ -30,7 +30,8 @@ from torch import nn
 from ..data import BuildOptions
 from ..data.transforms import parse_spec
 from ..errors import ConfigError, close_matches
-from ..models import get_input_config, model_option_names
+from ..models import get_input_config, model_option_default, model_option_names
+from ..neurons import neuron_option_names
 from .budget import parse_duration, parse_time_step_schedule
 from .config_groups import (
     GROUPS,
@@ -343,7 +344,7 @@ def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]
     by key, nested ones too (:func:`merge_mappings`). When ``overrides`` name another model (or teacher) than the
     recipe's, the recipe's options for its own model are kept only where the other one takes them
     (``--model csd_tiny --dataset digits``: the width and the pooling, not the LIF options a CSD model has no place
-    for)."""
+    for); so are its ``neuron_kwargs`` where the run's neuron takes them (:func:`_for_neuron`)."""
     values = flat_options(load_recipe(recipe), f"recipe {recipe}") if recipe else {}
     overrides = flat_options(overrides, "options")
     for name, args in (("model", "model_args"), ("teacher", "teacher_args")):
@@ -354,11 +355,26 @@ def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]
             accepted = model_option_names(other)
         if accepted is not None:
             values = {**values, args: {k: v for k, v in values[args].items() if k in accepted}}
+        if isinstance(values.get(args), dict) and isinstance(values[args].get("neuron_kwargs"), dict):
+            values = {**values, args: _for_neuron(values[args], overrides.get(args), other)}
     merged = {**values, **overrides}
     for key in ("model_args", "teacher_args"):
         if key in values and key in overrides:
             merged[key] = merge_mappings(values[key], overrides[key])
     return merged
+
+
+def _for_neuron(recipe_args: dict[str, Any], given: Any, model: Any) -> dict[str, Any]:
+    """A recipe's ``neuron_kwargs`` keep only the options of the neuron the run will use (the command's
+    ``neuron``, else the recipe's, else the model's default): the digits recipe's LIF ``decay_input`` has no place
+    in ``--model qsd_tiny``'s IE-LIF, nor under ``--model-arg neuron=ielif``."""
+    neuron = given.get("neuron") if isinstance(given, dict) else None
+    neuron = neuron or recipe_args.get("neuron") or (model_option_default(model, "neuron") if model else None)
+    accepted = neuron_option_names(neuron) if isinstance(neuron, str) else None
+    if accepted is None:
+        return recipe_args
+    kept = {k: v for k, v in recipe_args["neuron_kwargs"].items() if k in accepted}
+    return {k: v for k, v in recipe_args.items() if k != "neuron_kwargs"} | ({"neuron_kwargs": kept} if kept else {})
 
 
 def merge_mappings(base: Any, over: Any) -> Any:
