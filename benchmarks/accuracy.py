@@ -80,6 +80,8 @@ def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchma
                     overrides)
     if args.threads and "threads" not in overrides:
         base["threads"] = args.threads
+    if base.get("threads"):  # this process too: a run puts back the caller's count when it ends (convert, profile)
+        torch.set_num_threads(int(base["threads"]))
     return base
 
 

@@ -183,6 +183,7 @@ def test_error_codes(tiny):
     assert np.isnan(out).all() and (lib.arena == POISON).all()
     assert predict(logits_len=info.num_classes + 1, arena_bytes=info.arena_bytes + 8) == 0  # the guard word
     assert np.isfinite(out[:-1]).all() and np.isnan(out[-1])  # a longer logits buffer: only the classes written
+    assert lib.arena[-1] == POISON  # a longer arena: only BESTFORMER_ARENA_BYTES used
     assert lib.call(x, arena=lib.arena.ctypes.data + 4)[0] == -2
     x[5] = np.nan
     assert lib.call(x)[0] == -3

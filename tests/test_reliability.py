@@ -424,15 +424,17 @@ def test_a_run_removes_the_temporaries_a_killed_run_left(tmp_path: Path) -> None
 
     folder = RunFolder(tmp_path)
     dead = []
-    for name in ("resume.safetensors", "best.json", "config.yaml", "curves.png"):
+    for name in ("resume.safetensors", "best.json", "config.yaml", "curves.png", "profile.json"):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=tmp_path)  # as atomic_path names them
         os.close(fd)
         dead.append(Path(tmp))
     with atomic_path(tmp_path / "model.bfpk") as theirs:  # another program, writing while the run starts
         theirs.write_bytes(b"x")
-        alive = [theirs, tmp_path / ".notes.tmp", tmp_path / ".resume.safetensors.tmp", tmp_path / "resume.tmp"]
-        for path in alive[1:]:
+        alive = [theirs, tmp_path / ".notes.tmp", tmp_path / ".resume.safetensors.tmp", tmp_path / "resume.tmp",
+                 tmp_path / ".best.json.abcdefgh.tmp"]  # a folder of that name (not a write of ours) stays too
+        for path in alive[1:-1]:
             path.write_bytes(b"y")
+        alive[-1].mkdir()
         with folder.lock():
             assert not any(p.exists() for p in dead) and all(p.exists() for p in alive)
     assert (tmp_path / "model.bfpk").read_bytes() == b"x"

@@ -58,7 +58,7 @@ def _flock_within(fcntl: Any, fh: Any, seconds: float) -> None:
 
 #: the files a run writes into its folder (all through atomic writes)
 OWN_FILES = frozenset({"config.yaml", "run.json", "metrics.csv", "firing_rates.csv", "curves.png", "summary.json",
-                       RESUME_FILE, "best.safetensors", "best.json", "last.safetensors", "last.json"})
+                       "profile.json", RESUME_FILE, "best.safetensors", "best.json", "last.safetensors", "last.json"})
 
 
 def default_run_name(model: str, dataset: str) -> str:
@@ -133,8 +133,9 @@ class RunFolder:
         lock's holder writes these files, so any found now are dead; other programs' temporaries stay."""
         for tmp in self.path.glob(".*.tmp"):
             name, dot, _ = tmp.name[1:-len(".tmp")].rpartition(".")
-            if dot and name in OWN_FILES:
-                tmp.unlink(missing_ok=True)
+            if dot and name in OWN_FILES and tmp.is_file() and not tmp.is_symlink():
+                with contextlib.suppress(OSError):  # one not ours to delete stays: it only takes space
+                    tmp.unlink()
 
     def prepare(self) -> None:
         """Create the folder and check that it is writable (before any training time is spent)."""
