@@ -765,3 +765,33 @@ def test_the_kernels_cache_is_keyed_on_every_kernel_source(tmp_path: Path, monke
     assert kernels._kernel_cache() != before
     monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "mine"))  # the user's NUMBA_CACHE_DIR holds it
     assert Path(kernels._kernel_cache()).parent == tmp_path / "mine"
+
+
+def _predict_in_child(pm: PackedModel, x: np.ndarray, queue: object) -> None:
+    queue.put(pm.predict(x))  # type: ignore[attr-defined]
+
+
+def test_a_forked_child_runs_the_packed_model_its_parent_ran():
+    """The runtime's thread pools are the process's: a child forked after the parent predicted on 2 threads
+    inherited the pool without its threads and waited forever (multiprocessing, gunicorn --preload)."""
+    import multiprocessing
+
+    from bestformer.deploy import runtime
+
+    model = make_model(seed=2)
+    pm = PackedModel(fold_model(model), threads=2)
+    x = grid_input(model, 8, seed=3).numpy()
+    want = pm.predict(x)
+    assert runtime._POOLS["by_threads"]  # the parent's pool exists: the child inherits it
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_predict_in_child, args=(pm, x, queue))
+    child.start()
+    try:
+        got = queue.get(timeout=120)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    np.testing.assert_array_equal(got, want)
+    assert child.exitcode == 0

@@ -30,13 +30,17 @@ from .packfile import PackedModelData, decode_packed, read_packed, stem_widths
 
 _ATTENTIONS = ("token", "channel")
 _BLOCK_NEURONS = ("in", "q", "k", "v", "attn", "out", "n1", "n2")
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+#: one pool per thread count (a model's ``threads`` bounds its concurrency), for this process: ``pid`` says whose
+_POOLS: dict[str, Any] = {"pid": None, "by_threads": {}}
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="bestformer-runtime")
-    return _POOLS[threads]
+    if _POOLS["pid"] != os.getpid():  # a forked child inherits the pools but not their threads: it would wait forever
+        _POOLS.update(pid=os.getpid(), by_threads={})
+    pools = _POOLS["by_threads"]
+    if threads not in pools:
+        pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="bestformer-runtime")
+    return pools[threads]
 
 
 #: the fewest rows a chunk is worth a thread's wake-up for: handing a batch-1 token layer's 64 rows to the pool in
