@@ -580,3 +580,25 @@ def test_cli_profile_checkpoint_table_and_errors(tmp_path: Path, capsys: pytest.
     assert "did you mean 'bestformer_tiny'" in capsys.readouterr().err
     assert main(["profile", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_evaluating_or_profiling_keeps_each_submodules_mode() -> None:
+    """A model training with its BatchNorm layers frozen (eval mode, timm-style fine-tuning) got back every
+    BatchNorm in training mode after evaluate() or profile_model(): their statistics then drifted."""
+    from torch.utils.data import TensorDataset
+
+    model = tiny(num_classes=2).train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][::2]
+    for bn in frozen:
+        bn.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert not all(modes.values()) and any(modes.values())
+    seen: list[bool] = []
+    handle = model.register_forward_pre_hook(lambda m, _args: seen.append(any(x.training for x in m.modules())))
+    data = TensorDataset(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1]))
+    bestformer.evaluate(model, data, num_classes=2)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    profile_model(model, synthetic=True, batches=1, batch_size=2, deploy=False, progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    handle.remove()
+    assert seen and not any(seen)  # every forward in between ran wholly in eval mode

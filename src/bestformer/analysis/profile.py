@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, FileFormatError, InputError
 from ..layers.deploy_form import deployment_form, has_deploy_form
+from ..layers.modes import eval_mode
 from ..models import get_input_config
 from ..progress import progress_bar
 from .energy import EnergyModel, get_energy_model
@@ -154,18 +155,13 @@ def profile_model(model: nn.Module, inputs: Tensor | Iterable[Any] | None = None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     counted = deployment_form(model) if has_deploy_form(model) else model
     probe = RepresentationProbe(counted, blocks) if representation else None
-    was_training = counted.training
-    counted.eval()
-    try:
-        with OpCounter(counted, fp_bits=fp_bits) as counter, probe or contextlib.nullcontext():
-            for x in progress_bar(islice(stream, batches), total=batches, desc="profile", unit="batch",
-                          disable=None if progress else True):
-                x = x.to(device)
-                if probe is not None:
-                    probe.set_batch(batch_size_of(x))
-                counter.run(x)
-    finally:
-        counted.train(was_training)
+    with eval_mode(counted), OpCounter(counted, fp_bits=fp_bits) as counter, probe or contextlib.nullcontext():
+        for x in progress_bar(islice(stream, batches), total=batches, desc="profile", unit="batch",
+                              disable=None if progress else True):
+            x = x.to(device)
+            if probe is not None:
+                probe.set_batch(batch_size_of(x))
+            counter.run(x)
     if counter.samples == 0:
         raise InputError("no input batches to profile (the inputs or the dataset split are empty)")
     return Profile(

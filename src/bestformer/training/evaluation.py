@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..data import batched, collate, time_first
 from ..errors import InputError
 from ..hardware import cpu_info
+from ..layers.modes import eval_mode
 from .dist import DistContext, ShardedSampler, all_reduce_sums, progress, unwrap_model
 from .distill import split_outputs
 
@@ -75,15 +76,13 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     ``flip``: test-time augmentation, the logits averaged over each image and its horizontal mirror."""
     ctx = ctx or DistContext()
     net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
     loader = DataLoader(batched(dataset), batch_size=batch_size,
                         sampler=ShardedSampler(dataset, ctx.world_size, ctx.rank), num_workers=workers,
                         pin_memory=ctx.device.type == "cuda", collate_fn=collate)
     dtype = amp_dtype(amp, ctx.device)
     k = min(5, num_classes)
     sums = {"loss": 0.0, "correct1": 0.0, "correct5": 0.0, "count": 0.0}
-    try:
+    with eval_mode(net):
         for x, y in progress(loader, desc=desc, leave=False, dynamic_ncols=True):
             check_labels(y, num_classes, where)
             x, y = time_first(x).to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
@@ -96,8 +95,6 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
             sums["correct1"] += float((top[:, 0] == y).sum())
             sums["correct5"] += float((top == y[:, None]).any(dim=-1).sum())
             sums["count"] += y.numel()
-    finally:
-        net.train(was_training)
     sums = all_reduce_sums(sums)
     n = max(sums["count"], 1.0)
     return {"loss": sums["loss"] / n, "acc1": 100.0 * sums["correct1"] / n, "acc5": 100.0 * sums["correct5"] / n,
