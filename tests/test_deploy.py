@@ -782,7 +782,7 @@ def test_a_forked_child_runs_the_packed_model_its_parent_ran():
     pm = PackedModel(fold_model(model), threads=2)
     x = grid_input(model, 8, seed=3).numpy()
     want = pm.predict(x)
-    assert runtime._POOLS["by_threads"]  # the parent's pool exists: the child inherits it
+    assert (os.getpid(), 2) in runtime._POOLS  # the parent's pool exists: the child inherits it
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_predict_in_child, args=(pm, x, queue))

@@ -30,17 +30,15 @@ from .packfile import PackedModelData, decode_packed, read_packed, stem_widths
 
 _ATTENTIONS = ("token", "channel")
 _BLOCK_NEURONS = ("in", "q", "k", "v", "attn", "out", "n1", "n2")
-#: one pool per thread count (a model's ``threads`` bounds its concurrency), for this process: ``pid`` says whose
-_POOLS: dict[str, Any] = {"pid": None, "by_threads": {}}
+#: by process (a forked child inherits its parent's pools but not their threads) and thread count
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    if _POOLS["pid"] != os.getpid():  # a forked child inherits the pools but not their threads: it would wait forever
-        _POOLS.update(pid=os.getpid(), by_threads={})
-    pools = _POOLS["by_threads"]
-    if threads not in pools:
-        pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="bestformer-runtime")
-    return pools[threads]
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="bestformer-runtime")
+    return _POOLS[key]
 
 
 #: the fewest rows a chunk is worth a thread's wake-up for: handing a batch-1 token layer's 64 rows to the pool in
