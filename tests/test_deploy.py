@@ -721,7 +721,7 @@ def test_split_run_covers_every_row_once_and_keeps_small_layers_on_the_caller():
     MIN_CHUNK_ROWS rows) runs on the calling thread."""
     import threading
 
-    from bestformer.deploy.runtime import MIN_CHUNK_ROWS, split_run
+    from bestformer.deploy.threads import MIN_CHUNK_ROWS, split_run
 
     for n in (0, 1, MIN_CHUNK_ROWS - 1, 2 * MIN_CHUNK_ROWS - 1, 2 * MIN_CHUNK_ROWS, 1000):
         for threads in (1, 2, 3):
@@ -776,13 +776,13 @@ def test_a_forked_child_runs_the_packed_model_its_parent_ran():
     inherited the pool without its threads and waited forever (multiprocessing, gunicorn --preload)."""
     import multiprocessing
 
-    from bestformer.deploy import runtime
+    from bestformer.deploy import threads
 
     model = make_model(seed=2)
     pm = PackedModel(fold_model(model), threads=2)
     x = grid_input(model, 8, seed=3).numpy()
     want = pm.predict(x)
-    assert (os.getpid(), 2) in runtime._POOLS  # the parent's pool exists: the child inherits it
+    assert (os.getpid(), 2) in threads._POOLS  # the parent's pool exists: the child inherits it
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_predict_in_child, args=(pm, x, queue))

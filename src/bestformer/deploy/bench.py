@@ -39,7 +39,8 @@ from . import kernels as K
 from .c_build import SPEED_FLAGS, CLibrary, compile_library, find_compiler, popcount_words_per_second
 from .c_export import export_c
 from .fold import export_packed
-from .runtime import PackedModel, split_run
+from .runtime import PackedModel
+from .threads import split_run
 
 
 @njit(nogil=True, cache=True)
