@@ -537,6 +537,29 @@ def test_a_nested_model_option_of_the_wrong_name_is_one_user_error(tmp_path: Pat
 
 
 # ------------------------------------------------------------------------------- found in review
+def test_the_construction_budget_counts_only_its_own_thread(ckpt: Path) -> None:
+    """The budget that refuses a huge header counts the modules its own load builds: another thread building a model
+    (or loading a checkpoint) at the same time failed with a private _TooLarge, or made a sound file read as
+    "far larger than the values the file holds"."""
+    import threading
+
+    from bestformer.training.checkpoint import _construction_budget
+
+    built: list[object] = []
+    with _construction_budget(10, 2):  # far too small for any model of this thread
+        other = threading.Thread(target=lambda: built.append(bestformer.create_model("bestformer_tiny")))
+        other.start()
+        other.join()
+    assert len(built) == 1 and isinstance(built[0], torch.nn.Module)
+    loads: list[object] = []
+    workers = [threading.Thread(target=lambda: loads.extend(load_checkpoint(ckpt) for _ in range(3))) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(loads) == 9
+
+
 def test_a_header_cannot_ask_for_a_huge_level_count(tmp_path: Path) -> None:
     path = save_checkpoint(bestformer.create_model("qsd_tiny", img_size=8, in_channels=1), tmp_path / "q.safetensors")
     _, header = read_checkpoint(path)

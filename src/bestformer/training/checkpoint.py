@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,18 +210,25 @@ class _TooLarge(Exception):
 
 @contextlib.contextmanager
 def _construction_budget(elements: int, modules: int) -> Iterator[None]:
-    """While active, building more than ``elements`` tensor elements or ``modules`` modules raises ``_TooLarge``
-    (an architecture option such as ``depth=10**9`` would otherwise loop or allocate until memory runs out)."""
+    """While active, building more than ``elements`` tensor elements or ``modules`` modules in this thread raises
+    ``_TooLarge`` (an architecture option such as ``depth=10**9`` would otherwise loop or allocate until memory runs
+    out). torch's registration hooks see every thread's modules: those of other threads are not counted (two
+    threads loading checkpoints failed each other's budgets)."""
     from torch.nn.modules import module as nn_module
 
     count = {"elements": 0, "modules": 0}
+    owner = threading.get_ident()
 
     def on_tensor(_module: nn.Module, _name: str, tensor: torch.Tensor | None) -> None:
+        if threading.get_ident() != owner:
+            return
         count["elements"] += 0 if tensor is None else tensor.numel()
         if count["elements"] > elements:
             raise _TooLarge(f"more than {elements:,} weight elements")
 
     def on_module(_module: nn.Module, _name: str, _sub: nn.Module | None) -> None:
+        if threading.get_ident() != owner:
+            return
         count["modules"] += 1
         if count["modules"] > modules:
             raise _TooLarge(f"more than {modules:,} modules")
