@@ -209,6 +209,20 @@ def test_firing_rate_monitor_counts_spikes_and_flags_dead_and_saturated_layers()
     assert FiringRateMonitor(relu_model).num_layers == 0  # ReLU is not a spiking neuron
 
 
+def test_a_trained_model_keeps_no_monitor_hooks(tmp_path: Path) -> None:
+    """The firing-rate hooks sit on the neurons only while a step is sampled: every Trainer left a set behind
+    (a model wrapped three times ran three sets), and torch.save(model) failed on the local hook function."""
+    model = bestformer.create_model("bestformer_tiny", **TINY, img_size=8, in_channels=1, num_classes=2,
+                                    time_steps=2)
+    for i in range(2):
+        cfg = tiny_config(tmp_path, epochs=1, monitor_every=1, name=f"run{i}")
+        trainer = Trainer(model, cfg, _blobs(32), _blobs(16, seed=1), num_classes=2, run=RunFolder(tmp_path / f"r{i}"))
+        assert trainer.fit() == "finished"
+        assert trainer.progress.history[-1]["firing_rate"] > 0  # it did sample
+        assert not any(m._forward_hooks for m in model.modules())
+    torch.save(model, tmp_path / "model.pt")
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def _blobs(n: int = 64, seed: int = 0) -> TensorDataset:
     """Two classes of 8x8 images: a bright top half or a bright bottom half (plus noise)."""

@@ -1,7 +1,8 @@
 """Health of a training run: per-layer firing rates of the spiking neurons, and dead / saturated layers.
 
-Firing rates are sampled cheaply: forward hooks sit on every spiking neuron but only count while the
-monitor is switched on (one training step in ``monitor_every``). A neuron module is recognised by the
+Firing rates are sampled cheaply: forward hooks sit on every spiking neuron only while the monitor samples (one
+training step in ``monitor_every``), so a trained model keeps none (it pickles, and a second Trainer on it adds no
+second set). A neuron module is recognised by the
 library's neuron contract (its ``forward`` takes ``return_state``: LIF, ternary, multi-level, ...); ReLU
 layers of ANN counterparts are not spiking and are not monitored.
 """
@@ -25,17 +26,13 @@ class FiringRateMonitor:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.active = False
         self._fired: dict[str, Tensor] = {}
         self._total: dict[str, int] = {}
-        neurons = [(name, m) for name, m in model.named_modules() if is_spiking_neuron(m)]
-        self._names = [name for name, _ in neurons]
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in neurons]
+        self._neurons = [(name, m) for name, m in model.named_modules() if is_spiking_neuron(m)]
+        self._names = [name for name, _ in self._neurons]
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor | tuple], None]:
         def hook(_: nn.Module, __: tuple, out: Tensor | tuple) -> None:
-            if not self.active:
-                return
             s = out[0] if isinstance(out, tuple) else out
             s = s.detach()
             fired = torch.count_nonzero(s)
@@ -45,16 +42,17 @@ class FiringRateMonitor:
 
     @property
     def num_layers(self) -> int:
-        return len(self._handles)
+        return len(self._names)
 
     @contextmanager
     def sampling(self, on: bool = True) -> Iterator[None]:
-        """Count during the enclosed forward pass when ``on``."""
-        self.active = on
+        """Count during the enclosed forward pass when ``on`` (the hooks are on the neurons only meanwhile)."""
+        handles = [m.register_forward_hook(self._hook(name)) for name, m in self._neurons] if on else []
         try:
             yield
         finally:
-            self.active = False
+            for handle in handles:
+                handle.remove()
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """``{layer: (spikes, positions)}`` counted so far (one device sync), for every spiking layer (``(0, 0)``
