@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,7 +193,8 @@ def test_cuda_random_streams_return_to_their_own_devices(monkeypatch: pytest.Mon
 
 def test_a_run_puts_back_torchs_process_wide_switches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A deterministic run on its own thread count switched the caller's whole session to deterministic
-    algorithms, cuDNN's deterministic kernels and that thread count, and left it so after train() returned."""
+    algorithms, cuDNN's deterministic kernels and that thread count, and left it so after train() returned; its
+    seeding reset the caller's random generators (a search drew the same value after every run)."""
     cudnn = torch.backends.cudnn
     before = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic,
               torch.get_num_threads())
@@ -204,7 +207,17 @@ def test_a_run_puts_back_torchs_process_wide_switches(tmp_path: Path, monkeypatc
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", fit)
+
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    rngs = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    want = draws()
+    random.setstate(rngs[0])
+    np.random.set_state(rngs[1])
+    torch.set_rng_state(rngs[2])
     train(tiny_config(tmp_path, epochs=1, deterministic=not before[0], threads=threads))
+    assert draws() == want  # the run's seeding left the caller's generators where they were
     assert seen == [(not before[0], threads)]  # the run itself trained as configured
     assert (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic,
             torch.get_num_threads()) == before

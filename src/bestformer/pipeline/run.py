@@ -69,12 +69,17 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def torch_switches_kept() -> Iterator[None]:
-    """Put back torch's process-wide switches that a run sets (deterministic algorithms, cuDNN's, the thread count)
-    when it ends: ``train()`` called from a notebook or a test leaves the caller's session as it found it."""
+def caller_state_kept() -> Iterator[None]:
+    """Put back, when a run ends, the process-wide state it sets: torch's switches (deterministic algorithms,
+    cuDNN's, the thread count) and the random generators it seeds (Python's, numpy's, torch's): ``train()`` called
+    from a notebook, a test or a hyper-parameter search leaves the caller's session as it found it (a search that
+    drew a value, then trained, drew the same value after every run)."""
     cudnn = torch.backends.cudnn
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              cudnn.benchmark, cudnn.deterministic, torch.get_num_threads())
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # else the caller has no CUDA stream to keep
+    rngs = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if cuda else None)
     try:
         yield
     finally:
@@ -82,6 +87,11 @@ def torch_switches_kept() -> Iterator[None]:
         cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
         if torch.get_num_threads() != saved[4]:
             torch.set_num_threads(saved[4])
+        random.setstate(rngs[0])
+        np.random.set_state(rngs[1])
+        torch.set_rng_state(rngs[2])
+        if rngs[3] is not None:
+            torch.cuda.set_rng_state_all(rngs[3])
 
 
 def check_model_builds(name: str, options: dict[str, Any]) -> None:
@@ -137,7 +147,7 @@ class Run:
             folder.tensorboard = TensorBoardLog(folder.path / "tensorboard")
         try:
             # for this run only: no global is changed
-            with use_backend(choose_backend(cfg.neuron_backend)), torch_switches_kept():
+            with use_backend(choose_backend(cfg.neuron_backend)), caller_state_kept():
                 return self._execute(cfg, folder, ctx, state, t0, bundle, time_steps)
         finally:
             if folder.tensorboard is not None:
