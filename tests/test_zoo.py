@@ -112,6 +112,18 @@ def test_create_model_pretrained_and_its_errors() -> None:
         bestformer.create_model("bestformer_tiny", pretrained="mnst")
     with pytest.raises(ConfigError, match="no pretrained weights for 'spikformer_tiny'"):
         bestformer.create_model("spikformer_tiny", pretrained=True)
+    # timm's "model.tag" names: the tag picks the entry with pretrained, and is ignored without it
+    tagged = bestformer.create_model("bestformer_tiny.digits", pretrained=True)
+    assert all(torch.equal(a, b) for a, b in zip(tagged.state_dict().values(), ref.state_dict().values()))
+    assert not tagged.training and bestformer.create_model("bestformer_tiny.digits", pretrained="digits").img_size == 8
+    untrained = bestformer.create_model("bestformer_tiny.digits")
+    assert untrained.training and untrained.img_size == fresh.img_size == 28  # the architecture's own defaults
+    with pytest.raises(ConfigError, match="names the tag 'digits' but pretrained='mnist'"):
+        bestformer.create_model("bestformer_tiny.digits", pretrained="mnist")
+    with pytest.raises(ConfigError, match=r"no zoo entry 'bestformer_tiny.mnst'"):
+        bestformer.create_model("bestformer_tiny.mnst", pretrained=True)
+    with pytest.raises(ConfigError, match="pretrained must be True, False or a tag, got ''"):
+        bestformer.create_model("bestformer_tiny", pretrained="")  # was a random model, silently
 
 
 # ------------------------------------------------------------------------------------- bits, exactly

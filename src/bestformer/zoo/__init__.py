@@ -100,13 +100,21 @@ def load_pretrained(name: str, **overrides: Any) -> tuple[nn.Module, dict[str, A
 
 def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> nn.Module:
     """:func:`bestformer.models.create_model`, plus ``pretrained``: ``True`` (the model's default zoo entry) or a
-    tag (``"mnist"``) loads the zoo's weights (in eval mode; call ``.train()`` to fine-tune)."""
+    tag (``"mnist"``) loads the zoo's weights (in eval mode; call ``.train()`` to fine-tune). As in timm, ``name``
+    may carry the tag (``"bestformer_tiny.mnist"``): ``pretrained=True`` then loads that entry, and without
+    ``pretrained`` the tag is ignored (the architecture, untrained)."""
     from ..models import create_model as build
+    from ..models import is_model
 
+    if not isinstance(pretrained, (bool, str)) or pretrained == "":
+        raise ConfigError(f"pretrained must be True, False or a tag, got {pretrained!r}")
+    model, dot, tag = name.partition(".")
+    if dot and not is_model(name) and is_model(model):  # "model.tag", timm's convention
+        if isinstance(pretrained, str) and pretrained != tag:
+            raise ConfigError(f"{name!r} names the tag {tag!r} but pretrained={pretrained!r}: give the tag once")
+        name, pretrained = model, tag if pretrained else False
     if not pretrained:
         return build(name, **overrides)
-    if not isinstance(pretrained, (bool, str)):
-        raise ConfigError(f"pretrained must be True, False or a tag, got {pretrained!r}")
     return load_pretrained(_resolve(name, pretrained)["name"], **overrides)[0]
 
 
