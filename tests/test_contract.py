@@ -71,6 +71,10 @@ def test_model_contract(name: str) -> None:
                 model(x.double())
         model.reset_classifier(4)
         assert model(x).shape == (3, 4)
+        heads = model.get_classifier()  # timm's accessor: the head(s) reset_classifier made
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        assert heads[0] is model.head and all(h(feats.mean(dim=1)).shape == (3, 4) for h in heads)
+        assert len(heads) == (2 if getattr(model, "head_dist", None) is not None else 1)
         model.reset_classifier(0)
         assert model(x).shape == (3, model.num_features)
 

@@ -96,6 +96,10 @@ class BaseModel(nn.Module):
         if isinstance(getattr(self, "model_args", None), dict):
             self.model_args["num_classes"] = num_classes
 
+    def get_classifier(self) -> nn.Module:
+        """The classification head (timm's name for it); an ``nn.Identity`` after ``reset_classifier(0)``."""
+        return self.head
+
     def check_input(self, x: Tensor) -> None:
         """Clear errors for inputs that do not fit the model (rank, channels, size, time steps)."""
         if not isinstance(x, Tensor):

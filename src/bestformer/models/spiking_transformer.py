@@ -112,6 +112,10 @@ class SpikingTransformer(BaseModel):
         if self.head_dist is not None:
             self.head_dist = self._make_head(num_classes)
 
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
+        """The head, or ``(head, head_dist)`` with the distillation head (as timm's distilled DeiT)."""
+        return self.head if self.head_dist is None else (self.head, self.head_dist)
+
     def forward_streams(self, x: Tensor) -> list[Tensor]:
         """Stem and encoder; the final stream(s) as tokens ``[T, B, N, D]`` (two when reversible)."""
         self.check_input(x)
