@@ -124,6 +124,13 @@ def test_create_model_pretrained_and_its_errors() -> None:
         bestformer.create_model("bestformer_tiny.mnst", pretrained=True)
     with pytest.raises(ConfigError, match="pretrained must be True, False or a tag, got ''"):
         bestformer.create_model("bestformer_tiny", pretrained="")  # was a random model, silently
+    # timm's list_models(pretrained=True): the names create_model(name, pretrained=True) loads
+    names = bestformer.list_models("bestformer_tiny*", pretrained=True)
+    assert names == ["bestformer_tiny.digits", "bestformer_tiny.mnist", "bestformer_tiny.nmnist"]
+    assert bestformer.list_models("*", pretrained=True) == sorted(e["name"] for e in bestformer.list_pretrained())
+    assert bestformer.list_models("bestformer_t*") == ["bestformer_tiny"]  # without it: the architectures
+    with pytest.raises(ConfigError, match="pretrained must be True or False"):
+        bestformer.list_models(pretrained="yes")
 
 
 # ------------------------------------------------------------------------------------- bits, exactly

@@ -11,7 +11,7 @@ from .version import __version__
 _LAZY = {
     "create_model": "zoo",  # models.create_model, plus pretrained= (the zoo)
     "get_input_config": "models",
-    "list_models": "models",
+    "list_models": "zoo",  # models.list_models, plus pretrained= (the zoo's model.tag names)
     "build_datasets": "data",
     "list_datasets": "data",
     "TrainConfig": "training",

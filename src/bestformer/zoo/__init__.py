@@ -33,7 +33,7 @@ MANIFEST = Path(__file__).resolve().parent / "manifest.json"
 ZOO_PREFIX = "zoo:"
 
 __all__ = ["MANIFEST", "ZOO_DIR", "ZOO_PREFIX", "create_model", "entry_folder", "from_pretrained", "get_entry",
-           "list_pretrained", "load_pretrained", "markdown_table", "push_to_hub", "read_pretrained",
+           "list_models", "list_pretrained", "load_pretrained", "markdown_table", "push_to_hub", "read_pretrained",
            "save_pretrained", "slice_accuracy"]
 
 
@@ -52,6 +52,16 @@ def list_pretrained(pattern: str = "*") -> list[dict[str, Any]]:
     """The zoo's entries whose name matches ``pattern`` (fnmatch), each a dict with at least ``name``, ``model``,
     ``tag``, ``dataset``, ``split``, ``top1`` and ``file``."""
     return [copy.deepcopy(e) for e in _manifest() if fnmatch.fnmatchcase(e["name"], pattern)]  # not the cache's
+
+
+def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    """:func:`bestformer.models.list_models`; with ``pretrained`` (timm's switch) the zoo's ``model.tag`` names
+    matching ``pattern`` instead, each loadable by ``create_model(name, pretrained=True)``."""
+    from ..models import list_models as registered
+
+    if not isinstance(pretrained, bool):
+        raise ConfigError(f"pretrained must be True or False, got {pretrained!r}")
+    return sorted(e["name"] for e in list_pretrained(pattern)) if pretrained else registered(pattern)
 
 
 def get_entry(name: str) -> dict[str, Any]:
