@@ -372,8 +372,9 @@ def _tiny(**kw) -> torch.nn.Module:
 def _step_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     model.train()
     model.zero_grad()
-    logits, logits_dist = model(x)
-    loss = (torch.nn.functional.cross_entropy(logits, y) + torch.nn.functional.cross_entropy(logits_dist, y)) / 2
+    out = model(x)
+    outs = out if isinstance(out, tuple) else (out,)  # one head, or the two of a distilled BESTformer
+    loss = sum(torch.nn.functional.cross_entropy(logits, y) for logits in outs) / len(outs)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -408,22 +409,43 @@ def test_spike_packing_gives_bit_identical_gradients() -> None:
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
-@pytest.mark.parametrize("name", ["bestformer_tiny", "spikformer_tiny"])
-def test_grad_checkpointing_identical_gradients_and_bn_statistics(name: str) -> None:
+_TRANSFORMER = dict(img_size=16, embed_dim=32, depth=2, num_heads=2, distill_head=True)
+#: the blocks a family's set_grad_checkpointing recomputes
+_BLOCKS = ("ReversibleBlock", "ResidualBlock", "ConvBlock", "Downsample", "QSDBlock")
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("bestformer_tiny", _TRANSFORMER), ("spikformer_tiny", _TRANSFORMER),
+    ("qsd_tiny", dict(img_size=16)), ("csd_tiny", dict(img_size=16, embed_dim=32, depth=2, num_heads=2))])
+def test_grad_checkpointing_identical_gradients_and_bn_statistics(name: str, options: dict) -> None:
     x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
-    runs = []
+    runs, calls = [], []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = create_model(name, img_size=16, embed_dim=32, depth=2, num_heads=2, distill_head=True)
+        model = create_model(name, in_channels=1, **options)
         model.set_grad_checkpointing(ckpt)
+        model.train()
+        if ckpt:  # the blocks really are recomputed: a pre-hook on the last one runs twice per step
+            blocks = [m for m in model.modules() if type(m).__name__ in _BLOCKS]
+            blocks[-1].register_forward_pre_hook(lambda *_: calls.append(1))
         loss, grads = _step_grads(model, x, y)
         runs.append((loss, grads, {n: b.clone() for n, b in model.named_buffers()}))
+    assert len(calls) == 2
     (loss_a, grads_a, bufs_a), (loss_b, grads_b, bufs_b) = runs
     assert loss_a == loss_b
     assert grads_a.keys() == grads_b.keys()
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
     # one BatchNorm update per step, not two (the recomputation restores the buffers)
     assert all(torch.equal(bufs_a[n], bufs_b[n]) for n in bufs_a)
+
+
+def test_a_model_without_checkpointed_blocks_refuses_to_checkpoint() -> None:
+    from bestformer.convert import convert
+
+    snn = convert(create_model("csd_tiny", img_size=16, in_channels=1, embed_dim=32, depth=1, num_heads=2).eval())
+    snn.set_grad_checkpointing(False)  # off is always fine
+    with pytest.raises(ConfigError, match="SpikingCSD does not support gradient checkpointing"):
+        snn.set_grad_checkpointing()
 
 
 def test_checkpointed_block_keeps_only_its_inputs() -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
+from ..layers.memory import checkpoint_module
 
 
 def check_positive_ints(**values: Any) -> None:
@@ -75,6 +76,22 @@ class BaseModel(nn.Module):
     img_size: int
     time_steps: int
     num_features: int
+    #: whether :meth:`set_grad_checkpointing` applies: the family runs its blocks through :meth:`_block`
+    supports_grad_checkpointing = False
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (timm's method): only the block
+        inputs are kept; gradients and BatchNorm statistics are those of a plain step (tests check)."""
+        if enable and not self.supports_grad_checkpointing:
+            raise ConfigError(f"{type(self).__name__} does not support gradient checkpointing")
+        self.grad_checkpointing = bool(enable)
+
+    def _block(self, block: nn.Module, *inputs: Tensor) -> Any:
+        """``block(*inputs)``, recomputed in backward when gradient checkpointing is on and gradients are taken."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_module(block, *inputs)
+        return block(*inputs)
 
     def _set_data_options(self, num_classes: int, in_channels: int, img_size: int, time_steps: int,
                           **architecture: Any) -> None:

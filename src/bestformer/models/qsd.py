@@ -58,6 +58,8 @@ class QSDTransformer(BaseModel):
             ``None`` chooses from ``img_size``.
     """
 
+    supports_grad_checkpointing = True
+
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, img_size: int = 224, time_steps: int = 1,
                  embed_dims: Sequence[int] = (128, 256, 512, 640), conv_depths: Sequence[int] = (1, 1, 2),
                  depths: Sequence[int] = (6, 2), num_heads: int = 8, mlp_ratio: float = 4.0,
@@ -122,7 +124,8 @@ class QSDTransformer(BaseModel):
         y = self.stem(x.unsqueeze(0) if x.dim() == 4 else x)
         y = y.expand(self.time_steps, *y.shape[1:])
         for stage in self.stages:
-            y = stage(y)
+            for block in stage:
+                y = self._block(block, y)
         return y
 
     def forward_features(self, x: Tensor) -> Tensor:

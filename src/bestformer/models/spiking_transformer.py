@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers import PatchSplitting, ResidualBlock, ReversibleBlock, SpikingMLP, auto_pool_stages, get_attention
-from ..layers.memory import checkpoint_module, spike_packing
+from ..layers.memory import spike_packing
 from ..neurons import get_neuron
 from ..quant import QuantLinear, bits_to_quantizer
 from ._registry import InputConfig, register_family
@@ -46,6 +46,8 @@ class SpikingTransformer(BaseModel):
         attn_scale: the attention's constant factor (0.125 in the reference).
         stem_widths: the stem's five channel counts (default: the reference's ``D/8, D/4, D/2, D, D``).
     """
+
+    supports_grad_checkpointing = True
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32, time_steps: int = 4,
                  embed_dim: int = 384, depth: int = 4, num_heads: int = 8, mlp_ratio: float = 4.0,
@@ -78,7 +80,6 @@ class SpikingTransformer(BaseModel):
         self.head_bits = head_bits
         self.head = self._make_head(num_classes)
         self.head_dist = self._make_head(num_classes) if distill_head else None
-        self.grad_checkpointing = False
         self.spike_packing = True
 
     def _make_head(self, num_classes: int) -> nn.Module:
@@ -94,11 +95,6 @@ class SpikingTransformer(BaseModel):
             raise ConfigError(f"time_steps must be an integer in [1, {self.built_time_steps}] (the model was built "
                               f"for T={self.built_time_steps}), got {time_steps!r}")
         self.time_steps = self.patch_embed.time_steps = time_steps
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each encoder block in backward instead of keeping its activations (timm's method): only the
-        block inputs are kept; gradients and BatchNorm statistics are those of a plain step (tests check)."""
-        self.grad_checkpointing = bool(enable)
 
     def set_spike_packing(self, enable: bool = True) -> None:
         """Keep the binary activations that autograd saves as bits instead of float32 (on by default; exact: see
@@ -119,20 +115,15 @@ class SpikingTransformer(BaseModel):
     def forward_streams(self, x: Tensor) -> list[Tensor]:
         """Stem and encoder; the final stream(s) as tokens ``[T, B, N, D]`` (two when reversible)."""
         self.check_input(x)
-
-        def run(blk: nn.Module, *streams: Tensor) -> Any:
-            return checkpoint_module(blk, *streams) if self.grad_checkpointing and torch.is_grad_enabled() \
-                else blk(*streams)
-
         with spike_packing(self.spike_packing and torch.is_grad_enabled()):
             h = self.patch_embed(x)
             if self.reversible:
                 x0 = x1 = h  # Eq. 12: both streams start from the stem output
                 for blk in self.blocks:
-                    x0, x1 = run(blk, x0, x1)
+                    x0, x1 = self._block(blk, x0, x1)
                 return [x0, x1]
             for blk in self.blocks:
-                h = run(blk, h)
+                h = self._block(blk, h)
             return [h]
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -128,6 +128,8 @@ class CSDTransformer(BaseModel):
         pool_stages: which of the four tokenizer stages max-pool; ``None`` chooses from ``img_size``.
     """
 
+    supports_grad_checkpointing = True
+
     def __init__(self, num_classes: int = 10, in_channels: int = 3, img_size: int = 32, input_frames: int = 1,
                  embed_dim: int = 384, depth: int = 4, num_heads: int = 8, mlp_ratio: float = 4.0,
                  levels: int = 8, attn_scale: float | None = None, pool_stages: Sequence[bool] | None = None,
@@ -169,7 +171,7 @@ class CSDTransformer(BaseModel):
             x = stage(x)
         h = x.flatten(3).transpose(-1, -2)
         for blk in self.blocks:
-            h = blk(h)
+            h = self._block(blk, h)
         return h
 
     def forward_features(self, x: Tensor) -> Tensor:
