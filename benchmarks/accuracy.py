@@ -80,8 +80,11 @@ def budget_options(p: argparse.ArgumentParser, args: argparse.Namespace, benchma
                     overrides)
     if args.threads and "threads" not in overrides:
         base["threads"] = args.threads
-    if base.get("threads"):  # this process too: a run puts back the caller's count when it ends (convert, profile)
-        torch.set_num_threads(int(base["threads"]))
+    # this process too, at the runs' count (given, else the recipe's): a run puts back the caller's count when it
+    # ends, and what follows it here (conversion, profiles, the JSON's torch_threads) must run as the runs did
+    threads = base.get("threads") or load_recipe(getattr(args, "recipe", None) or args.dataset).get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
     return base
 
 

@@ -439,6 +439,16 @@ def test_grad_checkpointing_identical_gradients_and_bn_statistics(name: str, opt
     assert all(torch.equal(bufs_a[n], bufs_b[n]) for n in bufs_a)
 
 
+def test_without_checkpointing_qsd_calls_its_stage_modules() -> None:
+    """Hooks on a QSD stage (timm-style feature extraction) see every call unless its blocks are checkpointed."""
+    model = create_model("qsd_tiny", img_size=16, in_channels=1)
+    seen: list[int] = []
+    for i, stage in enumerate(model.stages):
+        stage.register_forward_hook(lambda *_, i=i: seen.append(i))
+    model(torch.rand(2, 1, 16, 16))
+    assert seen == list(range(len(model.stages)))
+
+
 def test_a_model_without_checkpointed_blocks_refuses_to_checkpoint() -> None:
     from bestformer.convert import convert
 

@@ -192,7 +192,7 @@ def test_a_recipe_gives_another_model_only_the_options_it_takes() -> None:
     assert again.model_args == given.model_args
 
 
-def test_a_nested_model_option_merges_into_the_recipes() -> None:
+def test_a_nested_model_option_merges_into_the_recipes(tmp_path: Path) -> None:
     # `--model-arg neuron_kwargs={tau: 3}` on a recipe with neuron_kwargs {decay_input: false} replaced the whole
     # mapping: the neuron silently went back to Eq. 1's decayed input charge. Nested mappings merge key by key
     from bestformer.pipeline.config import resumed_config
@@ -223,6 +223,13 @@ def test_a_nested_model_option_merges_into_the_recipes() -> None:
     assert bestformer.models.model_option_default("bestformer_tiny", "neuron") == "lif"
     assert "decay_input" in bestformer.neurons.neuron_option_names("lif")
     assert "decay_input" not in bestformer.neurons.neuron_option_names("ielif")
+    # for the recipe's own neuron every option stays: a misspelt one fails when the model is built, not silently
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model: bestformer_tiny\nmodel_args: {neuron_kwargs: {decay_inptu: false}}\n")
+    kept, _ = resolve_config(str(typo), {})
+    assert kept.model_args == {"neuron_kwargs": {"decay_inptu": False}}
+    with pytest.raises(ConfigError, match="decay_inptu"):
+        bestformer.create_model(kept.model, **kept.model_args)
     # a resume that repeats the nested option is no change
     again = resumed_config(cfg.to_dict(), None, {"model_args": {"neuron_kwargs": {"tau": 3.0}, "embed_dim": 16}},
                            "run X", "digits")

@@ -122,11 +122,13 @@ def test_create_model_pretrained_and_its_errors() -> None:
         bestformer.create_model("bestformer_tiny.digits", pretrained="mnist")
     with pytest.raises(ConfigError, match=r"no zoo entry 'bestformer_tiny.mnst'"):
         bestformer.create_model("bestformer_tiny.mnst", pretrained=True)
-    with pytest.raises(ConfigError, match="pretrained must be True, False or a tag, got ''"):
+    with pytest.raises(ConfigError, match=r"pretrained must be True, False \(or None\) or a tag, got ''"):
         bestformer.create_model("bestformer_tiny", pretrained="")  # was a random model, silently
     # timm's list_models(pretrained=True): the names create_model(name, pretrained=True) loads
     names = bestformer.list_models("bestformer_tiny*", pretrained=True)
     assert names == ["bestformer_tiny.digits", "bestformer_tiny.mnist", "bestformer_tiny.nmnist"]
+    assert bestformer.list_models("bestformer_tiny", pretrained=True) == names  # a model's name lists its tags
+    assert bestformer.create_model("bestformer_tiny", pretrained=None).training  # None (an argparse default): False
     assert bestformer.list_models("*", pretrained=True) == sorted(e["name"] for e in bestformer.list_pretrained())
     assert bestformer.list_models("bestformer_t*") == ["bestformer_tiny"]  # without it: the architectures
     with pytest.raises(ConfigError, match="pretrained must be True or False"):

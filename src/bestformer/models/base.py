@@ -87,11 +87,13 @@ class BaseModel(nn.Module):
             raise ConfigError(f"{type(self).__name__} does not support gradient checkpointing")
         self.grad_checkpointing = bool(enable)
 
+    def _checkpointing(self) -> bool:
+        """Whether this forward's blocks are recomputed in backward (checkpointing on and gradients taken)."""
+        return self.grad_checkpointing and torch.is_grad_enabled()
+
     def _block(self, block: nn.Module, *inputs: Tensor) -> Any:
-        """``block(*inputs)``, recomputed in backward when gradient checkpointing is on and gradients are taken."""
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint_module(block, *inputs)
-        return block(*inputs)
+        """``block(*inputs)``, recomputed in backward when :meth:`_checkpointing`."""
+        return checkpoint_module(block, *inputs) if self._checkpointing() else block(*inputs)
 
     def _set_data_options(self, num_classes: int, in_channels: int, img_size: int, time_steps: int,
                           **architecture: Any) -> None:

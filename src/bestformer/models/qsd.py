@@ -124,8 +124,11 @@ class QSDTransformer(BaseModel):
         y = self.stem(x.unsqueeze(0) if x.dim() == 4 else x)
         y = y.expand(self.time_steps, *y.shape[1:])
         for stage in self.stages:
-            for block in stage:
-                y = self._block(block, y)
+            if self._checkpointing():  # block by block: each recomputed in backward
+                for block in stage:
+                    y = self._block(block, y)
+            else:
+                y = stage(y)  # the stage module itself, so that hooks on it see the call
         return y
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -356,7 +356,7 @@ def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]
         if accepted is not None:
             values = {**values, args: {k: v for k, v in values[args].items() if k in accepted}}
         if isinstance(values.get(args), dict) and isinstance(values[args].get("neuron_kwargs"), dict):
-            values = {**values, args: _for_neuron(values[args], overrides.get(args), other)}
+            values = {**values, args: _for_neuron(values[args], values.get(name), overrides.get(args), other)}
     merged = {**values, **overrides}
     for key in ("model_args", "teacher_args"):
         if key in values and key in overrides:
@@ -364,12 +364,18 @@ def with_recipe(recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _for_neuron(recipe_args: dict[str, Any], given: Any, model: Any) -> dict[str, Any]:
-    """A recipe's ``neuron_kwargs`` keep only the options of the neuron the run will use (the command's
-    ``neuron``, else the recipe's, else the model's default): the digits recipe's LIF ``decay_input`` has no place
-    in ``--model qsd_tiny``'s IE-LIF, nor under ``--model-arg neuron=ielif``."""
+def _for_neuron(recipe_args: dict[str, Any], recipe_model: Any, given: Any, model: Any) -> dict[str, Any]:
+    """A recipe's ``neuron_kwargs``, for a run whose neuron is another than the one the recipe wrote them for, keep
+    only the options that neuron takes: the digits recipe's LIF ``decay_input`` has no place in ``--model
+    qsd_tiny``'s IE-LIF, nor under ``--model-arg neuron=ielif``. For the recipe's own neuron they all stay (a
+    misspelt one fails when the model is built, not silently)."""
+    def default(name: Any) -> Any:
+        return model_option_default(name, "neuron") if isinstance(name, str) else None
+
     neuron = given.get("neuron") if isinstance(given, dict) else None
-    neuron = neuron or recipe_args.get("neuron") or (model_option_default(model, "neuron") if model else None)
+    neuron = neuron or recipe_args.get("neuron") or default(model)
+    if neuron == (recipe_args.get("neuron") or default(recipe_model)):
+        return recipe_args
     accepted = neuron_option_names(neuron) if isinstance(neuron, str) else None
     if accepted is None:
         return recipe_args

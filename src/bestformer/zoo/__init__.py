@@ -56,12 +56,16 @@ def list_pretrained(pattern: str = "*") -> list[dict[str, Any]]:
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """:func:`bestformer.models.list_models`; with ``pretrained`` (timm's switch) the zoo's ``model.tag`` names
-    matching ``pattern`` instead, each loadable by ``create_model(name, pretrained=True)``."""
+    whose name or model matches ``pattern`` (``"bestformer_tiny"`` lists its tags), each loadable by
+    ``create_model(name, pretrained=True)``."""
     from ..models import list_models as registered
 
     if not isinstance(pretrained, bool):
         raise ConfigError(f"pretrained must be True or False, got {pretrained!r}")
-    return sorted(e["name"] for e in list_pretrained(pattern)) if pretrained else registered(pattern)
+    if not pretrained:
+        return registered(pattern)
+    return sorted(e["name"] for e in _manifest() if fnmatch.fnmatchcase(e["name"], pattern)
+                  or fnmatch.fnmatchcase(e["model"], pattern))
 
 
 def get_entry(name: str) -> dict[str, Any]:
@@ -108,7 +112,7 @@ def load_pretrained(name: str, **overrides: Any) -> tuple[nn.Module, dict[str, A
     return from_pretrained(folder, **overrides)
 
 
-def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> nn.Module:
+def create_model(name: str, pretrained: bool | str | None = False, **overrides: Any) -> nn.Module:
     """:func:`bestformer.models.create_model`, plus ``pretrained``: ``True`` (the model's default zoo entry) or a
     tag (``"mnist"``) loads the zoo's weights (in eval mode; call ``.train()`` to fine-tune). As in timm, ``name``
     may carry the tag (``"bestformer_tiny.mnist"``): ``pretrained=True`` then loads that entry, and without
@@ -116,8 +120,9 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
     from ..models import create_model as build
     from ..models import is_model
 
+    pretrained = False if pretrained is None else pretrained  # an argparse default, say
     if not isinstance(pretrained, (bool, str)) or pretrained == "":
-        raise ConfigError(f"pretrained must be True, False or a tag, got {pretrained!r}")
+        raise ConfigError(f"pretrained must be True, False (or None) or a tag, got {pretrained!r}")
     model, dot, tag = name.partition(".")
     if dot and not is_model(name) and is_model(model):  # "model.tag", timm's convention
         if isinstance(pretrained, str) and pretrained != tag:
