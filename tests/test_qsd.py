@@ -303,6 +303,25 @@ def test_fgd_gradient_reaches_student_qkv_projections() -> None:
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_fgd_with_checkpointed_blocks_keeps_the_forwards_qkv() -> None:
+    """A checkpointed student re-runs its blocks in backward: the recorder kept those re-runs' q/k/v (held in
+    memory until the next step, and a stale set if a forward failed to record); it records forwards only. The
+    gradients are those without checkpointing."""
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        student = bestformer.create_model("qsd_tiny", **SMALL)
+        teacher = bestformer.create_model("ann_qsd_tiny", **SMALL)
+        student.set_grad_checkpointing(ckpt)
+        fgd = FineGrainedDistillation(teacher, student=student)
+        fgd(x, y, student(x)).backward()
+        # the loss dropped the step's q/k/v; backward's re-run of the blocks recorded none again
+        assert not fgd._student.outputs and not fgd._teacher.outputs
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 def test_fgd_configuration_errors() -> None:
     student = bestformer.create_model("qsd_tiny", **SMALL)
     teacher = bestformer.create_model("ann_qsd_tiny", **SMALL)

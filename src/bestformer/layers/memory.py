@@ -18,6 +18,7 @@ back afterwards, so a checkpointed step updates them exactly once, as a plain st
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -138,13 +139,25 @@ def spike_packing(enabled: bool = True) -> Iterator[SpikePacker | None]:
         yield packer
 
 
+#: how deep this thread is in recomputing checkpointed blocks (backward's re-run of their forward)
+_RECOMPUTING = threading.local()
+
+
+def recomputing() -> bool:
+    """Whether this thread is re-running a checkpointed block in backward: hooks that record what a forward pass
+    computed (firing rates, fine-grained distillation's q/k/v) skip the second run."""
+    return getattr(_RECOMPUTING, "depth", 0) > 0
+
+
 @contextlib.contextmanager
-def _buffers_restored(module: nn.Module) -> Iterator[None]:
-    """Run the block, then put every buffer back (the recomputation must not count a second BN update)."""
+def _recomputation(module: nn.Module) -> Iterator[None]:
+    """Run the block again, then put every buffer back (the recomputation must not count a second BN update)."""
     saved = [(buf, buf.detach().clone()) for buf in module.buffers()]
+    _RECOMPUTING.depth = getattr(_RECOMPUTING, "depth", 0) + 1
     try:
         yield
     finally:
+        _RECOMPUTING.depth -= 1
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
@@ -158,4 +171,4 @@ def checkpoint_module(module: nn.Module, *args: Any) -> Any:
     in training mode normalises with the same batch statistics), so the gradients are those of a plain step.
     """
     return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _buffers_restored(module)))
+                      context_fn=lambda: (contextlib.nullcontext(), _recomputation(module)))

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import BestformerError, ConfigError, InputError
+from ..layers.memory import recomputing
 from ..layers.qsd import QSDSA
 from .distill import Distiller, register_distiller, soft_cross_entropy, split_outputs
 
@@ -57,7 +58,8 @@ class _Recorder:
         self.outputs: dict[tuple[int, str], Tensor] = {}
 
     def record(self, key: tuple[int, str], module: nn.Module, inputs: Any, output: Tensor) -> None:
-        self.outputs[key] = output
+        if not recomputing():  # a checkpointed block re-run in backward: the step's q/k/v are already here
+            self.outputs[key] = output
 
 
 def _attention_modules(model: nn.Module, role: str) -> list[QSDSA]:

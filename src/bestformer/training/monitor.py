@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from ..layers.memory import recomputing
 from ..neurons import is_spiking_neuron
 
 
@@ -33,6 +34,8 @@ class FiringRateMonitor:
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor | tuple], None]:
         def hook(_: nn.Module, __: tuple, out: Tensor | tuple) -> None:
+            if recomputing():  # a checkpointed block re-run in backward: its spikes were counted in forward
+                return
             s = out[0] if isinstance(out, tuple) else out
             s = s.detach()
             fired = torch.count_nonzero(s)
