@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from bestformer.errors import ConfigError
 from bestformer.pipeline import resume, train
 from bestformer.pipeline.config import execution_config, run_is_done
 from bestformer.training import TrainConfig, Trainer
@@ -221,3 +222,26 @@ def test_a_run_puts_back_torchs_process_wide_switches(tmp_path: Path, monkeypatc
     assert seen == [(not before[0], threads)]  # the run itself trained as configured
     assert (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic,
             torch.get_num_threads()) == before
+
+
+def test_grad_checkpointing_trains_the_same_weights_and_is_resumable(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--grad-checkpointing changes memory, not results: the same run with and without it ends with bit-identical
+    weights (deterministic, one thread); it may change on --resume; a model without the method is refused."""
+    from bestformer.models import base
+
+    checkpointed: list[bool] = []
+    original = base.checkpoint_module
+    monkeypatch.setattr(base, "checkpoint_module", lambda *a: checkpointed.append(True) or original(*a))
+    runs = []
+    for ckpt in (False, True):
+        result = train(tiny_config(tmp_path / str(ckpt), epochs=1, grad_checkpointing=ckpt, threads=1))
+        runs.append(weights(result.run_dir / "last.safetensors"))
+        assert bool(checkpointed) == ckpt  # the option reached the model
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    from bestformer.pipeline.config import RESUMABLE
+    from bestformer.training.factories import prepare_model
+
+    assert "grad_checkpointing" in RESUMABLE
+    with pytest.raises(ConfigError, match="--grad-checkpointing: Linear has no set_grad_checkpointing"):
+        prepare_model(torch.nn.Linear(2, 2), tiny_config(tmp_path, grad_checkpointing=True), DistContext())

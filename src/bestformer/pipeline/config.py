@@ -30,8 +30,8 @@ __all__ = ["BATCH_LAYOUT", "DATA_FIELDS", "RESUMABLE", "check_resume_length", "c
 #: options that may change on resume: the run's length, its checkpointing and where / how fast it executes (another
 #: device or thread count can change float rounding); the others define the experiment and must stay
 RESUMABLE = ("epochs", "cooldown_epochs", "patience", "ckpt_every_steps", "monitor_every", "skip_nonfinite",
-             "device", "workers", "threads", "neuron_backend", "channels_last", "sync_bn", "data_dir", "download",
-             "log")
+             "device", "workers", "threads", "neuron_backend", "channels_last", "sync_bn", "grad_checkpointing",
+             "data_dir", "download", "log")
 DATA_FIELDS = ("num_classes", "in_channels", "img_size", "time_steps")
 #: options that a resume on another number of processes adjusts (keeping batch_size x accum_steps x processes)
 BATCH_LAYOUT = ("batch_size", "accum_steps")

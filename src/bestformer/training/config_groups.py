@@ -150,6 +150,9 @@ class RuntimeConfig:
         "on CPU, keep convolution weights and activations channels-last (oneDNN's faster layout)"))
     sync_bn: bool = field(default=False, metadata=_opt(
         "with several processes, BatchNorm statistics over the micro-batches of all ranks (SyncBatchNorm)"))
+    grad_checkpointing: bool = field(default=False, metadata=_opt(
+        "recompute each block in backward instead of keeping its activations (less memory, each block's forward "
+        "runs twice; bit-identical gradients)"))
 
 
 #: group attribute of :class:`~.config.TrainConfig` -> its dataclass (the order of ``to_dict`` and ``--help``)

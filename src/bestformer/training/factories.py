@@ -28,10 +28,15 @@ def channels_last_convolutions(model: nn.Module) -> None:
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> nn.Module:
-    """``model`` on the run's device (channels-last on CPU when asked), wrapped in DDP with several processes."""
+    """``model`` on the run's device (channels-last on CPU and gradient checkpointing when asked), wrapped in DDP
+    with several processes."""
     model = model.to(ctx.device)
     if cfg.channels_last and ctx.device.type == "cpu":
         channels_last_convolutions(model)
+    if cfg.grad_checkpointing:
+        if not callable(getattr(model, "set_grad_checkpointing", None)):
+            raise ConfigError(f"--grad-checkpointing: {type(model).__name__} has no set_grad_checkpointing")
+        model.set_grad_checkpointing(True)
     return wrap_ddp(model, ctx, sync_bn=cfg.sync_bn)
 
 
