@@ -79,26 +79,34 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return _MODELS[name](**overrides)
 
 
-def _options(cls: type[nn.Module]) -> list[str]:
+def _parameters(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
+    """The options of ``cls.__init__`` by name (``self`` and ``**kwargs`` left out)."""
     params = inspect.signature(cls.__init__).parameters
-    return [p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    return {k: p for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def _family_entry(name: str) -> Any:
+    """The entry :func:`register_family` made for ``name`` (old names followed), or ``None``: unknown, or
+    registered by hand (no class and defaults to read)."""
+    entry = _MODELS.get(_DEPRECATED.get(name, name))
+    return entry if getattr(entry, "model_class", None) is not None else None
 
 
 def model_option_names(name: str) -> list[str] | None:
     """The option names ``create_model(name, ...)`` accepts (``None``: not known, an entry registered by hand)."""
-    entry = _MODELS.get(_DEPRECATED.get(name, name))
-    cls = getattr(entry, "model_class", None)
-    return [*_options(cls), *entry.extra_options] if cls is not None else None  # type: ignore[union-attr]
+    entry = _family_entry(name)
+    return None if entry is None else [*_parameters(entry.model_class), *entry.extra_options]
 
 
 def model_option_default(name: str, option: str) -> Any:
     """The value ``create_model(name)`` gives ``option`` when it is not passed (the entry's registered defaults,
     else the class's signature); ``None`` when not known."""
-    entry = _MODELS.get(_DEPRECATED.get(name, name))
-    if option in getattr(entry, "defaults", {}):
-        return entry.defaults[option]  # type: ignore[union-attr]
-    cls = getattr(entry, "model_class", None)
-    param = inspect.signature(cls.__init__).parameters.get(option) if cls is not None else None
+    entry = _family_entry(name)
+    if entry is None:
+        return None
+    if option in entry.defaults:
+        return entry.defaults[option]
+    param = _parameters(entry.model_class).get(option)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
@@ -106,7 +114,7 @@ def build_model(cls: type[nn.Module], name: str, defaults: dict[str, Any], overr
                 ) -> nn.Module:
     """Instantiate ``cls(**defaults | overrides)`` after checking every override name; the model records
     ``model_name`` and ``model_args`` (the overrides) so that a checkpoint can rebuild it."""
-    accepted = _options(cls)
+    accepted = list(_parameters(cls))
     for key in overrides:
         if key not in accepted:
             raise ConfigError(

@@ -52,27 +52,25 @@ def get_neuron(spec: str | Callable[..., nn.Module], **defaults: object) -> Call
     return partial(factory, **defaults) if defaults else factory
 
 
+def _keyword_options(factory: Callable[..., nn.Module]) -> tuple[set[str], bool]:
+    """The keyword options ``factory``'s signature names, and whether it takes ``**kwargs`` too (an unreadable
+    signature names none and takes any)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set(), True
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
 def neuron_option_names(spec: str) -> set[str] | None:
     """The keyword options the neuron registered as ``spec`` takes (``None``: not known, or it takes any)."""
-    factory = _NEURONS.get(spec)
-    try:
-        params = inspect.signature(factory).parameters.values() if factory is not None else None
-    except (TypeError, ValueError):
+    if spec not in _NEURONS:
         return None
-    if params is None or any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    names, any_more = _keyword_options(_NEURONS[spec])
+    return None if any_more else names
 
 
 def spiking_neuron_options() -> set[str]:
     """The keyword options of every registered neuron factory other than ReLU (read from their signatures)."""
-    names: set[str] = set()
-    for factory in _NEURONS.values():
-        if factory is ReLUNeuron:
-            continue
-        try:
-            params = inspect.signature(factory).parameters.values()
-        except (TypeError, ValueError):  # a factory without a readable signature names no options
-            continue
-        names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-    return names
+    return set().union(*(_keyword_options(f)[0] for f in _NEURONS.values() if f is not ReLUNeuron))

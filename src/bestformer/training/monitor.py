@@ -2,9 +2,9 @@
 
 Firing rates are sampled cheaply: forward hooks sit on every spiking neuron only while the monitor samples (one
 training step in ``monitor_every``), so a trained model keeps none (it pickles, and a second Trainer on it adds no
-second set). A neuron module is recognised by the
-library's neuron contract (its ``forward`` takes ``return_state``: LIF, ternary, multi-level, ...); ReLU
-layers of ANN counterparts are not spiking and are not monitored.
+second set). A neuron module is recognised by the library's neuron contract (its ``forward`` takes
+``return_state``: LIF, ternary, multi-level, ...); ReLU layers of ANN counterparts are not spiking and are not
+monitored.
 """
 
 from __future__ import annotations
