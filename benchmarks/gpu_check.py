@@ -112,10 +112,10 @@ def smoke(device: str, steps: int) -> None:
     import torch
 
     import bestformer
-    from bestformer.hardware import cpu_info
+    from bestformer.training.evaluation import cpu_has_native_bf16
 
     # without bf16 instructions a CPU emulates it (4-6x slower with AVX2 forced, measured): a dry run checks fp32 there
-    native_bf16 = device != "cpu" or bool({"avx512_bf16", "amx_bf16"} & cpu_info().flags)
+    native_bf16 = device != "cpu" or cpu_has_native_bf16()
     results = {}
     for name in FAMILIES:
         for dtype in (None, torch.bfloat16) if native_bf16 else (None,):
